@@ -1,0 +1,207 @@
+"""The executor's step loop body: mirror the scheduler's requests, run the model, sample.
+
+``ModelRunner.execute(plan)`` applies the plan's diff to its mirror of running
+requests (see ``executor.plan`` for the mirror rule), lays out the flattened batch,
+runs one forward pass over the paged KV pool and samples one token for every
+request that reached the end of its known tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from executor.attention import build_attention_metadata
+from executor.config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
+from executor.model import LlamaForCausalLM
+from executor.model_config import ModelConfig
+from executor.plan import SamplingOptions, StepPlan, StepResult
+from executor.registry import resolve_model
+from executor.sampler import Sampler, SamplingBatch
+from executor.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _RequestState:
+    all_token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingOptions
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ModelRunner:
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.source = resolve_model(config.model)
+        loaded = load_weights(
+            self.source, dtype=self.dtype, device=self.device, progress=config.show_progress
+        )
+        self.model_config: ModelConfig = loaded.config
+        mc = self.model_config
+        self.model = LlamaForCausalLM(
+            mc, loaded.tensors, self.device, max_positions=mc.max_position_embeddings
+        )
+        self.sampler = Sampler()
+        self.block_size = config.block_size
+        self.num_blocks = self._size_kv_pool()
+        shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.requests: dict[str, _RequestState] = {}
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            self.num_blocks * self.bytes_per_block / 2**20,
+            self.device,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return (
+            2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+        )
+
+    def _size_kv_pool(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            budget = self._profile_free_cuda_memory()
+        else:
+            budget = self.config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"no room for a single KV block ({self.bytes_per_block} bytes) in "
+                f"{budget} bytes; raise kv_cache_memory / gpu_memory_utilization"
+            )
+        return int(num_blocks)
+
+    def _profile_free_cuda_memory(self) -> int:
+        """Run the worst-case step once and return the bytes left for the KV pool."""
+        mc = self.model_config
+        n = self.config.max_num_batched_tokens
+        blocks = -(-n // self.block_size)
+        shape = (blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        caches = [
+            (
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(mc.num_hidden_layers)
+        ]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        meta = build_attention_metadata(
+            [n], [n], [list(range(blocks))], self.block_size, self.device
+        )
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        hidden = self.model.forward(ids, torch.arange(n, device=self.device), caches, meta)
+        num_rows = min(self.config.max_num_seqs, n)
+        self.model.compute_logits(hidden[:num_rows]).float().log_softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del caches, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        # peak includes the weights and the temporary caches (which the pool replaces).
+        cache_bytes = blocks * self.bytes_per_block
+        return int(total * self.config.gpu_memory_utilization - peak + cache_bytes)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._apply_diff(plan)
+        if plan.is_empty:
+            return StepResult()
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        sample_ids: list[str] = []
+        sample_rows: list[int] = []
+        for request_id, n in plan.num_scheduled_tokens.items():
+            state = self.requests[request_id]
+            start = state.num_computed_tokens
+            end = start + n
+            if end > len(state.all_token_ids):
+                raise ValueError(
+                    f"request {request_id}: {n} tokens scheduled from {start} but only "
+                    f"{len(state.all_token_ids)} are known"
+                )
+            input_ids.extend(state.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            block_tables.append(state.block_ids)
+            state.num_computed_tokens = end
+            if end == len(state.all_token_ids):
+                sample_ids.append(request_id)
+                sample_rows.append(len(input_ids) - 1)
+        meta = build_attention_metadata(
+            query_lens, context_lens, block_tables, self.block_size, self.device
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta)
+        if not sample_ids:
+            return StepResult()
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [B, V]
+        states = [self.requests[r] for r in sample_ids]
+        batch = SamplingBatch(
+            options=[s.sampling for s in states],
+            prompt_token_ids=[s.all_token_ids[: s.num_prompt_tokens] for s in states],
+            output_token_ids=[s.all_token_ids[s.num_prompt_tokens :] for s in states],
+        )
+        tokens, logprobs = self.sampler(logits, batch)
+        result = StepResult()
+        for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
+            state.all_token_ids.append(token)
+            result.sampled_token_ids[request_id] = token
+            if lp is not None:
+                result.logprobs[request_id] = lp
+        return result
+
+    def _apply_diff(self, plan: StepPlan) -> None:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in plan.new_requests:
+            self.requests[new.request_id] = _RequestState(
+                all_token_ids=list(new.all_token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                sampling=new.sampling,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in plan.cached_requests:
+            self.requests[cached.request_id].block_ids.extend(cached.new_block_ids)

@@ -1,0 +1,97 @@
+"""The step plan: what the scheduler tells the executor to run, and what comes back.
+
+These are plain, torch-free dataclasses. A plan carries only what changed since the
+previous step (new requests in full, running requests as appended blocks), so its
+size does not grow with the number of running requests. The executor keeps a mirror
+of every running request (tokens, block table, number of computed tokens) and
+appends the tokens it samples itself; the scheduler applies the same rule, so both
+sides agree without resending token lists.
+
+Mirror rule, applied by both sides for every scheduled request:
+    tokens to run  = all_token_ids[num_computed : num_computed + num_scheduled]
+    sample a token iff num_computed + num_scheduled == len(all_token_ids)
+    afterwards       num_computed += num_scheduled; a sampled token is appended
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingOptions:
+    """Per-request sampling settings, as the executor needs them."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # over prompt and output tokens; 1 disables
+    presence_penalty: float = 0.0  # over output tokens; 0 disables
+    frequency_penalty: float = 0.0  # over output tokens; 0 disables
+    seed: int | None = None  # same seed, same tokens, whatever else is in the batch
+    logprobs: int | None = None  # None: none; k >= 0: sampled token plus top k
+    # Token ids that may not be sampled until min_tokens outputs exist (EOS, stop ids).
+    min_tokens: int = 0
+    min_tokens_blocked_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the executor has not seen (or saw before it was preempted)."""
+
+    request_id: str
+    all_token_ids: list[int]  # prompt followed by outputs generated so far
+    num_prompt_tokens: int
+    sampling: SamplingOptions
+    block_ids: list[int]
+    num_computed_tokens: int = 0  # > 0 only when a prefix is served from the cache
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A running request the executor already mirrors: blocks appended this step."""
+
+    request_id: str
+    new_block_ids: list[int]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    # request_id -> tokens to run this step, in batch order
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # requests the executor must forget (finished, aborted or preempted) before this step
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and the top-k alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1-based rank of the sampled token in the full distribution
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sampled tokens of the requests that reached the end of their known tokens."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)

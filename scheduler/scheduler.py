@@ -1,0 +1,351 @@
+"""The scheduler: which tokens of which requests run in the next step.
+
+Owns the waiting and running queues, every unfinished request's progress, and (through
+the KV cache manager) the block pool. One step, with one plan in flight at a time:
+
+    plan = scheduler.schedule()                      # StepPlan for the executor
+    result = executor.execute(plan)                  # StepResult
+    outputs = scheduler.update_from_result(plan, result)
+
+Both sides follow the mirror rule of executor.plan: the scheduler advances
+num_computed_tokens when it schedules tokens and appends a sampled token when it comes
+back. The executor mirrors exactly the running requests, so a request leaving the
+running queue (finished, aborted, preempted) is named in finished_request_ids of the
+next plan that schedules tokens. An empty plan carries none: the caller may skip it.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections import Counter
+from collections.abc import Iterable
+
+from executor.plan import (
+    CachedRequestData,
+    NewRequestData,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
+from scheduler.block_pool import BlockPool
+from scheduler.config import SchedulerConfig
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.outputs import RequestOutput
+from scheduler.policy import make_policy
+from scheduler.request import Request, RequestStatus
+
+
+class RequestRejected(ValueError):
+    """A request this scheduler can never run; the message says why and what to change."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.policy = make_policy(config.policy)
+        self.kv_cache = KVCacheManager(BlockPool(config.num_blocks), config.block_size)
+        self.waiting: list[Request] = []  # sorted by policy key
+        self.running: list[Request] = []  # sorted by policy key
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._finished_ids: list[str] = []  # for the next plan that schedules tokens
+        self._next_arrival_index = 0
+        self.num_preemptions = 0  # since start, for metrics and tests
+
+    # -- requests in and out -----------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise RequestRejected if it could never run."""
+        self._check_admissible(request)
+        request.arrival_index = self._next_arrival_index
+        self._next_arrival_index += 1
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        insort(self.waiting, request, key=self.policy.key)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish the given requests now and free their blocks; unknown ids are skipped."""
+        outputs = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                outputs.append(_output(request, [], []))
+        return outputs
+
+    # -- the step ----------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self._schedule_running(plan, budget)
+        if not preempted:
+            # A pool short enough to preempt has no room for newcomers: they would
+            # only take blocks that the running requests need next step.
+            self._schedule_waiting(plan, budget)
+        if not plan.is_empty:
+            plan.finished_request_ids, self._finished_ids = self._finished_ids, []
+        return plan
+
+    def update_from_result(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Append sampled tokens, finish requests that hit a stop, report each token."""
+        self._check_result(plan, result)
+        outputs = []
+        for request_id, token_id in result.sampled_token_ids.items():
+            request = self._requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            logprobs = result.logprobs.get(request_id)
+            request.append_output(token_id, logprobs)
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+            new_logprobs = [] if logprobs is None else [logprobs]
+            outputs.append(_output(request, [token_id], new_logprobs))
+        return outputs
+
+    # -- state, for the engine loop and tests ------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id (finished ones are not kept)."""
+        return self._requests.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv_cache.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.kv_cache.pool.num_used_blocks
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if queues, block tables and pool disagree."""
+        self.kv_cache.pool.check_invariants()
+        key = self.policy.key
+        _require(self.waiting == sorted(self.waiting, key=key), "waiting out of order")
+        _require(self.running == sorted(self.running, key=key), "running out of order")
+        _require(len(self.running) <= self.config.max_num_seqs, "too many running")
+        queued = Counter(r.request_id for r in [*self.waiting, *self.running])
+        _require(queued == Counter(list(self._requests)), "queues and requests disagree")
+        for request in self.waiting:
+            _require(request.status is RequestStatus.WAITING, f"{request} not waiting")
+            _require(not request.block_ids, f"waiting {request.request_id} owns blocks")
+            _require(request.num_computed_tokens == 0, f"{request.request_id} computed")
+        owners = Counter(b for r in self.running for b in r.block_ids)
+        for request in self.running:
+            _require(request.status is RequestStatus.RUNNING, f"{request} not running")
+            _require(
+                0 < request.num_computed_tokens <= request.num_tokens,
+                f"{request.request_id} computed out of range",
+            )
+            num_blocks = self.kv_cache.num_blocks_for(request.num_computed_tokens)
+            _require(
+                len(request.block_ids) == num_blocks,
+                f"{request.request_id} has {len(request.block_ids)} blocks "
+                f"for {request.num_computed_tokens} tokens",
+            )
+        pool = self.kv_cache.pool
+        for block_id, num_owners in owners.items():
+            _require(num_owners == pool.ref_count(block_id), f"block {block_id} owners")
+        _require(len(owners) == pool.num_used_blocks, "a used block has no owner")
+
+    # -- inside a step -----------------------------------------------------------
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
+        """Decodes and prefill chunks of running requests, smallest key first.
+
+        Returns the budget left and whether any request was preempted.
+        """
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:  # its token is not back yet: schedule() ran twice in a step
+                index += 1
+                continue
+            while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
+                # Requests before index are scheduled and have smaller keys, so the
+                # largest key left is at the end: a later one, or this one.
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if new_block_ids is None:
+                break  # it preempted itself, and it was the last one
+            plan.cached_requests.append(CachedRequestData(request.request_id, new_block_ids))
+            self._commit(plan, request, num_new)
+            budget -= num_new
+            index += 1
+        return budget, preempted
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        """Admit waiting requests in key order while budget, seats and blocks last."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self.kv_cache.allocate_slots(request, num_new) is None:
+                victim = self._victim_for(request)
+                if victim is None:
+                    break  # the head waits, and nothing behind it skips ahead
+                budget += self._unschedule(plan, victim)
+                self.running.remove(victim)
+                self._preempt(victim)
+                continue
+            del self.waiting[0]
+            request.status = RequestStatus.RUNNING
+            insort(self.running, request, key=self.policy.key)
+            plan.new_requests.append(
+                NewRequestData(
+                    request_id=request.request_id,
+                    all_token_ids=list(request.all_token_ids),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    sampling=request.sampling,
+                    block_ids=list(request.block_ids),
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+            self._commit(plan, request, num_new)
+            budget -= num_new
+
+    def _commit(self, plan: StepPlan, request: Request, num_new: int) -> None:
+        plan.num_scheduled_tokens[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+
+    def _victim_for(self, request: Request) -> Request | None:
+        """The running request to preempt so a waiting one gets blocks, if any.
+
+        Only blocks trigger this: a better-keyed request does not preempt for a seat
+        or for token budget, it waits for the next step.
+        """
+        if not self.policy.preempts_for_waiting or not self.running:
+            return None
+        worst = self.running[-1]
+        if self.policy.key(worst) > self.policy.key(request):
+            return worst
+        return None
+
+    def _unschedule(self, plan: StepPlan, request: Request) -> int:
+        """Take a request out of this step's plan; returns the tokens it gave back."""
+        request_id = request.request_id
+        # Requests admitted this step have smaller keys than any victim.
+        assert all(new.request_id != request_id for new in plan.new_requests)
+        plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request_id]
+        return plan.num_scheduled_tokens.pop(request_id, 0)
+
+    def _preempt(self, request: Request) -> None:
+        """Send a request (already out of running) back to waiting, to recompute."""
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0  # its outputs stay: they become prompt-like
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        insort(self.waiting, request, key=self.policy.key)
+        self._finished_ids.append(request.request_id)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self._finished_ids.append(request.request_id)
+        else:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = status
+        del self._requests[request.request_id]
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        stop = request.stop
+        if request.num_output_tokens >= stop.min_tokens and (
+            token_id in stop.stop_token_ids
+            or (not stop.ignore_eos and token_id in stop.eos_token_ids)
+        ):
+            request.stop_token_id = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if (
+            request.num_output_tokens >= stop.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # -- checks ------------------------------------------------------------------
+
+    def _check_admissible(self, request: Request) -> None:
+        request_id = request.request_id
+        if request_id in self._requests:
+            raise RequestRejected(
+                f"request {request_id!r}: an unfinished request has this id already"
+            )
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise RequestRejected(f"request {request_id!r}: the prompt is empty")
+        max_model_len = self.config.max_model_len
+        if num_prompt >= max_model_len:
+            raise RequestRejected(
+                f"request {request_id!r}: the prompt has {num_prompt} tokens, which "
+                f"leaves no room for output within max_model_len={max_model_len}; "
+                f"shorten it to at most {max_model_len - 1} tokens"
+            )
+        max_tokens = request.stop.max_tokens
+        num_tokens = min(num_prompt + max_tokens, max_model_len)
+        num_blocks = self.kv_cache.num_blocks_for(num_tokens)
+        if num_blocks > self.config.num_blocks:
+            raise RequestRejected(
+                f"request {request_id!r}: {num_prompt} prompt + {max_tokens} output "
+                f"tokens need up to {num_tokens} tokens of KV cache, "
+                f"{num_blocks} blocks of {self.config.block_size}, but the pool has "
+                f"{self.config.num_blocks} blocks; lower max_tokens or shorten the "
+                "prompt"
+            )
+
+    def _check_result(self, plan: StepPlan, result: StepResult) -> None:
+        """Raise RuntimeError if the executor's tokens break the mirror rule."""
+        for request_id in result.sampled_token_ids:
+            if request_id not in plan.num_scheduled_tokens:
+                raise RuntimeError(
+                    f"the executor sampled a token for request {request_id!r}, "
+                    "which this plan did not schedule"
+                )
+        for request_id in plan.num_scheduled_tokens:
+            request = self._requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            due = request.num_computed_tokens == request.num_tokens
+            if due != (request_id in result.sampled_token_ids):
+                raise RuntimeError(
+                    f"request {request_id!r}: by the mirror rule a token was "
+                    f"{'' if due else 'not '}due this step, and the executor "
+                    f"{'returned none' if due else 'returned one'}"
+                )
+
+
+def _output(
+    request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprobs]
+) -> RequestOutput:
+    return RequestOutput(
+        request_id=request.request_id,
+        new_token_ids=new_token_ids,
+        new_logprobs=new_logprobs,
+        finished=request.is_finished,
+        finish_reason=request.finish_reason,
+        stop_token_id=request.stop_token_id,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_output_tokens=request.num_output_tokens,
+    )
+
+
+def _require(condition: bool, message: str) -> None:
+    # An explicit raise, not assert: the checks must hold under python -O too.
+    if not condition:
+        raise AssertionError(message)

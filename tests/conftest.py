@@ -11,6 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI must not turn red on a new random draw: examples are derived from the test itself.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.load_profile("ci")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,3 +54,27 @@ def hf_tokenizer(hf_gguf_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf_gguf_dir, gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def plain_reference(hf_model):
+    """The reference as a plain (unquantized) transformers model, which save_pretrained
+    accepts (a GGUF-loaded one is refused)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    settings = hf_model.config.to_dict()
+    settings.pop("quantization_config", None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(type(hf_model.config).from_dict(settings))
+    model.load_state_dict(hf_model.state_dict(), assign=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, plain_reference, hf_tokenizer) -> Path:
+    """The same weights as a Hugging Face directory (safetensors, config, tokenizer)."""
+    directory = tmp_path_factory.mktemp("hf") / "smollm2-hf"
+    plain_reference.save_pretrained(directory)
+    hf_tokenizer.save_pretrained(directory)
+    return directory

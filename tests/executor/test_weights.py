@@ -96,30 +96,8 @@ def ours(smollm2: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, smollm2: Path) -> torch.nn.Module:
-    directory = tmp_path_factory.mktemp("gguf")
-    (directory / GGUF_NAME).symlink_to(smollm2)
-    return _transformers_model(directory, GGUF_NAME)
-
-
-@pytest.fixture(scope="module")
-def plain_reference(reference) -> torch.nn.Module:
-    """The reference as a plain (unquantized) transformers model, which save_pretrained accepts."""
-    from transformers import AutoModelForCausalLM
-
-    settings = reference.config.to_dict()
-    settings.pop("quantization_config")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(type(reference.config).from_dict(settings))
-    model.load_state_dict(reference.state_dict(), assign=True)
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, plain_reference) -> Path:
-    directory = tmp_path_factory.mktemp("hf") / "smollm2-hf"
-    plain_reference.save_pretrained(directory)
-    return directory
+def reference(hf_model) -> torch.nn.Module:
+    return hf_model  # transformers' own reading of the same GGUF (tests/conftest.py)
 
 
 # --- dequantizers ------------------------------------------------------------------------

@@ -280,8 +280,15 @@ def _lossless_text(tokenizer: Tokenizer) -> st.SearchStrategy[str]:
     return st.text(st.characters(exclude_characters="\ufffd").filter(in_vocab), max_size=60)
 
 
+# Numeric characters outside ASCII (category No/Nl, e.g. "¼", "Ⅷ") are left out: SmolLM2's
+# own tokenizer.json and llama.cpp's "smollm" pre-tokenizer split every \p{N} character
+# alone, as we do, but transformers' GGUF converter does not (" ¼" -> [216, 28151] in
+# the original, [3351, 137] in the converter), so it is no reference there.
+_COMPARABLE_TEXT = st.text(st.characters(exclude_categories=("No", "Nl")), max_size=60)
+
+
 @PROPERTY_SETTINGS
-@given(text=st.text(max_size=60))
+@given(text=_COMPARABLE_TEXT)
 def test_encode_matches_transformers_on_any_text(ours: Tokenizer, reference, text: str):
     assert ours.encode(text) == reference(text)["input_ids"]
 

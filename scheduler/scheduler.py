@@ -55,7 +55,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestRejected if it could never run."""
-        self._check_admissible(request)
+        self.check_admissible(request)
         request.arrival_index = self._next_arrival_index
         self._next_arrival_index += 1
         request.status = RequestStatus.WAITING
@@ -281,7 +281,8 @@ class Scheduler:
 
     # -- checks ------------------------------------------------------------------
 
-    def _check_admissible(self, request: Request) -> None:
+    def check_admissible(self, request: Request) -> None:
+        """Raise RequestRejected if add_request would refuse this request; adds nothing."""
         request_id = request.request_id
         if request_id in self._requests:
             raise RequestRejected(

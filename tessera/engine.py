@@ -1,9 +1,9 @@
 """In-process engine: one scheduler driving one model runner, plus detokenization.
 
 The loop reads like the serving processes do: ``add_request`` -> ``step`` (schedule,
-execute, update) -> per-request updates. Stop strings are matched here on the
-detokenized text; a match aborts the request in the scheduler (freeing its blocks at
-once) and reports finish reason "stop".
+execute, update) -> per-request updates. Stop strings are matched on the detokenized
+text (``tokenizer_svc.text_stream``); a match aborts the request in the scheduler
+(freeing its blocks at once) and reports finish reason "stop".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.request import Request, StopConditions
 from scheduler.scheduler import Scheduler
 from tessera.sampling_params import SamplingParams
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tokenizer_svc.text_stream import TextStream
 from tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ class SequenceState:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer | None
-    text: str = ""
+    stream: TextStream | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
@@ -40,6 +39,10 @@ class SequenceState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text if self.stream is not None else ""
 
 
 class Engine:
@@ -84,13 +87,17 @@ class Engine:
             priority=priority,
         )
         self.scheduler.add_request(request)  # raises RequestRejected (a ValueError)
-        detok = None
+        stream = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+            stream = TextStream(
+                self.tokenizer,
+                prompt_token_ids,
+                params.skip_special_tokens,
+                params.stop,
+                params.include_stop_str_in_output,
             )
         self.sequences[request_id] = SequenceState(
-            request_id, list(prompt_token_ids), params, detok
+            request_id, list(prompt_token_ids), params, stream
         )
 
     def abort(self, request_ids: list[str]) -> list[SequenceState]:
@@ -122,6 +129,10 @@ class Engine:
             if not seq.finished and out.finished:
                 seq.finish_reason = out.finish_reason
                 seq.stop_reason = out.stop_token_id
+                if seq.stream is not None:
+                    seq.stream.finish()
+                    if seq.stream.matched_stop is not None:  # in the held-back tail
+                        seq.stop_reason = seq.stream.matched_stop
             if seq.finished:
                 if not out.finished:  # a stop string matched: free the request now
                     self.scheduler.abort_requests([seq.request_id])
@@ -134,24 +145,9 @@ class Engine:
     ) -> None:
         seq.token_ids.extend(token_ids)
         seq.logprobs.extend(logprobs)
-        if seq.detokenizer is None:
+        if seq.stream is None:
             return
-        old_len = len(seq.text)
-        seq.text += seq.detokenizer.push(token_ids)
-        stops = seq.params.stop
-        if not stops:
-            return
-        # Only text that could contain a new match: the tail of the old text plus the new.
-        window_start = max(0, old_len - max(len(s) for s in stops) + 1)
-        best: tuple[int, str] | None = None
-        for s in stops:
-            i = seq.text.find(s, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is not None:
-            i, s = best
-            seq.text = (
-                seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
-            )
+        seq.stream.push(token_ids)
+        if seq.stream.matched_stop is not None:
             seq.finish_reason = "stop"
-            seq.stop_reason = s
+            seq.stop_reason = seq.stream.matched_stop

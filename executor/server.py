@@ -1,0 +1,201 @@
+"""The executor process: loads the model, then runs each step plan the scheduler sends.
+
+Socket: one ZeroMQ PAIR. The scheduler binds it (it starts first and starts this
+process as its child, on a private ``ipc://`` path by default) and the executor
+connects; both directions share it, one message in flight at a time:
+
+    scheduler                          executor
+       bind PAIR  <──────────────────  connect PAIR
+                  <── ExecutorReady ──   (model loaded, KV pool sized)
+                  ─── StepPlan ──────>
+                  <── StepResult ─────   (error set if the step raised)
+                  ...
+
+A step that raises does not end the process: the result carries the error, the
+scheduler fails that step's requests, and the next plan tells the executor to forget
+them. The process exits 0 on SIGTERM and when its parent dies.
+
+Importing this module does not import torch (the model runner is imported when the
+executor starts), so the scheduler can build an ExecutorServerConfig from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
+
+import zmq
+
+from executor.config import ExecutorConfig
+from executor.process import exit_with_parent, setup_logging
+from executor.registry import DEFAULT_MODEL
+from executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
+from proto.tessera.v1 import engine_pb2
+
+if TYPE_CHECKING:
+    from executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class ExecutorServerConfig:
+    executor_address: str = field(
+        metadata={"help": "ZeroMQ address of the scheduler's PAIR socket to connect to"}
+    )
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "model name, GGUF file, Hugging Face directory, or random:<shape>"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "CUDA: share of device memory Tessera may use"}
+    )
+    kv_cache_memory: int | None = field(
+        default=None, metadata={"help": "CPU: bytes for the KV pool (default 2 GiB)"}
+    )
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "override the computed KV pool size"}
+    )
+    max_num_batched_tokens: int = field(
+        default=2048, metadata={"help": "tokens in the largest step (for profiling)"}
+    )
+    max_num_seqs: int = field(default=256, metadata={"help": "requests in the largest step"})
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "context of one request; default min(model context, KV pool tokens)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.executor_address:
+            raise ValueError("executor_address must name the scheduler's socket")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.runner_config  # noqa: B018 - validates the model runner's fields once, here
+
+    @property
+    def runner_config(self) -> ExecutorConfig:
+        return ExecutorConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory=self.kv_cache_memory,
+            num_kv_blocks=self.num_kv_blocks,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            show_progress=False,
+        )
+
+
+def run_executor(config: ExecutorServerConfig) -> int:
+    """The executor process: returns its exit code (0 on SIGTERM or parent death)."""
+    setup_logging("executor")
+    exit_with_parent()
+    # SystemExit unwinds the load or the step loop alike and closes the socket on the way.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
+    ctx = zmq.Context()
+    to_scheduler = ctx.socket(zmq.PAIR)
+    to_scheduler.setsockopt(zmq.LINGER, 0)
+    try:
+        to_scheduler.connect(config.executor_address)
+        from executor.model_runner import ModelRunner  # torch: imported in this process only
+
+        runner = ModelRunner(config.runner_config)
+        executor = Executor(runner, to_scheduler, config.max_model_len)
+        executor.send_ready()
+        executor.serve_forever()
+    except SystemExit:
+        logger.info("stopping")
+        return 0
+    except ValueError as e:  # a setting the model or the device cannot meet
+        logger.error("cannot start: %s", e)
+        return 1
+    finally:
+        to_scheduler.close()
+        ctx.term()
+
+
+class Executor:
+    """The step loop around a loaded model runner."""
+
+    def __init__(
+        self, runner: ModelRunner, to_scheduler: zmq.Socket, max_model_len: int | None = None
+    ) -> None:
+        self.runner = runner
+        self.socket = to_scheduler
+        self.info = engine_info(runner, max_model_len)
+
+    def send_ready(self) -> None:
+        ready = engine_pb2.ExecutorReady(
+            info=self.info,
+            max_position_embeddings=self.runner.model_config.max_position_embeddings,
+        )
+        self.socket.send(encode(ready))
+        logger.info(
+            "ready: %s, max_model_len %d, %d KV blocks of %d tokens",
+            self.info.model,
+            self.info.max_model_len,
+            self.info.num_kv_blocks,
+            self.info.block_size,
+        )
+
+    def serve_forever(self) -> NoReturn:
+        while True:
+            plan = self.recv_plan()
+            result = self.run_step(plan)
+            self.socket.send(encode(result))
+
+    def recv_plan(self) -> engine_pb2.StepPlan:
+        data = self.socket.recv()
+        try:
+            return decode(engine_pb2.StepPlan, data)
+        except WireError as e:
+            logger.warning("unreadable step plan: %s", e)
+            # Step id 0 is never a real step: the scheduler fails the step it waits on.
+            return engine_pb2.StepPlan(step_id=0)
+
+    def run_step(self, pb: engine_pb2.StepPlan) -> engine_pb2.StepResult:
+        if pb.step_id == 0:
+            return engine_pb2.StepResult(step_id=0, error="the executor could not read the plan")
+        try:
+            result = self.runner.execute(plan_from_pb(pb))
+        except Exception as e:  # one bad step fails its requests, not the process
+            logger.exception("step %d failed", pb.step_id)
+            return engine_pb2.StepResult(step_id=pb.step_id, error=f"{type(e).__name__}: {e}")
+        return result_to_pb(result, pb.step_id)
+
+
+def engine_info(runner: ModelRunner, max_model_len: int | None) -> engine_pb2.EngineInfo:
+    """What the scheduler and the gateways need to know of the loaded model and pool.
+
+    max_model_len defaults to what both the model and the KV pool can hold.
+    """
+    mc = runner.model_config
+    pool_tokens = runner.num_blocks * runner.block_size
+    if max_model_len is None:
+        max_model_len = min(mc.max_position_embeddings, pool_tokens)
+    elif max_model_len > mc.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's context length "
+            f"{mc.max_position_embeddings}"
+        )
+    return engine_pb2.EngineInfo(
+        model=runner.source.name,
+        max_model_len=max_model_len,
+        vocab_size=mc.vocab_size,
+        block_size=runner.block_size,
+        num_kv_blocks=runner.num_blocks,
+        eos_token_ids=mc.eos_token_ids,
+    )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -1,0 +1,285 @@
+"""Protobuf on the wire, dataclasses inside: the conversions every process uses at its edge.
+
+Torch-free. Each ``*_to_pb`` has a ``*_from_pb`` that gives back an equal dataclass, with
+one exception that is a choice: the sampling floats cross the wire as float32, and
+``sampling_from_pb`` reads each back as the shortest decimal that rounds to the same
+float32, so a user's ``temperature=0.7`` arrives as 0.7 (not 0.699999988) and the
+executor applies what the user asked for. Logprobs are float32 already and come back
+bit for bit.
+
+``decode`` is the only way bytes from a socket become a message: it accepts exactly
+what ``encode`` of that message type produces and raises ``WireError`` on anything
+else (a pickle, another message type, fields this version does not know). Nothing is
+ever unpickled.
+
+Dependencies still flow scheduler -> executor: the stop conditions are the scheduler's
+type, imported only by ``stop_from_pb``, which only the scheduler calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from executor.plan import (
+    CachedRequestData,
+    NewRequestData,
+    SamplingOptions,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
+from proto.tessera.v1 import engine_pb2
+
+if TYPE_CHECKING:  # the scheduler's type; executor modules do not import scheduler/
+    from scheduler.request import StopConditions
+
+M = TypeVar("M", bound=Message)
+
+
+class WireError(ValueError):
+    """Bytes that are not a well-formed message of the expected type."""
+
+
+# -- bytes ---------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    return msg.SerializeToString()
+
+
+def decode(cls: type[M], data: bytes) -> M:
+    """Parse ``data`` as a ``cls`` message, or raise WireError.
+
+    Strict: after dropping unknown fields the message must re-encode to exactly as
+    many bytes as came in. Every process of a deployment runs the same version, so an
+    unknown field means garbage or a version mismatch, never something to skip.
+    """
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as e:
+        raise WireError(f"not a {cls.DESCRIPTOR.name} message ({len(data)} bytes): {e}") from e
+    msg.DiscardUnknownFields()
+    if msg.ByteSize() != len(data):
+        raise WireError(
+            f"not a {cls.DESCRIPTOR.name} message ({len(data)} bytes): "
+            "it carries fields this version does not know"
+        )
+    return msg
+
+
+# -- sampling and stops ----------------------------------------------------------
+
+
+def sampling_to_pb(options: SamplingOptions) -> engine_pb2.SamplingOptions:
+    pb = engine_pb2.SamplingOptions(
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        min_p=options.min_p,
+        repetition_penalty=options.repetition_penalty,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        min_tokens=options.min_tokens,
+        min_tokens_blocked_ids=options.min_tokens_blocked_ids,
+        logit_bias_ids=[token for token, _ in options.logit_bias],
+        logit_bias_values=[bias for _, bias in options.logit_bias],
+    )
+    if options.seed is not None:
+        pb.seed = options.seed
+    if options.logprobs is not None:
+        pb.logprobs = options.logprobs
+    return pb
+
+
+def sampling_from_pb(pb: engine_pb2.SamplingOptions) -> SamplingOptions:
+    if len(pb.logit_bias_ids) != len(pb.logit_bias_values):
+        raise WireError(
+            f"SamplingOptions: {len(pb.logit_bias_ids)} logit_bias_ids but "
+            f"{len(pb.logit_bias_values)} logit_bias_values"
+        )
+    return SamplingOptions(
+        temperature=_decimal(pb.temperature),
+        top_k=pb.top_k,
+        top_p=_decimal(pb.top_p),
+        min_p=_decimal(pb.min_p),
+        repetition_penalty=_decimal(pb.repetition_penalty),
+        presence_penalty=_decimal(pb.presence_penalty),
+        frequency_penalty=_decimal(pb.frequency_penalty),
+        seed=pb.seed if pb.HasField("seed") else None,
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+        min_tokens=pb.min_tokens,
+        min_tokens_blocked_ids=tuple(pb.min_tokens_blocked_ids),
+        logit_bias=tuple(
+            (token, _decimal(bias))
+            for token, bias in zip(pb.logit_bias_ids, pb.logit_bias_values, strict=True)
+        ),
+    )
+
+
+def stop_to_pb(stop: StopConditions) -> engine_pb2.StopConditions:
+    """Everything but the EOS ids, which the scheduler takes from the model."""
+    return engine_pb2.StopConditions(
+        max_tokens=stop.max_tokens,
+        min_tokens=stop.min_tokens,
+        stop_token_ids=stop.stop_token_ids,
+        ignore_eos=stop.ignore_eos,
+    )
+
+
+def stop_from_pb(
+    pb: engine_pb2.StopConditions,
+    eos_token_ids: Sequence[int] = (),
+    default_max_tokens: int | None = None,
+) -> StopConditions:
+    """``max_tokens`` 0 (unset) means ``default_max_tokens`` where one is given.
+
+    Raises ValueError (from StopConditions) if the limits contradict each other.
+    """
+    from scheduler.request import StopConditions  # only the scheduler side calls this
+
+    max_tokens = pb.max_tokens
+    if max_tokens == 0 and default_max_tokens is not None:
+        max_tokens = default_max_tokens
+    return StopConditions(
+        max_tokens=max_tokens,
+        min_tokens=pb.min_tokens,
+        stop_token_ids=tuple(pb.stop_token_ids),
+        eos_token_ids=tuple(eos_token_ids),
+        ignore_eos=pb.ignore_eos,
+    )
+
+
+# -- logprobs --------------------------------------------------------------------
+
+
+def logprobs_to_pb(logprobs: TokenLogprobs) -> engine_pb2.TokenLogprob:
+    return engine_pb2.TokenLogprob(
+        token_id=logprobs.token_id,
+        logprob=logprobs.logprob,
+        rank=logprobs.rank,
+        top_ids=[token for token, _ in logprobs.top],
+        top_logprobs=[logprob for _, logprob in logprobs.top],
+    )
+
+
+def logprobs_from_pb(pb: engine_pb2.TokenLogprob) -> TokenLogprobs:
+    if len(pb.top_ids) != len(pb.top_logprobs):
+        raise WireError(
+            f"TokenLogprob: {len(pb.top_ids)} top_ids but {len(pb.top_logprobs)} top_logprobs"
+        )
+    return TokenLogprobs(
+        token_id=pb.token_id,
+        logprob=pb.logprob,
+        rank=pb.rank,
+        top=tuple(zip(pb.top_ids, pb.top_logprobs, strict=True)),
+    )
+
+
+# -- the step --------------------------------------------------------------------
+
+
+def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
+    return engine_pb2.StepPlan(
+        step_id=step_id,
+        new_requests=[
+            engine_pb2.NewRequestData(
+                request_id=new.request_id,
+                all_token_ids=new.all_token_ids,
+                num_prompt_tokens=new.num_prompt_tokens,
+                sampling=sampling_to_pb(new.sampling),
+                block_ids=new.block_ids,
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            for new in plan.new_requests
+        ],
+        cached_requests=[
+            engine_pb2.CachedRequestData(
+                request_id=cached.request_id, new_block_ids=cached.new_block_ids
+            )
+            for cached in plan.cached_requests
+        ],
+        scheduled_ids=list(plan.num_scheduled_tokens),
+        num_scheduled_tokens=list(plan.num_scheduled_tokens.values()),
+        finished_request_ids=plan.finished_request_ids,
+    )
+
+
+def plan_from_pb(pb: engine_pb2.StepPlan) -> StepPlan:
+    """The plan (its step id is ``pb.step_id``); WireError if the batch lists disagree."""
+    if len(pb.scheduled_ids) != len(pb.num_scheduled_tokens):
+        raise WireError(
+            f"StepPlan {pb.step_id}: {len(pb.scheduled_ids)} scheduled_ids but "
+            f"{len(pb.num_scheduled_tokens)} num_scheduled_tokens"
+        )
+    num_scheduled_tokens = dict(zip(pb.scheduled_ids, pb.num_scheduled_tokens, strict=True))
+    if len(num_scheduled_tokens) != len(pb.scheduled_ids):
+        raise WireError(f"StepPlan {pb.step_id}: a request is scheduled twice")
+    return StepPlan(
+        new_requests=[
+            NewRequestData(
+                request_id=new.request_id,
+                all_token_ids=list(new.all_token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                sampling=sampling_from_pb(new.sampling),
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            for new in pb.new_requests
+        ],
+        cached_requests=[
+            CachedRequestData(cached.request_id, list(cached.new_block_ids))
+            for cached in pb.cached_requests
+        ],
+        num_scheduled_tokens=num_scheduled_tokens,
+        finished_request_ids=list(pb.finished_request_ids),
+    )
+
+
+def result_to_pb(result: StepResult, step_id: int) -> engine_pb2.StepResult:
+    pb = engine_pb2.StepResult(
+        step_id=step_id,
+        sampled_ids=list(result.sampled_token_ids),
+        sampled_token_ids=list(result.sampled_token_ids.values()),
+    )
+    for request_id, logprobs in result.logprobs.items():
+        pb.logprobs[request_id].CopyFrom(logprobs_to_pb(logprobs))
+    return pb
+
+
+def result_from_pb(pb: engine_pb2.StepResult) -> StepResult:
+    """The sampled tokens (``pb.step_id`` and ``pb.error`` are the caller's to check)."""
+    if len(pb.sampled_ids) != len(pb.sampled_token_ids):
+        raise WireError(
+            f"StepResult {pb.step_id}: {len(pb.sampled_ids)} sampled_ids but "
+            f"{len(pb.sampled_token_ids)} sampled_token_ids"
+        )
+    sampled = dict(zip(pb.sampled_ids, pb.sampled_token_ids, strict=True))
+    if len(sampled) != len(pb.sampled_ids):
+        raise WireError(f"StepResult {pb.step_id}: a request has two sampled tokens")
+    unknown = set(pb.logprobs) - sampled.keys()
+    if unknown:
+        raise WireError(f"StepResult {pb.step_id}: logprobs for unsampled {sorted(unknown)}")
+    return StepResult(
+        sampled_token_ids=sampled,
+        logprobs={rid: logprobs_from_pb(lp) for rid, lp in pb.logprobs.items()},
+    )
+
+
+# -- helpers ---------------------------------------------------------------------
+
+_F32 = struct.Struct("<f")
+
+
+def _decimal(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 as ``value``."""
+    target = _F32.pack(value)
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        if _F32.pack(candidate) == target:
+            return candidate
+    return value  # inf or nan

@@ -1,0 +1,31 @@
+"""``python -m scheduler --model ... --gateway-address ipc://...``: one engine.
+
+Starts the scheduler process, which starts its executor child. Every flag
+``--max-num-seqs`` may also come from ``TESSERA_MAX_NUM_SEQS`` (flag > env > default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from executor.cli_args import add_config_args, config_from_args
+from scheduler.server import SchedulerServerConfig, run_scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scheduler",
+        description="Tessera scheduler: batches the gateways' requests onto its executor",
+    )
+    add_config_args(parser, SchedulerServerConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(SchedulerServerConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    return run_scheduler(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

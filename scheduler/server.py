@@ -1,0 +1,647 @@
+"""The scheduler process: gateways in, executor below, one step at a time.
+
+    gateway DEALER ──┐                                 ┌── PAIR (connects): executor
+    gateway DEALER ──┴─► ROUTER (binds) ── scheduler ──┴── PAIR (binds)      child process
+
+The scheduler binds a ROUTER for the gateways (``gateway_address``) and a PAIR for its
+executor (``executor_address``, a private ``ipc://`` path by default), then starts the
+executor as its child process (``python -m executor``), which exits with it. It waits
+for ``ExecutorReady`` and sizes its block pool from it. Then the loop:
+
+    recv_requests -> schedule -> run_step -> process_result -> send_outputs
+
+It waits on the gateways only when there is nothing to run. Every output goes to the
+gateway that sent the request; a gateway that says goodbye, or that cannot be reached,
+has its requests aborted (their blocks are free at once). Whatever a gateway sends is
+parsed as a ``GatewayMessage`` or dropped with a warning: nothing it sends can raise out
+of the loop. Exit codes: 0 on SIGTERM or parent death (after aborting what is open and
+stopping the executor), 1 if the executor fails to start or dies.
+
+No torch here, nor through imports: the executor is another process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from executor.cli_args import config_to_argv
+from executor.plan import SamplingOptions, StepPlan, StepResult
+from executor.process import exit_with_parent, setup_logging
+from executor.registry import DEFAULT_MODEL
+from executor.server import ExecutorServerConfig
+from executor.wire import (
+    WireError,
+    decode,
+    encode,
+    logprobs_to_pb,
+    plan_to_pb,
+    result_from_pb,
+    sampling_from_pb,
+    stop_from_pb,
+)
+from proto.tessera.v1 import engine_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.outputs import RequestOutput
+from scheduler.request import Request
+from scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GATEWAY_ADDRESS = "ipc:///tmp/tessera-scheduler.sock"
+_IDLE_POLL_MS = 200  # how often an idle loop looks at SIGTERM and the executor
+_MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
+_EXECUTOR_POLL_S = 0.5
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerServerConfig:
+    # sockets
+    gateway_address: str = field(
+        default=DEFAULT_GATEWAY_ADDRESS,
+        metadata={"help": "ZeroMQ address the gateways' DEALERs connect to (ROUTER binds)"},
+    )
+    executor_address: str = field(
+        default="", metadata={"help": "the executor's PAIR socket; empty: a private ipc path"}
+    )
+    executor_start_timeout: float = field(
+        default=600.0, metadata={"help": "seconds the executor may take to load the model"}
+    )
+    # scheduling
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    max_num_seqs: int = field(default=256, metadata={"help": "requests running at once"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step"})
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "prompt + output tokens; default min(model context, KV pool)"},
+    )
+    policy: str = field(default="fcfs", metadata={"help": "fcfs | priority"})
+    max_waiting: int = field(
+        default=4096, metadata={"help": "waiting sequences; more are rejected as overloaded"}
+    )
+    # the executor
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "model name, GGUF file, Hugging Face directory, or random:<shape>"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "CUDA: share of device memory Tessera may use"}
+    )
+    kv_cache_memory: int | None = field(
+        default=None, metadata={"help": "CPU: bytes for the KV pool (default 2 GiB)"}
+    )
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "override the computed KV pool size"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.gateway_address:
+            raise ValueError("gateway_address must not be empty")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if not self.executor_start_timeout > 0:
+            raise ValueError(
+                f"executor_start_timeout must be > 0 seconds, got {self.executor_start_timeout}"
+            )
+        # The knobs the two configs own, checked once here, where the user set them
+        # (the pool size comes from the executor later).
+        SchedulerConfig(
+            num_blocks=1,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len or 2,
+            policy=self.policy,
+        )
+        self.executor_config(self.executor_address or "ipc://unused")
+
+    def executor_config(self, address: str) -> ExecutorServerConfig:
+        return ExecutorServerConfig(
+            executor_address=address,
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory=self.kv_cache_memory,
+            num_kv_blocks=self.num_kv_blocks,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+
+    def scheduler_config(self, info: engine_pb2.EngineInfo) -> SchedulerConfig:
+        return SchedulerConfig(
+            num_blocks=info.num_kv_blocks,
+            block_size=info.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=info.max_model_len,
+            policy=self.policy,
+        )
+
+
+def run_scheduler(config: SchedulerServerConfig) -> int:
+    """The scheduler process (with its executor child); returns the exit code."""
+    setup_logging("scheduler")
+    exit_with_parent()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    ctx = zmq.Context()
+    executor: ExecutorLink | None = None
+    try:
+        executor = ExecutorLink(ctx, config, stop)
+        info = executor.wait_ready(config.executor_start_timeout)
+        gateways = ctx.socket(zmq.ROUTER)
+        gateways.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished gateway raises, we abort
+        gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
+        bind(gateways, config.gateway_address)
+        server = SchedulerServer(config, info, executor, gateways, stop)
+        logger.info("serving %s to gateways on %s", info.model, config.gateway_address)
+        return server.serve()
+    except Interrupted:
+        logger.info("stopped before the executor was ready")
+        return 0
+    except (ExecutorError, OSError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        if executor is not None:
+            executor.close()
+        ctx.destroy(linger=1000)
+
+
+class Interrupted(Exception):
+    """SIGTERM (or the parent's death) while waiting on the executor."""
+
+
+class ExecutorError(RuntimeError):
+    """The executor died, did not start in time, or broke the protocol: fatal."""
+
+
+class StepFailed(RuntimeError):
+    """One step failed in the executor: its requests fail, the engine goes on."""
+
+
+@dataclass(slots=True)
+class Counters:
+    num_steps: int = 0
+    num_requests_added: int = 0
+    num_requests_finished: int = 0
+    num_requests_aborted: int = 0
+    num_requests_failed: int = 0
+    num_requests_rejected: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_bad_messages: int = 0
+
+
+class SchedulerServer:
+    def __init__(
+        self,
+        config: SchedulerServerConfig,
+        info: engine_pb2.EngineInfo,
+        executor: ExecutorLink,
+        gateways: zmq.Socket,
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.info = info
+        self.executor = executor
+        self.gateways = gateways  # ROUTER: GatewayMessage in, EngineOutputs out
+        self.stop = stop
+        self.scheduler = Scheduler(config.scheduler_config(info))
+        self.counters = Counters()
+        self.owners: dict[str, bytes] = {}  # request id -> identity of its gateway
+        self.outbox: dict[bytes, engine_pb2.EngineOutputs] = {}
+        self._stalled = False  # the last schedule() had nothing to run
+
+    def serve(self) -> int:
+        try:
+            while not self.stop.is_set():
+                self.recv_requests()
+                plan = self.schedule()
+                if plan is not None:
+                    result = self.run_step(plan)
+                    if result is not None:
+                        self.process_result(plan, result)
+                self.send_outputs()
+        except Interrupted:  # SIGTERM while a step ran: its result no longer matters
+            pass
+        except ExecutorError as e:
+            if self.stop.is_set():  # Ctrl-C reached the executor first: a normal stop
+                self.abort_all("the scheduler is shutting down")
+                return 0
+            logger.error("%s; failing every open request", e)
+            self.fail_requests(list(self.owners), str(e))
+            self.send_outputs()
+            return 1
+        self.abort_all("the scheduler is shutting down")
+        logger.info("stopped")
+        return 0
+
+    # -- the loop ----------------------------------------------------------------
+
+    def recv_requests(self) -> None:
+        """Read what the gateways sent; wait for it only when there is nothing to run."""
+        idle = self._stalled or not self.scheduler.has_unfinished_requests()
+        timeout = _IDLE_POLL_MS if idle else 0
+        for _ in range(_MAX_MESSAGES_PER_STEP):
+            if not self.gateways.poll(timeout):
+                break
+            timeout = 0
+            self.handle_message(self.gateways.recv_multipart())
+        if idle:
+            self.executor.check_alive()
+
+    def schedule(self) -> StepPlan | None:
+        plan = self.scheduler.schedule()
+        self._stalled = plan.is_empty
+        return None if plan.is_empty else plan
+
+    def run_step(self, plan: StepPlan) -> StepResult | None:
+        """The executor's result, or None if the step failed (its requests fail)."""
+        self.counters.num_steps += 1
+        try:
+            return self.executor.execute(plan)
+        except StepFailed as e:
+            logger.error("step failed: %s", e)
+            self.fail_requests(plan.num_scheduled_tokens, str(e))
+            return None
+
+    def process_result(self, plan: StepPlan, result: StepResult) -> None:
+        try:
+            outputs = self.scheduler.update_from_result(plan, result)
+        except RuntimeError as e:  # the executor broke the mirror rule: desynced
+            logger.error("bad step result: %s", e)
+            self.fail_requests(plan.num_scheduled_tokens, f"bad step result: {e}")
+            return
+        self.counters.num_generated_tokens += len(result.sampled_token_ids)
+        for output in outputs:
+            self.emit(output)
+
+    def send_outputs(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for gateway, outputs in outbox.items():
+            self.send(gateway, outputs)
+
+    # -- gateway messages ----------------------------------------------------------
+
+    def handle_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._bad_message(frames[0], f"{len(frames) - 1} frames instead of 1")
+            return
+        gateway, data = frames
+        try:
+            msg = decode(engine_pb2.GatewayMessage, data)
+        except WireError as e:
+            self._bad_message(gateway, str(e))
+            return
+        kind = msg.WhichOneof("kind")
+        try:
+            if kind == "add":
+                self.add_requests(gateway, msg.add.sequences)
+            elif kind == "abort":
+                self.abort_requests(gateway, msg.abort.request_ids)
+            elif kind == "status":
+                self.reply_status(gateway, msg.status.query_id)
+            elif kind == "goodbye":
+                self.forget_gateway(gateway)
+            else:
+                self._bad_message(gateway, "a GatewayMessage with no kind set")
+        except Exception:  # a bug; the engine must outlive it
+            logger.exception("gateway %r: handling a %s message failed", gateway, kind)
+            self.counters.num_bad_messages += 1
+
+    def add_requests(self, gateway: bytes, sequences: Iterable[engine_pb2.AddSequence]) -> None:
+        """Admit every sequence of one AddRequests, or reject them all."""
+        sequences = list(sequences)
+        request_ids = [seq.request_id for seq in sequences]
+        try:
+            requests = [self._request_from_pb(seq) for seq in sequences]
+            if len(set(request_ids)) != len(request_ids):
+                raise ValueError(f"request ids {request_ids} repeat within one AddRequests")
+            for request in requests:
+                self.scheduler.check_admissible(request)
+            if len(requests) > self.config.max_waiting:
+                raise ValueError(
+                    f"{len(requests)} sequences in one AddRequests can never fit "
+                    f"max_waiting={self.config.max_waiting}"
+                )
+        except ValueError as e:  # RequestRejected and WireError among them
+            self.reject(gateway, request_ids, "invalid", str(e))
+            return
+        if self.scheduler.num_waiting + len(requests) > self.config.max_waiting:
+            self.reject(
+                gateway,
+                request_ids,
+                "overloaded",
+                f"{self.scheduler.num_waiting} sequences are waiting already "
+                f"(max_waiting={self.config.max_waiting}); retry later",
+            )
+            return
+        for request in requests:
+            self.scheduler.add_request(request)
+            self.owners[request.request_id] = gateway
+            self.counters.num_requests_added += 1
+            self.counters.num_prompt_tokens += request.num_prompt_tokens
+
+    def abort_requests(self, gateway: bytes, request_ids: Iterable[str]) -> None:
+        """Abort the given requests of this gateway (others' and unknown ids are skipped)."""
+        mine = [rid for rid in request_ids if self.owners.get(rid) == gateway]
+        for output in self.scheduler.abort_requests(mine):
+            self.emit(output)
+
+    def reply_status(self, gateway: bytes, query_id: int) -> None:
+        pending = self.outbox.pop(gateway, None)
+        if pending is not None:  # keep the order the gateway would expect
+            self.send(gateway, pending)
+        reply = engine_pb2.StatusReply(
+            query_id=query_id, info=self.info, load=self.load(), counters=self.totals()
+        )
+        self.send(gateway, engine_pb2.EngineOutputs(status=reply))
+
+    def forget_gateway(self, gateway: bytes) -> None:
+        """The gateway is gone: abort its requests, send it nothing more."""
+        request_ids = [rid for rid, owner in self.owners.items() if owner == gateway]
+        for output in self.scheduler.abort_requests(request_ids):
+            self.emit(output)
+        self.outbox.pop(gateway, None)
+        if request_ids:
+            logger.info("gateway %r left: aborted %d requests", gateway, len(request_ids))
+
+    # -- outputs -------------------------------------------------------------------
+
+    def emit(self, output: RequestOutput, error: str = "") -> None:
+        """Queue one request's output for its gateway; forget the owner once finished."""
+        if output.finished:
+            gateway = self.owners.pop(output.request_id, None)
+            self._count_finish(output.finish_reason, error)
+        else:
+            gateway = self.owners.get(output.request_id)
+        if gateway is None:
+            return
+        pb = _output_to_pb(output, error)
+        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).outputs.append(pb)
+
+    def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
+        log = logger.debug if kind == "overloaded" else logger.info  # overload comes in floods
+        log("rejected %d sequences (%s): %s", len(request_ids), kind, message)
+        self.counters.num_requests_rejected += len(request_ids)
+        rejected = [
+            engine_pb2.Rejection(request_id=rid, kind=kind, message=message) for rid in request_ids
+        ]
+        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).rejected.extend(rejected)
+
+    def fail_requests(self, request_ids: Iterable[str], error: str) -> None:
+        """End these requests with finish reason "error"; their blocks are free at once."""
+        for output in self.scheduler.abort_requests(list(request_ids)):
+            self.emit(output, error=error)
+
+    def abort_all(self, reason: str) -> None:
+        for output in self.scheduler.abort_requests(list(self.owners)):
+            self.emit(output, error=reason)
+        self.send_outputs()
+
+    def send(self, gateway: bytes, outputs: engine_pb2.EngineOutputs) -> None:
+        try:
+            self.gateways.send_multipart([gateway, encode(outputs)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
+            logger.warning("gateway %r cannot be reached (%s)", gateway, e.strerror)
+            self.forget_gateway(gateway)
+
+    # -- state -----------------------------------------------------------------------
+
+    def load(self) -> engine_pb2.EngineLoad:
+        return engine_pb2.EngineLoad(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks_used=self.scheduler.num_used_blocks,
+            num_kv_blocks_free=self.scheduler.num_free_blocks,
+        )
+
+    def totals(self) -> engine_pb2.EngineCounters:
+        c = self.counters
+        return engine_pb2.EngineCounters(
+            num_steps=c.num_steps,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_requests_added=c.num_requests_added,
+            num_requests_finished=c.num_requests_finished,
+            num_requests_aborted=c.num_requests_aborted,
+            num_requests_failed=c.num_requests_failed,
+            num_requests_rejected=c.num_requests_rejected,
+            num_prompt_tokens=c.num_prompt_tokens,
+            num_generated_tokens=c.num_generated_tokens,
+            num_bad_messages=c.num_bad_messages,
+        )
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _request_from_pb(self, seq: engine_pb2.AddSequence) -> Request:
+        """The domain request, or ValueError saying what is wrong with it."""
+        request_id = seq.request_id
+        if not request_id:
+            raise ValueError("a sequence has no request_id")
+        vocab = self.info.vocab_size
+        prompt = list(seq.prompt_token_ids)
+        bad = [t for t in prompt if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
+                f"vocabulary [0, {vocab})"
+            )
+        try:
+            sampling = sampling_from_pb(seq.sampling) if seq.HasField("sampling") else None
+            _check_sampling(sampling or SamplingOptions(), vocab)
+            room = max(self.info.max_model_len - len(prompt), 1)
+            stop = stop_from_pb(seq.stop, self.info.eos_token_ids, default_max_tokens=room)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling=sampling or SamplingOptions(),
+            stop=stop,
+            priority=seq.priority,
+        )
+
+    def _count_finish(self, finish_reason: str | None, error: str) -> None:
+        if error and finish_reason == "abort":
+            self.counters.num_requests_failed += 1
+        elif finish_reason == "abort":
+            self.counters.num_requests_aborted += 1
+        else:
+            self.counters.num_requests_finished += 1
+
+    def _bad_message(self, gateway: bytes, why: str) -> None:
+        self.counters.num_bad_messages += 1
+        logger.warning("ignored a message from gateway %r: %s", gateway, why)
+
+
+class ExecutorLink:
+    """The executor child process and the PAIR socket to it."""
+
+    def __init__(
+        self, ctx: zmq.Context, config: SchedulerServerConfig, stop: threading.Event
+    ) -> None:
+        self.stop = stop
+        self._private_dir: str | None = None
+        address = config.executor_address
+        if not address:
+            self._private_dir = tempfile.mkdtemp(prefix="tessera-engine-")
+            address = f"ipc://{self._private_dir}/executor.sock"
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        bind(self.socket, address)
+        argv = config_to_argv(config.executor_config(address))
+        # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "executor", *argv], start_new_session=True
+        )
+        self._next_step_id = 1
+        logger.info("started executor pid %d on %s", self.process.pid, address)
+
+    def wait_ready(self, timeout: float) -> engine_pb2.EngineInfo:
+        data = self._recv(deadline=time.monotonic() + timeout, what="to load the model")
+        try:
+            ready = decode(engine_pb2.ExecutorReady, data)
+        except WireError as e:
+            raise ExecutorError(f"the executor's first message is not ExecutorReady: {e}") from e
+        return ready.info
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step; StepFailed if the executor reports an error."""
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        self.socket.send(encode(plan_to_pb(plan, step_id)))
+        data = self._recv(deadline=None, what=f"to run step {step_id}")
+        try:
+            pb = decode(engine_pb2.StepResult, data)
+            if pb.step_id != step_id:
+                raise StepFailed(f"the executor answered step {pb.step_id}, not {step_id}")
+            if pb.error:
+                raise StepFailed(pb.error)
+            return result_from_pb(pb)
+        except WireError as e:
+            raise StepFailed(f"unreadable step result: {e}") from e
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise ExecutorError(f"the executor (pid {self.process.pid}) exited with code {code}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.error("the executor did not stop in %.0fs; killing it", timeout)
+                self.process.kill()
+                self.process.wait()
+        logger.info("the executor exited with code %d", self.process.returncode)
+        self.socket.close()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    def _recv(self, deadline: float | None, what: str) -> bytes:
+        """The executor's next message; ExecutorError if it dies or runs out of time."""
+        while not self.socket.poll(int(_EXECUTOR_POLL_S * 1000)):
+            if self.stop.is_set():
+                raise Interrupted
+            code = self.process.poll()
+            if code is not None:
+                raise ExecutorError(
+                    f"the executor (pid {self.process.pid}) exited with code {code} while "
+                    f"waiting for it {what}; its log above says why"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise ExecutorError(f"the executor took too long {what}")
+        return self.socket.recv()
+
+
+def bind(socket: zmq.Socket, address: str) -> None:
+    """Bind, creating an ipc path's directory; TCP without a host binds 127.0.0.1.
+
+    Raises OSError with the address if the bind fails.
+    """
+    if address.startswith("ipc://"):
+        Path(address.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
+    elif address.startswith("tcp://"):
+        host = address.removeprefix("tcp://").rpartition(":")[0]
+        if host == "":
+            address = "tcp://127.0.0.1" + address.removeprefix("tcp://")
+        elif host in ("*", "0.0.0.0", "[::]", "::"):
+            logger.warning(
+                "binding %s on every interface: this protocol has no authentication", address
+            )
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as e:
+        raise OSError(f"cannot bind {address}: {e.strerror}") from e
+
+
+def _output_to_pb(output: RequestOutput, error: str) -> engine_pb2.SequenceOutput:
+    finish_reason = output.finish_reason or ""
+    if error and output.finished:  # failed requests leave the scheduler as aborted ones
+        finish_reason = "error"
+    pb = engine_pb2.SequenceOutput(
+        request_id=output.request_id,
+        new_token_ids=output.new_token_ids,
+        new_logprobs=[logprobs_to_pb(lp) for lp in output.new_logprobs],
+        finished=output.finished,
+        finish_reason=finish_reason,
+        num_prompt_tokens=output.num_prompt_tokens,
+        num_output_tokens=output.num_output_tokens,
+        error=error,
+    )
+    if output.stop_token_id is not None:
+        pb.stop_token_id = output.stop_token_id
+    return pb
+
+
+def _check_sampling(s: SamplingOptions, vocab_size: int) -> None:
+    """ValueError unless the executor can apply these options (the gateway checks the
+    public limits; this keeps a bad message from failing a whole step)."""
+    checks = [
+        (math.isfinite(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
+        (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
+        (s.top_k <= vocab_size, f"top_k must be at most the vocabulary size {vocab_size}"),
+        (0 <= s.min_p <= 1, "min_p must be in [0, 1]"),
+        (
+            math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0,
+            "repetition_penalty must be > 0",
+        ),
+        (-2 <= s.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+        (-2 <= s.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+        (
+            s.logprobs is None or s.logprobs <= vocab_size,
+            f"logprobs must be at most the vocabulary size {vocab_size}",
+        ),
+        (
+            all(t < vocab_size for t in s.min_tokens_blocked_ids),
+            "min_tokens_blocked_ids must be token ids of the vocabulary",
+        ),
+        (
+            all(t < vocab_size and math.isfinite(b) for t, b in s.logit_bias),
+            "logit_bias must map token ids of the vocabulary to finite biases",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

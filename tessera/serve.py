@@ -1,0 +1,196 @@
+"""``tessera serve``: start the whole set of processes on one machine and supervise them.
+
+    launcher ─┬─ tokenizer_svc  x num_tokenizers   (gRPC on unix sockets)
+              ├─ scheduler ── executor             (ZeroMQ on ipc://)
+              └─ gateway                           (public gRPC on host:port)
+
+Every child exits with its parent. On SIGTERM or Ctrl-C the gateway stops taking new
+calls and lets in-flight streams finish within ``grace_seconds``; then the scheduler
+(with its executor) and the tokenizers stop. The launcher exits 0 when every child did.
+A tokenizer replica that dies is restarted (the gateway skips it meanwhile); if any
+other child dies on its own, the launcher stops the rest and exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from executor.process import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class ServeConfig:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    num_tokenizers: int = 2
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    policy: str = "fcfs"
+    max_waiting: int = 4096
+    grace_seconds: float = 30.0
+    run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default
+
+    def __post_init__(self) -> None:
+        if self.num_tokenizers < 1:
+            raise ValueError(f"num_tokenizers must be >= 1, got {self.num_tokenizers}")
+
+
+@dataclass(slots=True)
+class _Child:
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen
+    restarts: int = 0
+
+    @property
+    def restartable(self) -> bool:
+        # Tokenizers are stateless: a new replica is as good as the old one, and the
+        # gateway's client skips a dead replica until it answers again.
+        return self.name.startswith("tokenizer-")
+
+
+MAX_RESTARTS = 5
+
+
+def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[str]]]:
+    py = [sys.executable, "-m"]
+    tok_addrs = [f"unix:{run_dir}/tokenizer-{i}.sock" for i in range(config.num_tokenizers)]
+    sched_addr = f"ipc://{run_dir}/scheduler.sock"
+    engine_flags = [
+        "--model",
+        config.model,
+        "--device",
+        config.device,
+        "--dtype",
+        config.dtype,
+        "--block-size",
+        str(config.block_size),
+        "--max-num-seqs",
+        str(config.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(config.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        str(config.gpu_memory_utilization),
+        "--policy",
+        config.policy,
+        "--max-waiting",
+        str(config.max_waiting),
+        "--gateway-address",
+        sched_addr,
+        "--executor-address",
+        f"ipc://{run_dir}/executor.sock",
+    ]
+    if config.max_model_len is not None:
+        engine_flags += ["--max-model-len", str(config.max_model_len)]
+    if config.kv_cache_memory is not None:
+        engine_flags += ["--kv-cache-memory", str(config.kv_cache_memory)]
+    commands = [
+        (f"tokenizer-{i}", py + ["tokenizer_svc", "--model", config.model, "--address", addr])
+        for i, addr in enumerate(tok_addrs)
+    ]
+    commands.append(("scheduler", py + ["scheduler"] + engine_flags))
+    commands.append(
+        (
+            "gateway",
+            py
+            + [
+                "services",
+                "--model",
+                config.model,
+                "--host",
+                config.host,
+                "--port",
+                str(config.port),
+                "--scheduler-address",
+                sched_addr,
+                "--tokenizer-addresses",
+                ",".join(tok_addrs),
+                "--grace-seconds",
+                str(config.grace_seconds),
+            ],
+        )
+    )
+    return commands
+
+
+def run_serve(config: ServeConfig) -> int:
+    setup_logging("launcher")
+    run_dir = config.run_dir or tempfile.mkdtemp(prefix="tessera-")
+    os.makedirs(run_dir, exist_ok=True)
+    stopping = False
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    children: list[_Child] = []
+    for name, cmd in child_commands(config, run_dir):
+        logger.info("starting %s", name)
+        children.append(_Child(name, cmd, subprocess.Popen(cmd)))
+    logger.info(
+        "serving %s on %s:%d (sockets in %s)", config.model, config.host, config.port, run_dir
+    )
+    failed = None
+    while not stopping:
+        for child in children:
+            if child.proc.poll() is None:
+                continue
+            if child.restartable and child.restarts < MAX_RESTARTS:
+                logger.warning(
+                    "%s exited with code %s; restarting it", child.name, child.proc.returncode
+                )
+                child.restarts += 1
+                child.proc = subprocess.Popen(child.cmd)
+                continue
+            failed = child
+            break
+        if failed is not None:
+            logger.error("%s exited with code %s; stopping", failed.name, failed.proc.returncode)
+            break
+        time.sleep(0.2)
+    codes = _shutdown(children, config.grace_seconds)
+    if failed is not None:
+        return 1
+    bad = {name: code for name, code in codes.items() if code != 0}
+    if bad:
+        logger.error("children exited with errors: %s", bad)
+        return 1
+    logger.info("all processes stopped cleanly")
+    return 0
+
+
+def _shutdown(children: list[_Child], grace: float) -> dict[str, int]:
+    """Gateway first (it drains the streams), then the engine and the tokenizers."""
+    gateway = [c for c in children if c.name == "gateway"]
+    rest = [c for c in children if c.name != "gateway"]
+    codes: dict[str, int] = {}
+    for group, timeout in ((gateway, grace + 10.0), (rest, 15.0)):
+        for child in group:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in group:
+            try:
+                codes[child.name] = child.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.error("%s did not stop in %.0fs; killing it", child.name, timeout)
+                child.proc.kill()
+                codes[child.name] = child.proc.wait()
+    return codes

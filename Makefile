@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 MODEL ?= smollm2-135m-instruct
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install proto run test lint bench clean
+.PHONY: install proto run serve test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ install: $(VENV)/.installed $(STUBS)
 
 run: install
 	$(PY) -m tessera chat --model $(MODEL) "$(PROMPT)"
+
+# The gRPC server: tokenizer replicas, scheduler + executor, gateway on PORT.
+PORT ?= 50051
+serve: install
+	$(PY) -m tessera serve --model $(MODEL) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -170,9 +170,9 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
         gateways = ctx.socket(zmq.ROUTER)
         gateways.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished gateway raises, we abort
         gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
-        bind(gateways, config.gateway_address)
+        address = bind(gateways, config.gateway_address)
         server = SchedulerServer(config, info, executor, gateways, stop)
-        logger.info("serving %s to gateways on %s", info.model, config.gateway_address)
+        logger.info("serving %s to gateways on %s", info.model, address)
         return server.serve()
     except Interrupted:
         logger.info("stopped before the executor was ready")
@@ -244,16 +244,19 @@ class SchedulerServer:
         except Interrupted:  # SIGTERM while a step ran: its result no longer matters
             pass
         except ExecutorError as e:
-            if self.stop.is_set():  # Ctrl-C reached the executor first: a normal stop
-                self.abort_all("the scheduler is shutting down")
-                return 0
-            logger.error("%s; failing every open request", e)
-            self.fail_requests(list(self.owners), str(e))
-            self.send_outputs()
-            return 1
+            if not self.stop.is_set():  # if set, Ctrl-C reached the executor first: a stop
+                return self.give_up(str(e))
+        except Exception as e:  # a bug: end every stream with it rather than leave it open
+            logger.exception("the scheduler loop failed")
+            return self.give_up(f"the scheduler failed: {type(e).__name__}: {e}")
         self.abort_all("the scheduler is shutting down")
         logger.info("stopped")
         return 0
+
+    def give_up(self, error: str) -> int:
+        logger.error("%s; failing every open request", error)
+        self.abort_all(error)
+        return 1
 
     # -- the loop ----------------------------------------------------------------
 
@@ -575,10 +578,9 @@ class ExecutorLink:
         return self.socket.recv()
 
 
-def bind(socket: zmq.Socket, address: str) -> None:
-    """Bind, creating an ipc path's directory; TCP without a host binds 127.0.0.1.
-
-    Raises OSError with the address if the bind fails.
+def bind(socket: zmq.Socket, address: str) -> str:
+    """Bind and return the address bound: an ipc path's directory is created, and TCP
+    without a host binds 127.0.0.1. Raises OSError with the address if the bind fails.
     """
     if address.startswith("ipc://"):
         Path(address.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
@@ -594,6 +596,7 @@ def bind(socket: zmq.Socket, address: str) -> None:
         socket.bind(address)
     except zmq.ZMQError as e:
         raise OSError(f"cannot bind {address}: {e.strerror}") from e
+    return address
 
 
 def _output_to_pb(output: RequestOutput, error: str) -> engine_pb2.SequenceOutput:

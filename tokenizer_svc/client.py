@@ -47,6 +47,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # A "dns:///tokenizer:50061" address (compose --scale, a Kubernetes headless
+    # service) resolves to every replica: spread calls over all of them.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 Stub = tokenizer_pb2_grpc.TokenizerServiceStub

@@ -67,6 +67,9 @@ ENGINE_FLAGS = [
     "--max-waiting", str(MAX_WAITING),
 ]  # fmt: skip
 READY_TIMEOUT = 120.0
+# One torch thread per process: on a small shared CPU, multi-threaded torch processes
+# (the reference here, the executors) spin against each other and run many times slower.
+TORCH_THREADS = 1
 TEXTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -83,7 +86,7 @@ TEXTS = [
 
 
 @dataclass
-class Sequence:
+class Received:
     """What one request id received: tokens, how it ended, or why it was rejected."""
 
     tokens: list[int] = field(default_factory=list)
@@ -106,7 +109,7 @@ class Gateway:
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Received] = {}
         self.statuses: dict[int, pb.StatusReply] = {}
         self.foreign: list[str] = []  # ids this gateway never sent
         self.sent: set[str] = set()
@@ -142,7 +145,7 @@ class Gateway:
             if time.monotonic() >= deadline:
                 raise TimeoutError("no status reply")
 
-    def wait(self, request_ids: list[str], timeout: float = 60.0) -> dict[str, Sequence]:
+    def wait(self, request_ids: list[str], timeout: float = 60.0) -> dict[str, Received]:
         """Until every id finished or was rejected."""
         self.until(lambda: all(self.seq(rid).done for rid in request_ids), timeout)
         return {rid: self.seqs[rid] for rid in request_ids}
@@ -157,8 +160,8 @@ class Gateway:
                 raise TimeoutError(f"gave up waiting; received so far: {self.seqs}")
             self.recv(deadline - time.monotonic())
 
-    def seq(self, request_id: str) -> Sequence:
-        return self.seqs.setdefault(request_id, Sequence())
+    def seq(self, request_id: str) -> Received:
+        return self.seqs.setdefault(request_id, Received())
 
     def recv(self, timeout: float) -> None:
         if not self.socket.poll(max(int(timeout * 1000), 1)):
@@ -167,7 +170,7 @@ class Gateway:
         for o in out.outputs:
             if o.request_id not in self.sent:
                 self.foreign.append(o.request_id)
-            seq = self.seqs.setdefault(o.request_id, Sequence())
+            seq = self.seqs.setdefault(o.request_id, Received())
             assert not seq.finished, f"{o.request_id}: output after the end"
             seq.tokens += o.new_token_ids
             seq.finished = o.finished
@@ -178,7 +181,7 @@ class Gateway:
         for r in out.rejected:
             if r.request_id not in self.sent:
                 self.foreign.append(r.request_id)
-            self.seqs.setdefault(r.request_id, Sequence()).rejection = r
+            self.seqs.setdefault(r.request_id, Received()).rejection = r
         if out.HasField("status"):
             self.statuses[out.status.query_id] = out.status
 
@@ -229,6 +232,7 @@ def start_engine(directory: Path, *flags: str) -> Engine:
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": str(TORCH_THREADS)},
         )
     return Engine(process, address, log_path)
 
@@ -288,9 +292,13 @@ def engine(tmp_path_factory) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def reference(engine):
+    import torch
+
     from tessera import LLM
 
-    return LLM(
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    yield LLM(
         MODEL,
         device="cpu",
         dtype="float32",
@@ -298,10 +306,12 @@ def reference(engine):
         max_num_seqs=MAX_NUM_SEQS,
         show_progress=False,
     )
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def info(engine, ctx) -> pb.EngineInfo:
+def info(engine, reference, ctx) -> pb.EngineInfo:
+    """The engine's, once it is up (it loads while the reference does)."""
     gateway = Gateway(ctx, engine.address)
     try:
         return wait_ready(engine, gateway).info
@@ -315,6 +325,8 @@ def gateway(engine, ctx, info) -> Iterator[Gateway]:
     gw = Gateway(ctx, engine.address)
     yield gw
     load = gw.status().load
+    gw.goodbye()  # what a failed test left running ends here, not in the next test
+    gw.status()  # answered after the goodbye: it has landed
     gw.close()
     assert (load.num_running, load.num_waiting) == (0, 0), engine.log()
     assert load.num_kv_blocks_free == NUM_KV_BLOCKS
@@ -656,6 +668,24 @@ def test_an_executor_that_cannot_load_is_a_clear_error(tmp_path):
     log = eng.log()
     assert "cannot resolve model" in log
     assert "the executor" in log and "exited with code 1" in log
+
+
+def test_a_dead_executor_fails_open_requests_and_the_scheduler_exits_1(tmp_path, ctx):
+    eng = start_engine(tmp_path, "--model", "random:smollm2-135m", "--device", "cpu",
+                       "--num-kv-blocks", "8")  # fmt: skip
+    gateway = Gateway(ctx, eng.address)
+    try:
+        wait_ready(eng, gateway)
+        endless = pb.StopConditions(max_tokens=100, ignore_eos=True)
+        gateway.add(pb.AddSequence(request_id="r", prompt_token_ids=[1, 2, 3], stop=endless))
+        gateway.wait_tokens(["r"], 1)
+        os.kill(eng.executor_pid(), signal.SIGKILL)
+        seq = gateway.wait(["r"], timeout=20)["r"]
+        assert seq.finish_reason == "error" and "exited with code -9" in seq.error
+        assert eng.process.wait(20) == 1
+    finally:
+        gateway.close()
+        eng.stop()
 
 
 def test_sigkill_of_the_scheduler_takes_its_executor_down(tmp_path, ctx):

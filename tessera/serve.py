@@ -47,8 +47,9 @@ class ServeConfig:
     run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default
 
     def __post_init__(self) -> None:
-        if self.num_tokenizers < 1:
-            raise ValueError(f"num_tokenizers must be >= 1, got {self.num_tokenizers}")
+        if self.num_tokenizers < 0:
+            raise ValueError(f"num_tokenizers must be >= 0, got {self.num_tokenizers}")
+        # 0 only for a model without a tokenizer (random weights): token ids in and out.
 
 
 @dataclass(slots=True)

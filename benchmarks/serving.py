@@ -102,27 +102,19 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TESSERA_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tessera",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            args.model,
-            "--device",
-            args.device,
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TESSERA_LOG_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port)]
+    cmd += ["--model", args.model, "--device", args.device]
+    if args.model.startswith("random:"):
+        cmd += ["--num-tokenizers", "0"]  # random weights: token ids in and out
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     target = f"127.0.0.1:{port}"
     with grpc.insecure_channel(target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
                     return proc, target

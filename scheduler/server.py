@@ -8,7 +8,10 @@ executor (``executor_address``, a private ``ipc://`` path by default), then star
 executor as its child process (``python -m executor``), which exits with it. It waits
 for ``ExecutorReady`` and sizes its block pool from it. Then the loop:
 
-    recv_requests -> schedule -> run_step -> process_result -> send_outputs
+    recv_requests -> finish_step -> process_result -> schedule -> start_step -> send_outputs
+
+so that gateway messages are read, and the last step's outputs sent, while the executor
+runs the next step.
 
 It waits on the gateways only when there is nothing to run. Every output goes to the
 gateway that sent the request; a gateway that says goodbye, or that cannot be reached,
@@ -241,13 +244,17 @@ class SchedulerServer:
 
     def serve(self) -> int:
         try:
+            in_flight: StepPlan | None = None
             while not self.stop.is_set():
-                self.recv_requests()
-                plan = self.schedule()
-                if plan is not None:
-                    result = self.run_step(plan)
+                # Gateway messages are read while the executor runs the step in flight.
+                self.recv_requests(busy=in_flight is not None)
+                if in_flight is not None:
+                    result = self.finish_step(in_flight)
                     if result is not None:
-                        self.process_result(plan, result)
+                        self.process_result(in_flight, result)
+                plan = self.schedule()
+                in_flight = self.start_step(plan) if plan is not None else None
+                # The last step's outputs go out while the executor runs the next one.
                 self.send_outputs()
         except Interrupted:  # SIGTERM while a step ran: its result no longer matters
             pass
@@ -268,9 +275,9 @@ class SchedulerServer:
 
     # -- the loop ----------------------------------------------------------------
 
-    def recv_requests(self) -> None:
+    def recv_requests(self, busy: bool = False) -> None:
         """Read what the gateways sent; wait for it only when there is nothing to run."""
-        idle = self._stalled or not self.scheduler.has_unfinished_requests()
+        idle = not busy and (self._stalled or not self.scheduler.has_unfinished_requests())
         timeout = _IDLE_POLL_MS if idle else 0
         for _ in range(_MAX_MESSAGES_PER_STEP):
             if not self.gateways.poll(timeout):
@@ -285,11 +292,16 @@ class SchedulerServer:
         self._stalled = plan.is_empty
         return None if plan.is_empty else plan
 
-    def run_step(self, plan: StepPlan) -> StepResult | None:
-        """The executor's result, or None if the step failed (its requests fail)."""
+    def start_step(self, plan: StepPlan) -> StepPlan:
+        """Send the plan; the executor works on it until finish_step collects it."""
         self.counters.num_steps += 1
+        self.executor.submit(plan)
+        return plan
+
+    def finish_step(self, plan: StepPlan) -> StepResult | None:
+        """The executor's result, or None if the step failed (its requests fail)."""
         try:
-            return self.executor.execute(plan)
+            return self.executor.collect()
         except StepFailed as e:
             logger.error("step failed: %s", e)
             self.fail_requests(plan.num_scheduled_tokens, str(e))
@@ -520,6 +532,7 @@ class ExecutorLink:
         self.socket.setsockopt(zmq.LINGER, 0)
         bind(self.socket, address)
         self._next_step_id = 1
+        self._in_flight = 0
         self.process: subprocess.Popen | None = None
         if not config.start_executor:
             logger.info("waiting for an executor to connect to %s", address)
@@ -541,9 +554,18 @@ class ExecutorLink:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step; StepFailed if the executor reports an error."""
-        step_id = self._next_step_id
+        self.submit(plan)
+        return self.collect()
+
+    def submit(self, plan: StepPlan) -> None:
+        """Send one step; exactly one collect() must follow before the next submit()."""
+        self._in_flight = self._next_step_id
         self._next_step_id += 1
-        self.socket.send(encode(plan_to_pb(plan, step_id)))
+        self.socket.send(encode(plan_to_pb(plan, self._in_flight)))
+
+    def collect(self) -> StepResult:
+        """The result of the step in flight; StepFailed if the executor reports an error."""
+        step_id = self._in_flight
         data = self._recv(deadline=None, what=f"to run step {step_id}")
         try:
             pb = decode(engine_pb2.StepResult, data)

@@ -605,9 +605,12 @@ def test_scheduler_loop_fails_the_requests_of_a_failed_step(ctx):
             self.mirror = MirrorExecutor(block_size=4)
             self.steps = 0
 
-        def execute(self, plan: StepPlan) -> StepResult:
+        def submit(self, plan: StepPlan) -> None:
+            self.plan = plan
+
+        def collect(self) -> StepResult:
             self.steps += 1
-            result = self.mirror.execute(plan)
+            result = self.mirror.execute(self.plan)
             if self.steps == 3:
                 raise StepFailed("RuntimeError: the device fell over")
             return result

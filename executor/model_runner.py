@@ -27,11 +27,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _RequestState:
-    all_token_ids: list[int]
-    num_prompt_tokens: int
+    # Kept apart so the sampler reads both every step without copying them.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
     sampling: SamplingOptions
     block_ids: list[int]
     num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,18 +166,18 @@ class ModelRunner:
             state = self.requests[request_id]
             start = state.num_computed_tokens
             end = start + n
-            if end > len(state.all_token_ids):
+            if end > state.num_tokens:
                 raise ValueError(
                     f"request {request_id}: {n} tokens scheduled from {start} but only "
-                    f"{len(state.all_token_ids)} are known"
+                    f"{state.num_tokens} are known"
                 )
-            input_ids.extend(state.all_token_ids[start:end])
+            input_ids.extend(state.token_slice(start, end))
             positions.extend(range(start, end))
             query_lens.append(n)
             context_lens.append(end)
             block_tables.append(state.block_ids)
             state.num_computed_tokens = end
-            if end == len(state.all_token_ids):
+            if end == state.num_tokens:
                 sample_ids.append(request_id)
                 sample_rows.append(len(input_ids) - 1)
         meta = build_attention_metadata(
@@ -180,13 +193,13 @@ class ModelRunner:
         states = [self.requests[r] for r in sample_ids]
         batch = SamplingBatch(
             options=[s.sampling for s in states],
-            prompt_token_ids=[s.all_token_ids[: s.num_prompt_tokens] for s in states],
-            output_token_ids=[s.all_token_ids[s.num_prompt_tokens :] for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
         )
         tokens, logprobs = self.sampler(logits, batch)
         result = StepResult()
         for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
-            state.all_token_ids.append(token)
+            state.output_token_ids.append(token)
             result.sampled_token_ids[request_id] = token
             if lp is not None:
                 result.logprobs[request_id] = lp
@@ -197,8 +210,8 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         for new in plan.new_requests:
             self.requests[new.request_id] = _RequestState(
-                all_token_ids=list(new.all_token_ids),
-                num_prompt_tokens=new.num_prompt_tokens,
+                prompt_token_ids=list(new.all_token_ids[: new.num_prompt_tokens]),
+                output_token_ids=list(new.all_token_ids[new.num_prompt_tokens :]),
                 sampling=new.sampling,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,

@@ -173,25 +173,19 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             logprobs=[_logprob_pb(lp) for lp in out.new_logprobs],
         )
         stream = streams[i]
-        if stream is None:  # a model without a tokenizer: token ids only
-            if out.finished:
-                resp.finish_reason = _FINISH.get(
-                    out.finish_reason, generate_pb2.FINISH_REASON_ERROR
-                )
-                if out.HasField("stop_token_id"):
-                    resp.stop_token_id = out.stop_token_id
-            return resp
-        stream.push(list(out.new_token_ids))
-        if stream.matched_stop is None and out.finished:
-            stream.finish()
-        if stream.matched_stop is not None:
+        if stream is not None:
+            stream.push(list(out.new_token_ids))
+            if stream.matched_stop is None and out.finished:
+                stream.finish()
+        if stream is not None and stream.matched_stop is not None:
             resp.finish_reason = generate_pb2.FINISH_REASON_STOP
             resp.stop_text = stream.matched_stop
         elif out.finished:
             resp.finish_reason = _FINISH.get(out.finish_reason, generate_pb2.FINISH_REASON_ERROR)
             if out.HasField("stop_token_id"):
                 resp.stop_token_id = out.stop_token_id
-        resp.text = stream.take(final=bool(resp.finish_reason))
+        if stream is not None:  # None: a model without a tokenizer streams token ids only
+            resp.text = stream.take(final=bool(resp.finish_reason))
         return resp
 
     def _sequence(
@@ -199,7 +193,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
     ) -> engine_pb2.AddSequence:
         eos = tuple(self.info.eos_token_ids)
         options: SamplingOptions = params.to_options(eos, seed_offset=i)
-        max_tokens = params.max_tokens or (self.info.max_model_len - len(prompt))
+        max_tokens = params.effective_max_tokens(len(prompt), self.info.max_model_len)
         return engine_pb2.AddSequence(
             request_id=sid,
             prompt_token_ids=prompt,
@@ -244,15 +238,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             if kind == "chat":
                 if not request.chat.messages:
                     raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
-                add_prompt = (
-                    request.chat.add_generation_prompt
-                    if request.chat.HasField("add_generation_prompt")
-                    else True
-                )
-                ids, _ = await self.tokenizers.tokenize_chat(
-                    [{"role": m.role, "content": m.content} for m in request.chat.messages],
-                    add_generation_prompt=add_prompt,
-                )
+                ids, _ = await _tokenize_chat(self.tokenizers, request.chat)
                 return ids
             if kind == "token_ids":
                 return list(request.token_ids.ids)
@@ -299,14 +285,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._no_tokenizer())
         try:
             if request.WhichOneof("input") == "chat":
-                ids, text = await self.tokenizers.tokenize_chat(
-                    [{"role": m.role, "content": m.content} for m in request.chat.messages],
-                    add_generation_prompt=(
-                        request.chat.add_generation_prompt
-                        if request.chat.HasField("add_generation_prompt")
-                        else True
-                    ),
-                )
+                ids, text = await _tokenize_chat(self.tokenizers, request.chat)
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") else True
                 text = request.text
@@ -373,6 +352,17 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         except EngineUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             raise
+
+
+async def _tokenize_chat(
+    tokenizers: TokenizerClient, chat: generate_pb2.ChatMessages
+) -> tuple[list[int], str]:
+    """Chat turns through the model's template; the generation prompt is on unless unset."""
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    return await tokenizers.tokenize_chat(
+        [{"role": m.role, "content": m.content} for m in chat.messages],
+        add_generation_prompt=add_prompt,
+    )
 
 
 def _sampling_params(s: generate_pb2.SamplingParameters) -> SamplingParams:

@@ -69,9 +69,7 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         num_prompt = len(prompt_token_ids)
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(self.config.max_model_len - num_prompt, 1)
+        max_tokens = params.effective_max_tokens(num_prompt, self.config.max_model_len)
         stop = StopConditions(
             max_tokens=max_tokens,
             min_tokens=params.min_tokens,

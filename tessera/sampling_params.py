@@ -83,6 +83,12 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
+    def effective_max_tokens(self, num_prompt_tokens: int, max_model_len: int) -> int:
+        """max_tokens, or (unset) whatever room the context leaves, at least 1."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return max(max_model_len - num_prompt_tokens, 1)
+
     def to_options(self, eos_token_ids: tuple[int, ...], seed_offset: int = 0) -> SamplingOptions:
         blocked = tuple(
             sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids)))

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.tessera.v1 import generate_pb2 as pb
 from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera import LLM, SamplingParams
+from tests.proctable import cmdline, descendants, pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 180.0
@@ -29,47 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant of pid, from /proc (no psutil needed)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it has exited
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Server:
@@ -120,7 +80,7 @@ class Server:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                for pid in children_of(self.proc.pid):
+                for pid in descendants(self.proc.pid):
                     os.kill(pid, signal.SIGKILL)
                 self.proc.kill()
 
@@ -329,7 +289,7 @@ def test_unary_rpcs(server, offline):
 
 
 def test_a_tokenizer_replica_dying_fails_no_request(server):
-    tokenizers = [p for p in children_of(server.proc.pid) if "tokenizer_svc" in cmdline(p)]
+    tokenizers = [p for p in descendants(server.proc.pid) if "tokenizer_svc" in cmdline(p)]
     assert len(tokenizers) == 2
     os.kill(tokenizers[0], signal.SIGKILL)
     stub = server.stub()
@@ -342,8 +302,8 @@ def test_a_tokenizer_replica_dying_fails_no_request(server):
 
 def test_sigterm_lets_streams_finish_then_everything_exits_0(server, offline):
     """Runs last: it stops the module's server."""
-    descendants = children_of(server.proc.pid)
-    assert len(descendants) >= 5  # 2 tokenizers, scheduler, executor, gateway
+    started = descendants(server.proc.pid)
+    assert len(started) >= 5  # 2 tokenizers, scheduler, executor, gateway
     stub = server.stub()
     call = stub.Generate(pb.GenerateRequest(text=PROMPTS[0], sampling=greedy(40)))
     first = next(call)
@@ -356,6 +316,6 @@ def test_sigterm_lets_streams_finish_then_everything_exits_0(server, offline):
     assert ids == ref.outputs[0].token_ids
     assert server.proc.wait(60) == 0
     deadline = time.monotonic() + 10
-    while any(alive(p) for p in descendants) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in descendants if alive(p)], "orphan processes left behind"
+    assert not [p for p in started if pid_alive(p)], "orphan processes left behind"

@@ -55,6 +55,7 @@ from executor.wire import (
 from proto.tessera.v1 import engine_pb2 as pb
 from scheduler.request import StopConditions
 from scheduler.server import SchedulerServerConfig
+from tests.proctable import child_pids, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -242,37 +243,6 @@ def wait_ready(engine: Engine, gateway: Gateway) -> pb.StatusReply:
         return gateway.status(timeout=READY_TIMEOUT, resend=1.0)
     except TimeoutError:
         pytest.fail(f"the engine did not come up:\n{engine.log()}")
-
-
-def child_pids(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def pid_alive(pid: int) -> bool:
-    """Running, and not a zombie (a zombie has exited; only its parent's wait is due)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")

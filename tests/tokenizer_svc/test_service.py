@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from executor.registry import resolve_model
 from proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tests.proctable import pid_alive
 from tokenizer_svc import Tokenizer
 from tokenizer_svc.__main__ import TOKENIZER_FLAGS, add_env_flags
 from tokenizer_svc.client import (
@@ -124,7 +125,7 @@ class Fleet:
                 process.kill()
             process.wait()
         for pid in self.pids:
-            if is_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -143,19 +144,6 @@ def wait_serving(address: str, timeout: float, alive: Callable[[], bool], log: P
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
     pytest.fail(f"replica at {address} not SERVING after {timeout}s:\n{log.read_text()}")
-
-
-def is_alive(pid: int) -> bool:
-    """Whether `pid` runs; a zombie (exited, not yet reaped by its new parent) is dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def free_tcp_address() -> str:
@@ -482,14 +470,14 @@ def test_replica_exits_when_its_parent_dies(fleet: Fleet, strict_model: Path):
     fleet.processes.append(parent)
     pid = int(parent.stdout.readline())
     fleet.pids.append(pid)
-    wait_serving(address, START_TIMEOUT, lambda: is_alive(pid), log)
+    wait_serving(address, START_TIMEOUT, lambda: pid_alive(pid), log)
 
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 5
-    while is_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not is_alive(pid), f"replica {pid} outlived its parent:\n{log.read_text()}"
+    assert not pid_alive(pid), f"replica {pid} outlived its parent:\n{log.read_text()}"
     assert "stopped" in log.read_text()  # it shut down gracefully, not by a kill
 
 

@@ -94,6 +94,16 @@ def _context_slots(block_table: list[int], ctx_len: int, block_size: int) -> tor
 class TorchAttentionBackend:
     """Reference paged attention in plain torch (CPU, or any device for testing)."""
 
+    @staticmethod
+    def build_metadata(
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        return build_attention_metadata(query_lens, context_lens, block_tables, block_size, device)
+
     def write_kv(
         self,
         k: torch.Tensor,  # [T, H_kv, D]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_BACKENDS = ("auto", "torch", "triton")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3  # bytes
 
 
@@ -19,6 +20,12 @@ class ExecutorConfig:
     num_kv_blocks: int | None = None  # override the computed pool size (tests, benchmarks)
     max_num_batched_tokens: int = 2048  # worst-case step, for profiling
     max_num_seqs: int = 256
+    # Context of one request; sizes the CUDA graphs' block tables. None: the model's.
+    max_model_len: int | None = None
+    # auto: the Triton kernels (kernels/) on CUDA, plain torch on the CPU.
+    attention_backend: str = "auto"
+    # CUDA: replay captured graphs for decode-only steps of up to max_num_seqs rows.
+    cuda_graphs: bool = True
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -28,6 +35,13 @@ class ExecutorConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

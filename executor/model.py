@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from executor.attention import AttentionMetadata, TorchAttentionBackend
+from executor.attention import TorchAttentionBackend
 from executor.model_config import ModelConfig
 
 
@@ -88,7 +88,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaForCausalLM:
-    """Weights plus a pure forward function; no autograd, no nn.Module machinery."""
+    """Weights plus a pure forward function; no autograd, no nn.Module machinery.
+
+    Each layer's q/k/v projections are stored as one matrix, and gate/up as another,
+    so a layer runs four matmuls. With ``fused_kernels`` (the CUDA path) the glue runs
+    in Triton kernels: RMSNorm fused with the residual add, rotary in place on views
+    of the qkv output, SiLU-and-multiply; otherwise in plain torch with Hugging Face's
+    numerics.
+    """
 
     def __init__(
         self,
@@ -96,16 +103,26 @@ class LlamaForCausalLM:
         tensors: dict[str, torch.Tensor],
         device: torch.device,
         max_positions: int,
-        attention: TorchAttentionBackend | None = None,
+        attention=None,
+        fused_kernels: bool = False,
     ) -> None:
         self.config = config
         self.attention = attention or TorchAttentionBackend()
+        self.fused_kernels = fused_kernels
         self.scale = config.head_dim**-0.5
         self.embed = tensors["model.embed_tokens.weight"]
         self.lm_head = tensors.get("lm_head.weight", self.embed)
         self.norm = tensors["model.norm.weight"]
         self.layers = [_Layer(tensors, i, config) for i in range(config.num_hidden_layers)]
         self.rotary = RotaryEmbedding(config, max_positions, device, tensors.get("rope_freqs"))
+        c = config
+        self.q_size = c.num_attention_heads * c.head_dim
+        self.kv_size = c.num_key_value_heads * c.head_dim
+        if fused_kernels:
+            from kernels.rotary import build_cos_sin_cache
+
+            inv_freq = rope_inv_freq(c, tensors.get("rope_freqs"))
+            self.cos_sin = build_cos_sin_cache(inv_freq, max_positions, device)
 
     @torch.inference_mode()
     def forward(
@@ -113,24 +130,58 @@ class LlamaForCausalLM:
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer ([N,B,Hkv,D], same)
-        meta: AttentionMetadata,
+        meta,
     ) -> torch.Tensor:  # hidden states [T, hidden]
+        if self.fused_kernels:
+            return self._forward_fused(input_ids, positions, kv_caches, meta)
         c = self.config
         h = F.embedding(input_ids, self.embed)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            q = F.linear(x, layer.q_w, layer.q_b).view(-1, c.num_attention_heads, c.head_dim)
-            k = F.linear(x, layer.k_w, layer.k_b).view(-1, c.num_key_value_heads, c.head_dim)
-            v = F.linear(x, layer.v_w, layer.v_b).view(-1, c.num_key_value_heads, c.head_dim)
+            q, k, v = self._qkv(x, layer)
             q, k = self.rotary.apply(q, k, positions)
             self.attention.write_kv(k, v, k_cache, v_cache, meta)
             o = self.attention.forward(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
             h = h + F.linear(o.reshape(o.shape[0], -1), layer.o_w)
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            h = h + F.linear(
-                F.silu(F.linear(x, layer.gate_w)) * F.linear(x, layer.up_w), layer.down_w
-            )
+            gate, up = F.linear(x, layer.gate_up_w).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down_w)
         return rms_norm(h, self.norm, c.rms_norm_eps)
+
+    def _qkv(self, x: torch.Tensor, layer: _Layer):
+        c = self.config
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+        q = qkv[:, : self.q_size].view(-1, c.num_attention_heads, c.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size]
+        v = qkv[:, self.q_size + self.kv_size :]
+        return (
+            q,
+            k.view(-1, c.num_key_value_heads, c.head_dim),
+            v.view(-1, c.num_key_value_heads, c.head_dim),
+        )
+
+    def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        from kernels.activation import silu_and_mul
+        from kernels.norm import fused_add_rms_norm
+        from kernels.norm import rms_norm as rms_norm_kernel
+        from kernels.rotary import apply_rotary_
+
+        c = self.config
+        eps = c.rms_norm_eps
+        residual = F.embedding(input_ids, self.embed)
+        x = rms_norm_kernel(residual, self.layers[0].input_norm, eps)
+        num_layers = len(self.layers)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            q, k, v = self._qkv(x, layer)
+            apply_rotary_(q, k, positions, self.cos_sin)
+            self.attention.write_kv(k, v, k_cache, v_cache, meta)
+            o = self.attention.forward(q, k_cache, v_cache, meta, self.scale)
+            x = F.linear(o.reshape(o.shape[0], -1), layer.o_w)
+            fused_add_rms_norm(x, residual, layer.post_norm, eps)  # residual += x; x = norm
+            x = F.linear(silu_and_mul(F.linear(x, layer.gate_up_w)), layer.down_w)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < num_layers else self.norm
+            fused_add_rms_norm(x, residual, next_norm, eps)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
@@ -138,34 +189,21 @@ class LlamaForCausalLM:
 
 
 class _Layer:
-    __slots__ = (
-        "input_norm",
-        "post_norm",
-        "q_w",
-        "k_w",
-        "v_w",
-        "o_w",
-        "q_b",
-        "k_b",
-        "v_b",
-        "gate_w",
-        "up_w",
-        "down_w",
-    )
+    __slots__ = ("input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "gate_up_w", "down_w")
 
     def __init__(self, t: dict[str, torch.Tensor], i: int, config: ModelConfig) -> None:
         p = f"model.layers.{i}."
         self.input_norm = t[p + "input_layernorm.weight"]
         self.post_norm = t[p + "post_attention_layernorm.weight"]
-        self.q_w = t[p + "self_attn.q_proj.weight"]
-        self.k_w = t[p + "self_attn.k_proj.weight"]
-        self.v_w = t[p + "self_attn.v_proj.weight"]
-        self.o_w = t[p + "self_attn.o_proj.weight"]
-        self.q_b = t.get(p + "self_attn.q_proj.bias")
-        self.k_b = t.get(p + "self_attn.k_proj.bias")
-        self.v_b = t.get(p + "self_attn.v_proj.bias")
-        if config.attention_bias and self.q_b is None:
+        names = ("q_proj", "k_proj", "v_proj")
+        # One matrix, and the three originals dropped, so weights are held once.
+        self.qkv_w = torch.cat([t.pop(p + f"self_attn.{n}.weight") for n in names])
+        biases = [t.pop(p + f"self_attn.{n}.bias", None) for n in names]
+        if config.attention_bias and biases[0] is None:
             raise ValueError(f"layer {i}: the model has attention bias but no q_proj.bias")
-        self.gate_w = t[p + "mlp.gate_proj.weight"]
-        self.up_w = t[p + "mlp.up_proj.weight"]
+        self.qkv_b = torch.cat(biases) if biases[0] is not None else None
+        self.o_w = t[p + "self_attn.o_proj.weight"]
+        self.gate_up_w = torch.cat(
+            [t.pop(p + "mlp.gate_proj.weight"), t.pop(p + "mlp.up_proj.weight")]
+        )
         self.down_w = t[p + "mlp.down_proj.weight"]

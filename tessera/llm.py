@@ -36,6 +36,8 @@ class LLM:
         scheduling_policy: str = "fcfs",
         device: str = "auto",
         dtype: str = "auto",
+        attention_backend: str = "auto",
+        cuda_graphs: bool = True,
         show_progress: bool = True,
     ) -> None:
         batched = max_num_batched_tokens or 2048
@@ -50,6 +52,9 @@ class LLM:
                 num_kv_blocks=num_kv_blocks,
                 max_num_batched_tokens=batched,
                 max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                attention_backend=attention_backend,
+                cuda_graphs=cuda_graphs,
                 show_progress=show_progress,
             )
         )

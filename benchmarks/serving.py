@@ -131,7 +131,10 @@ def in_process(args, work) -> dict:
 
     llm = LLM(args.model, device=args.device, show_progress=False)
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in work]
-    llm.generate([work[0][0]], params[0], use_tqdm=False)  # warm-up
+    # Warm-up: the whole workload once (every batch shape the timed run meets), or a
+    # single request with --warmup short.
+    warm = work if args.warmup == "full" else work[:1]
+    llm.generate([p for p, _ in warm], params[: len(warm)], use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -150,7 +153,8 @@ def serve_rates(args, work, rates: list[float]) -> list[dict]:
     """Start the server (unless --target), replay the workload at each rate, stop it."""
     proc, target = (None, args.target) if args.target else start_server(args)
     try:
-        asyncio.run(run_rate(target, work[:2], float("inf"), args.seed))  # warm-up
+        warm = work if args.warmup == "full" else work[:2]  # as in in_process
+        asyncio.run(run_rate(target, warm, float("inf"), args.seed))
         return [asyncio.run(run_rate(target, work, r, args.seed)) for r in rates]
     finally:
         if proc is not None:
@@ -175,6 +179,12 @@ def main() -> None:
         type=int,
         default=1,
         help="rounds of (in-process, served at saturation), alternating, for medians",
+    )
+    p.add_argument(
+        "--warmup",
+        choices=("full", "short"),
+        default="full",
+        help="untimed pass before timing: the whole workload (full) or one request",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -1,0 +1,205 @@
+"""Decode step time against the memory roofline, and GPU idle time between steps.
+
+Roofline of one decode step: every weight byte plus every cached K/V byte of the
+batch is read once, at the device-to-device copy bandwidth measured in the same
+process. Requests are placed straight into the pool with ``ctx - 1`` tokens already
+"computed" (the plan's cached-prefix field), so the step reads a real-sized KV
+context without a prefill first; contents are zeros, the work and bytes are real.
+
+Reported per batch size: the graph replay alone (forward + lm head, CUDA events),
+the whole ``ModelRunner.execute`` (host layout + forward + sampling + the one
+device-to-host copy), and both as a fraction of the roofline.
+
+GPU idle: the torch profiler records every kernel of an engine run (``LLM.generate``,
+decode-heavy: B prompts of 128 tokens, 256 output tokens); idle = 1 - (union of
+kernel intervals) / (first kernel start .. last kernel end).
+
+    python benchmarks/decode_step.py --model random:llama-3.1-8b --batch 1 64 256 --context 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+
+import torch
+
+
+def copy_bandwidth(device, nbytes: int = 2 * 1024**3, iters: int = 10) -> float:
+    """Device-to-device copy, bytes read plus bytes written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def weight_bytes(runner) -> int:
+    m = runner.model
+    total = m.lm_head.numel() * m.lm_head.element_size() + m.norm.numel() * m.norm.element_size()
+    for layer in m.layers:
+        for name in layer.__slots__:
+            t = getattr(layer, name)
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_token(runner) -> int:
+    return runner.bytes_per_block // runner.block_size
+
+
+def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
+    from executor.plan import NewRequestData, SamplingOptions, StepPlan
+
+    bs = runner.block_size
+    per = -(-(ctx + steps + 8) // bs)
+    if batch * per > runner.num_blocks:
+        return {"skipped": f"needs {batch * per} blocks, pool has {runner.num_blocks}"}
+    greedy = SamplingOptions(temperature=0.0)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    plan = StepPlan(
+        new_requests=[
+            NewRequestData(
+                request_id=rid,
+                all_token_ids=[1000 + i % 5000] * ctx,
+                num_prompt_tokens=ctx,
+                sampling=greedy,
+                block_ids=list(range(i * per, (i + 1) * per)),
+                num_computed_tokens=ctx - 1,
+            )
+            for i, rid in enumerate(ids)
+        ],
+        num_scheduled_tokens={rid: 1 for rid in ids},
+    )
+    runner.execute(plan)
+    step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
+    for _ in range(3):
+        runner.execute(step)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.execute(step)
+    wall = (time.perf_counter() - t0) / steps
+    replay = None
+    if runner.graphs is not None and runner.graphs.can_run(batch, per):
+        graph, _ = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= batch)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        replay = start.elapsed_time(end) / 1e3 / steps
+    runner.execute(StepPlan(finished_request_ids=ids))
+    return {"context": ctx + steps // 2, "step_s": wall, "replay_s": replay}
+
+
+def gpu_idle(llm, batch: int, steps: int = 256) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from tessera import SamplingParams
+
+    prompts = [[1000 + (i * 7 + j) % 5000 for j in range(128)] for i in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0
+    )
+    busy = 0.0
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = spans[-1][1] - spans[0][0]
+    return {
+        "batch": batch,
+        "output_tokens": batch * steps,
+        "wall_s": wall,
+        "tok_per_s": batch * steps / wall,
+        "idle_fraction": 1 - busy / span,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="random:llama-3.1-8b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--idle-batch", type=int, nargs="*", default=[64, 256])
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+
+    from tessera import LLM
+
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        max_num_seqs=max(args.batch + args.idle_batch),
+        max_model_len=args.max_model_len,
+        cuda_graphs=not args.no_cuda_graphs,
+        show_progress=False,
+    )
+    runner = llm.runner
+    wb = weight_bytes(runner)
+    kvt = kv_bytes_per_token(runner)
+    result = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "model": args.model,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "weight_bytes": wb,
+        "kv_bytes_per_token": kvt,
+        "decode": [],
+        "idle": [],
+    }
+    for b in args.batch:
+        r = time_decode(runner, b, args.context, args.steps)
+        if "skipped" not in r:
+            roof = (wb + b * r["context"] * kvt) / bw
+            r.update(batch=b, roofline_s=roof, step_vs_roofline=roof / r["step_s"])
+            if r["replay_s"]:
+                r["replay_vs_roofline"] = roof / r["replay_s"]
+        print(json.dumps(r), flush=True)
+        result["decode"].append(r)
+    for b in args.idle_batch:
+        r = gpu_idle(llm, b)
+        print(json.dumps(r), flush=True)
+        result["idle"].append(r)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

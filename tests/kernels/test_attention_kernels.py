@@ -1,0 +1,424 @@
+"""Triton attention kernels (``kernels.kv_cache``, ``kernels.paged_attention``) against
+the float32 torch references of ``kernels.attention_reference``.
+
+On a machine without CUDA they run under ``TRITON_INTERPRET=1`` (see conftest.py), so
+shapes are small and the parameter sets are chosen by hand to cover each axis (dtype,
+head size, block size, GQA ratio, split-KV, tile sizes) without the full product.
+Every case draws fresh inputs from its own seed, poisons the output with NaN, uses
+shuffled block tables whose unused entries point far outside the pool, and includes a
+padding row. ``realistic`` cases and the CUDA-graph test run only on a GPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from kernels.attention_reference import (
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    write_kv_ref,
+)
+from kernels.kv_cache import write_kv
+from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+UNUSED_BLOCK = 1 << 30  # block-table padding: any read through it is out of bounds
+cuda_only = pytest.mark.skipif(not CUDA, reason="realistic sizes run on a CUDA device only")
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's own id: fresh, reproducible inputs per case."""
+    g = torch.Generator(device=DEVICE)
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, device=DEVICE).to(dtype)
+
+
+def make_pool(gen, ctx_lens, block_size, num_kv_heads, head_size, dtype, *, extra_width=2):
+    """Random caches and a block table that hands out shuffled, non-contiguous blocks.
+
+    The table is a column slice of a wider tensor (a non-unit row stride) and every
+    entry past a sequence's own blocks is ``UNUSED_BLOCK``.
+    """
+    needed = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(needed) + 3
+    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).to(torch.int32)
+    width = max(needed, default=0) + extra_width
+    wide = torch.full((len(ctx_lens), width + 3), UNUSED_BLOCK, dtype=torch.int32, device=DEVICE)
+    start = 0
+    for i, n in enumerate(needed):
+        wide[i, :n] = perm[start : start + n]
+        start += n
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    k_cache = randn(gen, *shape, dtype=dtype)
+    v_cache = randn(gen, *shape, dtype=dtype)
+    return k_cache, v_cache, wide[:, :width]
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "some output elements were not written"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------- write_kv
+
+
+@pytest.mark.parametrize(
+    "src_dtype, cache_dtype, block_size, num_kv_heads, head_size",
+    [
+        (torch.bfloat16, torch.bfloat16, 16, 2, 64),
+        (torch.float32, torch.bfloat16, 32, 8, 128),  # cast on store
+        (torch.float16, torch.float32, 8, 3, 80),  # odd head count, non-power-of-2 D
+    ],
+)
+def test_write_kv(gen, src_dtype, cache_dtype, block_size, num_kv_heads, head_size):
+    num_tokens, num_blocks = 13, 5
+    # k and v are column slices of one fused qkv row, as the model produces them.
+    kv_width = num_kv_heads * head_size
+    qkv = randn(gen, num_tokens, 3 * kv_width, dtype=src_dtype)
+    k = qkv[:, kv_width : 2 * kv_width].view(num_tokens, num_kv_heads, head_size)
+    v = qkv[:, 2 * kv_width :].view(num_tokens, num_kv_heads, head_size)
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:num_tokens]
+    slots[[2, 7]] = -1  # padding rows write nothing
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    k_cache, v_cache = randn(gen, *shape, dtype=cache_dtype), randn(gen, *shape, dtype=cache_dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+
+    write_kv(k, v, k_cache, v_cache, slots)
+    write_kv_ref(k, v, k_ref, v_ref, slots)
+    # A copy is exact. The interpreter truncates fp32 -> bf16 where the GPU rounds to
+    # nearest even, so a narrowing cast there may differ by one unit in the last place.
+    narrowing = src_dtype.itemsize > cache_dtype.itemsize
+    rtol = 2.0**-7 if narrowing and not CUDA else 0.0
+    for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0.0)
+
+    k_cache.copy_(k_ref)
+    write_kv(k, v, k_cache, v_cache, slots.to(torch.int32))  # int32 slots, same result
+    torch.testing.assert_close(k_cache, k_ref, rtol=rtol, atol=0.0)
+
+
+# ------------------------------------------------------------------------------ decode
+
+DECODE_CASES = [
+    # dtype, cache dtype, head size, block size, GQA group, num_splits, block_n
+    pytest.param(torch.float32, torch.float32, 64, 16, 1, 1, None, id="fp32-d64-bs16-g1"),
+    pytest.param(torch.float32, torch.float32, 128, 32, 3, 3, None, id="fp32-d128-bs32-g3-s3"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 128, 16, 8, 1, None, id="bf16-d128-bs16-g8"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 64, 32, 8, 4, 16, id="bf16-d64-bs32-g8-s4-n16"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 128, 16, 1, 2, None, id="bf16-d128-bs16-g1-s2"),
+    pytest.param(torch.float16, torch.float16, 64, 16, 3, None, None, id="fp16-d64-bs16-g3-auto"),
+    pytest.param(torch.float16, torch.float16, 96, 8, 2, 5, 32, id="fp16-d96-bs8-g2-s5"),
+    pytest.param(torch.float32, torch.bfloat16, 128, 16, 3, 2, None, id="q32-kvbf16-d128-g3"),
+]
+
+
+@pytest.mark.parametrize("dtype, cache_dtype, head_size, block_size, group, splits, block_n",
+                         DECODE_CASES)
+def test_paged_decode(gen, dtype, cache_dtype, head_size, block_size, group, splits, block_n):
+    num_kv_heads = 2
+    # Odd lengths, a one-token context, a padding row (0) and one over several tiles.
+    ctx = [1, 0] + torch.randint(2, 150, (3,), generator=gen, device=DEVICE).tolist()
+    ctx = [c | 1 if c > 1 else c for c in ctx]
+    k_cache, v_cache, table = make_pool(gen, ctx, block_size, num_kv_heads, head_size,
+                                        cache_dtype)
+    q = randn(gen, len(ctx), num_kv_heads * group, head_size, dtype=dtype)
+    context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    scale = head_size**-0.5
+    out = torch.full_like(q, float("nan"))
+
+    got = paged_decode_attention(q, k_cache, v_cache, table, context_lens, scale, out=out,
+                                 num_splits=splits, block_n=block_n)
+    assert got is out
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, table, context_lens, scale)
+    assert_close(out, ref, dtype)
+    assert not out[1].any(), "a padding row (context_len 0) must be zeros"
+
+
+def test_paged_decode_splits_agree(gen):
+    """One split and many splits give the same answer (the merge is exact up to rounding)."""
+    ctx = [203, 64, 1]
+    k_cache, v_cache, table = make_pool(gen, ctx, 16, 1, 64, torch.float32)
+    q = randn(gen, 3, 4, 64)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    one = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=1)
+    many = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=7,
+                                  block_n=16)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- prefill
+
+PREFILL_CASES = [
+    # dtype, head size, block size, GQA group, block_m, block_n (None = GPU default)
+    pytest.param(torch.float32, 64, 16, 1, 16, 16, id="fp32-d64-bs16-g1-m16n16"),
+    pytest.param(torch.float32, 128, 32, 3, 16, 32, id="fp32-d128-bs32-g3-m16n32"),
+    pytest.param(torch.bfloat16, 128, 16, 8, None, None, id="bf16-d128-bs16-g8-default"),
+    pytest.param(torch.bfloat16, 64, 32, 3, 32, 16, id="bf16-d64-bs32-g3-m32n16"),
+    pytest.param(torch.bfloat16, 64, 16, 1, None, None, id="bf16-d64-bs16-g1-default"),
+    pytest.param(torch.float16, 128, 16, 8, 16, 64, id="fp16-d128-bs16-g8-m16n64"),
+    pytest.param(torch.float16, 32, 8, 2, 32, 32, id="fp16-d32-bs8-g2-m32n32"),
+]
+
+
+def prefill_batch(gen, cached_and_new: list[tuple[int, int]], pad_tokens: int):
+    """(query_start_loc, context_lens, num_tokens, max_query_len) for sequences given as
+    (tokens already cached, new query tokens), with ``pad_tokens`` trailing pad rows."""
+    q_lens = [n for _, n in cached_and_new]
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    ctx = [c + n for c, n in cached_and_new]
+    return (
+        torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        torch.tensor(ctx, dtype=torch.int32, device=DEVICE),
+        qsl[-1] + pad_tokens,
+        max(q_lens),
+    )
+
+
+@pytest.mark.parametrize("dtype, head_size, block_size, group, block_m, block_n", PREFILL_CASES)
+def test_paged_prefill(gen, dtype, head_size, block_size, group, block_m, block_n):
+    num_kv_heads = 2
+    r = torch.randint(1, 60, (4,), generator=gen, device=DEVICE).tolist()
+    seqs = [
+        (0, 2 * r[0] + 1),  # a fresh prompt of odd length
+        (2 * r[1] + 1, 1),  # a decode mixed into the batch
+        (r[2] + 17, 2 * r[3] + 3),  # a chunk over a cached prefix
+        (0, 0),  # a padding sequence with no tokens
+        (0, 1),  # a one-token prompt
+    ]
+    qsl, context_lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=3)
+    k_cache, v_cache, table = make_pool(gen, context_lens.tolist(), block_size, num_kv_heads,
+                                        head_size, dtype)
+    # q is a column slice of a fused qkv tensor: a non-unit token stride.
+    num_heads = num_kv_heads * group
+    qkv = randn(gen, num_tokens, (num_heads + 2 * num_kv_heads) * head_size, dtype=dtype)
+    q = qkv[:, : num_heads * head_size].view(num_tokens, num_heads, head_size)
+    scale = head_size**-0.5
+    out = torch.full((num_tokens, num_heads, head_size), float("nan"), dtype=dtype,
+                     device=DEVICE)
+
+    paged_prefill_attention(q, k_cache, v_cache, table, qsl, context_lens, scale,
+                            max_query_len=max_q, out=out, block_m=block_m, block_n=block_n)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, context_lens, scale)
+    assert_close(out, ref, dtype)
+    assert not out[-3:].any(), "padding rows after the last sequence must be zeros"
+
+
+def test_prefill_matches_decode_for_single_tokens(gen):
+    """A batch of one-token queries through the prefill kernel equals the decode kernel."""
+    ctx = [77, 1, 33]
+    k_cache, v_cache, table = make_pool(gen, ctx, 16, 2, 64, torch.float32)
+    q = randn(gen, 3, 6, 64)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    qsl = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    dec = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, num_splits=2)
+    pre = paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 0.125,
+                                  max_query_len=1, block_m=16, block_n=16)
+    torch.testing.assert_close(dec, pre, atol=1e-5, rtol=1e-5)
+
+
+def test_write_then_prefill_then_decode(gen):
+    """The three kernels chained as the executor runs them: a prompt, then a decode step."""
+    block_size, h_kv, group, d, prompt = 16, 2, 3, 64, 29
+    num_blocks = 6
+    k_cache = torch.zeros(num_blocks, block_size, h_kv, d, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.tensor([[4, 1, 5]], dtype=torch.int32, device=DEVICE)
+    pos = torch.arange(prompt + 1, device=DEVICE)
+    slots = table[0].long()[pos // block_size] * block_size + pos % block_size
+    k, v = randn(gen, prompt + 1, h_kv, d), randn(gen, prompt + 1, h_kv, d)
+    q = randn(gen, prompt + 1, h_kv * group, d)
+
+    write_kv(k[:prompt], v[:prompt], k_cache, v_cache, slots[:prompt])
+    qsl = torch.tensor([0, prompt], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([prompt], dtype=torch.int32, device=DEVICE)
+    pre = paged_prefill_attention(q[:prompt], k_cache, v_cache, table, qsl, lens, 0.125,
+                                  max_query_len=prompt, block_m=16, block_n=16)
+    write_kv(k[prompt:], v[prompt:], k_cache, v_cache, slots[prompt:])
+    dec = paged_decode_attention(q[prompt:], k_cache, v_cache, table, lens + 1, 0.125)
+
+    # Dense causal attention over the unpaged K/V is the whole-sequence answer.
+    kk = k.repeat_interleave(group, 1).transpose(0, 1)  # [H, L, D]
+    vv = v.repeat_interleave(group, 1).transpose(0, 1)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), kk, vv, is_causal=True, scale=0.125
+    ).transpose(0, 1)
+    torch.testing.assert_close(pre, dense[:prompt], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec, dense[prompt:], atol=1e-4, rtol=1e-4)
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _decode_args():
+    k_cache = torch.zeros(4, 16, 2, 64, device=DEVICE)
+    return dict(
+        q=torch.zeros(3, 4, 64, device=DEVICE),
+        k_cache=k_cache,
+        v_cache=k_cache.clone(),
+        block_tables=torch.zeros(3, 2, dtype=torch.int32, device=DEVICE),
+        context_lens=torch.ones(3, dtype=torch.int32, device=DEVICE),
+        scale=0.125,
+    )
+
+
+def _prefill_args():
+    args = _decode_args()
+    args["query_start_loc"] = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    args["max_query_len"] = 1
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q=torch.zeros(3, 4, 32)), "head size"),
+        (dict(q=torch.zeros(3, 3, 64)), "multiple of 2 KV heads"),
+        (dict(q=torch.zeros(3, 4, 64, dtype=torch.int32)), "q must be one of"),
+        (dict(q=torch.zeros(12, 64)), "3 dimensions"),
+        (dict(v_cache=torch.zeros(4, 16, 2, 64, dtype=torch.float16)), "v_cache is"),
+        (dict(v_cache=torch.zeros(4, 8, 2, 64)), "differ in shape"),
+        (dict(block_tables=torch.zeros(3, 2)), "block_tables must be one of"),
+        (dict(context_lens=torch.ones(2, dtype=torch.int32)), "one row per batch"),
+        (dict(scale=-1.0), "positive"),
+        (dict(scale=torch.tensor(0.1)), "Python float"),
+        (dict(out=torch.zeros(3, 4, 64, dtype=torch.float16)), "out must be"),
+        (dict(num_splits=0), "num_splits"),
+        (dict(block_n=24), "power of two"),
+    ],
+)
+def test_decode_rejects_bad_arguments(change, match):
+    args = _decode_args()
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(query_start_loc=torch.tensor([0, 1, 3], dtype=torch.int32)), "S \\+ 1"),
+        (dict(query_start_loc=torch.zeros(4)), "query_start_loc must be one of"),
+        (dict(max_query_len=-1), "max_query_len"),
+        (dict(max_query_len=4), "exceeds"),
+        (dict(block_m=16, q=torch.zeros(3, 64, 64)), "block_m 16 must hold"),
+    ],
+)
+def test_prefill_rejects_bad_arguments(change, match):
+    args = _prefill_args()
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises(ValueError, match=match):
+        paged_prefill_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k=torch.zeros(5, 128)), "3 dimensions"),
+        (dict(v=torch.zeros(5, 2, 32)), "differ in shape"),
+        (dict(k=torch.zeros(5, 2, 32), v=torch.zeros(5, 2, 32)), "cache holds"),
+        (dict(slot_mapping=torch.zeros(5)), "slot_mapping must be one of"),
+        (dict(slot_mapping=torch.zeros(4, dtype=torch.int64)), "4 entries for 5 tokens"),
+        (dict(k_cache=torch.zeros(4, 16, 2, 64, dtype=torch.int8)), "k_cache must be one of"),
+    ],
+)
+def test_write_kv_rejects_bad_arguments(change, match):
+    k_cache = torch.zeros(4, 16, 2, 64, device=DEVICE)
+    args = dict(
+        k=torch.zeros(5, 2, 64, device=DEVICE),
+        v=torch.zeros(5, 2, 64, device=DEVICE),
+        k_cache=k_cache,
+        v_cache=k_cache.clone(),
+        slot_mapping=torch.zeros(5, dtype=torch.int64, device=DEVICE),
+    )
+    args.update({k: v.to(DEVICE) for k, v in change.items()})
+    with pytest.raises(ValueError, match=match):
+        write_kv(**args)
+
+
+# ----------------------------------------------------------------- realistic (GPU only)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, max_ctx", [(64, 2048), (3, 9000)])
+def test_realistic_decode(gen, dtype, batch, max_ctx):
+    h_kv, group, d, block_size = 8, 4, 128, 16
+    ctx = torch.randint(1, max_ctx, (batch,), generator=gen, device=DEVICE).tolist()
+    ctx[0] = max_ctx
+    k_cache, v_cache, table = make_pool(gen, ctx, block_size, h_kv, d, dtype)
+    q = randn(gen, batch, h_kv * group, d, dtype=dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, k_cache, v_cache, table, lens, d**-0.5, out=out)
+    assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, table, lens, d**-0.5),
+                 dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size, group", [(128, 4), (64, 1), (256, 2)])
+def test_realistic_prefill(gen, dtype, head_size, group):
+    h_kv, block_size = 4, 16
+    seqs = [(0, 1500), (700, 513), (2047, 1), (0, 2048), (31, 97)]
+    qsl, lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=5)
+    k_cache, v_cache, table = make_pool(gen, lens.tolist(), block_size, h_kv, head_size, dtype)
+    q = randn(gen, num_tokens, h_kv * group, head_size, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_size**-0.5
+    paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max_q,
+                            out=out)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale)
+    assert_close(out, ref, dtype)
+
+
+@cuda_only
+def test_decode_and_write_kv_capture_in_cuda_graph(gen):
+    """No host synchronisation: capture once, replay with new lengths and new K/V."""
+    batch, h_kv, group, d, block_size, width = 8, 2, 4, 128, 16, 64
+    dtype = torch.bfloat16
+    k_cache, v_cache, table = make_pool(gen, [width * block_size] * batch, block_size, h_kv,
+                                        d, dtype, extra_width=0)
+    q = randn(gen, batch, h_kv * group, d, dtype=dtype)
+    k_new, v_new = randn(gen, batch, h_kv, d, dtype=dtype), randn(gen, batch, h_kv, d, dtype=dtype)
+    lens = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    slots = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+    out = torch.empty_like(q)
+
+    def step():
+        write_kv(k_new, v_new, k_cache, v_cache, slots)
+        paged_decode_attention(q, k_cache, v_cache, table, lens, d**-0.5, out=out)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(3):
+        new_lens = torch.randint(0, width * block_size, (batch,), generator=gen, device=DEVICE)
+        new_lens[trial] = 0  # a padding row
+        pos = (new_lens - 1).clamp(min=0)
+        new_slots = table.long()[torch.arange(batch, device=DEVICE), pos // block_size]
+        new_slots = new_slots * block_size + pos % block_size
+        new_slots[trial] = -1
+        lens.copy_(new_lens.to(torch.int32))
+        slots.copy_(new_slots)
+        q.copy_(randn(gen, batch, h_kv * group, d, dtype=dtype))
+        k_new.copy_(randn(gen, batch, h_kv, d, dtype=dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, d**-0.5)
+        assert_close(out, ref, dtype)

@@ -19,6 +19,28 @@ def interpreted(kernel: object) -> bool:
     return not isinstance(kernel, triton.runtime.JITFunction)
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Let the interpreter use loaded scalars as loop bounds under NumPy >= 2.4.
+
+    Triton 3.6's interpreter keeps every scalar as a 1-element array and converts it
+    with ``int(array)``, which NumPy 2.4 made a TypeError, so a ``range(start, end)``
+    with run-time bounds fails. ``.item()`` is what it meant. Applied once, on the
+    first interpreted launch, and only then.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_tessera_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor._tessera_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def check_tensor(
     name: str,
     t: object,
@@ -42,7 +64,9 @@ def check_devices(kernel: object, **tensors: torch.Tensor) -> None:
     for name, dev in devices.items():
         if dev != first:
             raise ValueError(f"{name} is on {dev} but {first_name} is on {first}")
-    if first.type != "cuda" and not interpreted(kernel):
+    if interpreted(kernel):
+        _patch_interpreter_scalar_index()
+    elif first.type != "cuda":
         raise ValueError(
             f"Triton kernels need CUDA tensors, got {first} "
             "(set TRITON_INTERPRET=1 before importing kernels to run them on the CPU)"

@@ -72,6 +72,21 @@ class Scheduler:
                 outputs.append(_output(request, [], []))
         return outputs
 
+    def requeue_running(self) -> int:
+        """The executor was lost, and the step in flight with it: send every running
+        request back to waiting, to be recomputed as after a preemption (its outputs
+        kept, its blocks free). The next executor mirrors nothing, so there is nothing
+        for it to forget. Returns how many requests went back."""
+        for request in self.running:
+            self.kv_cache.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.WAITING
+            insort(self.waiting, request, key=self.policy.key)
+        num_requeued = len(self.running)
+        self.running = []
+        self._finished_ids = []
+        return num_requeued
+
     # -- the step ----------------------------------------------------------------
 
     def schedule(self) -> StepPlan:

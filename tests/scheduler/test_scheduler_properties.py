@@ -1,8 +1,8 @@
 """Scheduler under random add / abort / step sequences, against simple oracles.
 
 The fake executor samples from the tokens alone (a deterministic "greedy model"), so
-a request must stream the same tokens however it was batched, chunked or preempted:
-the ones it would produce running alone.
+a request must stream the same tokens however it was batched, chunked or preempted, or
+recomputed on a new executor after one was lost: the ones it would produce running alone.
 """
 
 from __future__ import annotations
@@ -117,6 +117,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     def steps(self, num_steps: int) -> None:
         for _ in range(num_steps):
             self.step()
+
+    @rule(with_a_step_in_flight=st.booleans())
+    def lose_the_executor(self, with_a_step_in_flight: bool) -> None:
+        """The executor dies: a plan it was running never comes back, and a new one
+        mirrors nothing. Every stream must go on as if nothing happened."""
+        if with_a_step_in_flight:
+            self.scheduler.schedule()
+        self.scheduler.requeue_running()
+        self.executor = MirrorExecutor(self.scheduler.config.block_size)
 
     def step(self) -> None:
         plan = self.scheduler.schedule()

@@ -13,7 +13,13 @@ connects; both directions share it, one message in flight at a time:
 
 A step that raises does not end the process: the result carries the error, the
 scheduler fails that step's requests, and the next plan tells the executor to forget
-them. The process exits 0 on SIGTERM and when its parent dies.
+them. A message that is not one StepPlan (a pickle, garbage, several frames) is logged
+and answered with an error under step id 0. The process exits 0 on SIGTERM and when its
+parent dies. If it dies otherwise, or hangs, the scheduler kills it and starts another.
+
+Test hook, never set in production: if ``TESSERA_TEST_EXECUTOR_FAIL_START`` names a file
+that exists, the executor exits with code 1 at start-up, so tests can make a restart
+fail (and then succeed, once the file is gone).
 
 Importing this module does not import torch (the model runner is imported when the
 executor starts), so the scheduler can build an ExecutorServerConfig from it.
@@ -22,6 +28,7 @@ executor starts), so the scheduler can build an ExecutorServerConfig from it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from types import FrameType
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
     from executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+FAIL_START_ENV = "TESSERA_TEST_EXECUTOR_FAIL_START"  # a test hook: see the docstring
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +107,10 @@ def run_executor(config: ExecutorServerConfig) -> int:
     """The executor process: returns its exit code (0 on SIGTERM or parent death)."""
     setup_logging("executor")
     exit_with_parent()
+    sentinel = os.environ.get(FAIL_START_ENV, "")
+    if sentinel and os.path.exists(sentinel):
+        logger.error("cannot start: %s exists (%s, a test hook)", sentinel, FAIL_START_ENV)
+        return 1
     # SystemExit unwinds the load or the step loop alike and closes the socket on the way.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
@@ -154,9 +167,11 @@ class Executor:
             self.socket.send(encode(result))
 
     def recv_plan(self) -> engine_pb2.StepPlan:
-        data = self.socket.recv()
+        frames = self.socket.recv_multipart()
         try:
-            return decode(engine_pb2.StepPlan, data)
+            if len(frames) != 1:
+                raise WireError(f"{len(frames)} frames instead of 1")
+            return decode(engine_pb2.StepPlan, frames[0])
         except WireError as e:
             logger.warning("unreadable step plan: %s", e)
             # Step id 0 is never a real step: the scheduler fails the step it waits on.

@@ -17,8 +17,23 @@ It waits on the gateways only when there is nothing to run. Every output goes to
 gateway that sent the request; a gateway that says goodbye, or that cannot be reached,
 has its requests aborted (their blocks are free at once). Whatever a gateway sends is
 parsed as a ``GatewayMessage`` or dropped with a warning: nothing it sends can raise out
-of the loop. Exit codes: 0 on SIGTERM or parent death (after aborting what is open and
-stopping the executor), 1 if the executor fails to start or dies.
+of the loop.
+
+The executor may die (its process exits) or hang (one step runs past ``step_timeout``;
+it is killed). Either way the step in flight produced nothing, and every running request
+goes back to waiting, as after a preemption: outputs kept, blocks free. A new executor
+starts with the same pool, and the requests are recomputed from prompt plus the tokens
+already streamed, so each stream goes on with no token lost or repeated (greedy and
+seeded outputs are the same as without the restart). Meanwhile the loop keeps serving
+the gateways: aborts and status, and new requests, which wait. If the new executor
+does not get ready, or executors keep dying before they complete a step, the engine is
+unavailable: every open sequence ends with error_kind "unavailable", new ones are
+rejected as "unavailable", and the status says ENGINE_STATE_UNAVAILABLE, until an
+attempt (with backoff) succeeds. scheduler/recovery.py has the states.
+
+Exit codes: 0 on SIGTERM or parent death (after ending what is open and stopping the
+executor; the executor also exits on its own when the scheduler dies), 1 if the first
+executor fails to start, or on a bug in the loop.
 
 No torch here, nor through imports: the executor is another process.
 """
@@ -27,20 +42,13 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zmq
 
-from executor.cli_args import config_to_argv
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.process import exit_with_parent, setup_logging
 from executor.registry import DEFAULT_MODEL
@@ -50,23 +58,40 @@ from executor.wire import (
     decode,
     encode,
     logprobs_to_pb,
-    plan_to_pb,
-    result_from_pb,
     sampling_from_pb,
     stop_from_pb,
 )
 from proto.tessera.v1 import engine_pb2
 from scheduler.config import SchedulerConfig
+from scheduler.executor_link import (
+    ExecutorError,
+    ExecutorLink,
+    ExecutorLost,
+    Interrupted,
+    StepFailed,
+    bind,
+)
 from scheduler.outputs import RequestOutput
+from scheduler.recovery import EngineState, Recovery
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler
+
+__all__ = [
+    "ExecutorError",
+    "ExecutorLost",
+    "SchedulerServer",
+    "SchedulerServerConfig",
+    "StepFailed",
+    "run_scheduler",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GATEWAY_ADDRESS = "ipc:///tmp/tessera-scheduler.sock"
 _IDLE_POLL_MS = 200  # how often an idle loop looks at SIGTERM and the executor
+_RECOVERY_POLL_MS = 50  # how often a loop without an executor looks for a ready one
+_STEP_POLL_MS = 200  # how often a wait on a step looks at the executor and its watchdog
 _MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
-_EXECUTOR_POLL_S = 0.5
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,7 +113,24 @@ class SchedulerServerConfig:
         },
     )
     executor_start_timeout: float = field(
-        default=600.0, metadata={"help": "seconds the executor may take to load the model"}
+        default=600.0,
+        metadata={"help": "seconds an executor (first or restarted) may take to load"},
+    )
+    step_timeout: float | None = field(
+        default=120.0,
+        metadata={
+            "help": "seconds one step may run before the executor is deemed hung, killed "
+            "and restarted (generous: a first CUDA step may compile kernels); none: no "
+            "watchdog"
+        },
+    )
+    max_executor_restarts: int = field(
+        default=3,
+        metadata={
+            "help": "executors started in a row, each lost before completing a step, "
+            "before the engine gives up and fails open requests as unavailable (it "
+            "keeps trying, with backoff)"
+        },
     )
     # scheduling
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
@@ -127,6 +169,12 @@ class SchedulerServerConfig:
         if not self.executor_start_timeout > 0:
             raise ValueError(
                 f"executor_start_timeout must be > 0 seconds, got {self.executor_start_timeout}"
+            )
+        if self.step_timeout is not None and not self.step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 seconds (or none), got {self.step_timeout}")
+        if self.max_executor_restarts < 0:
+            raise ValueError(
+                f"max_executor_restarts must be >= 0, got {self.max_executor_restarts}"
             )
         # The knobs the two configs own, checked once here, where the user set them
         # (the pool size comes from the executor later).
@@ -177,7 +225,7 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
     executor: ExecutorLink | None = None
     try:
         executor = ExecutorLink(ctx, config, stop)
-        info = executor.wait_ready(config.executor_start_timeout)
+        info = executor.wait_ready(config.executor_start_timeout)  # the first: no retry
         gateways = ctx.socket(zmq.ROUTER)
         gateways.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished gateway raises, we abort
         gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
@@ -195,18 +243,6 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
         if executor is not None:
             executor.close()
         ctx.destroy(linger=1000)
-
-
-class Interrupted(Exception):
-    """SIGTERM (or the parent's death) while waiting on the executor."""
-
-
-class ExecutorError(RuntimeError):
-    """The executor died, did not start in time, or broke the protocol: fatal."""
-
-
-class StepFailed(RuntimeError):
-    """One step failed in the executor: its requests fail, the engine goes on."""
 
 
 @dataclass(slots=True)
@@ -234,7 +270,13 @@ class SchedulerServer:
         self.config = config
         self.info = info
         self.executor = executor
+        self.recovery = Recovery(
+            executor, config.executor_start_timeout, config.max_executor_restarts
+        )
         self.gateways = gateways  # ROUTER: GatewayMessage in, EngineOutputs out
+        self.poller = zmq.Poller()  # while a step runs: its result, or a gateway message
+        self.poller.register(executor.socket, zmq.POLLIN)
+        self.poller.register(gateways, zmq.POLLIN)
         self.stop = stop
         self.scheduler = Scheduler(config.scheduler_config(info))
         self.counters = Counters()
@@ -243,49 +285,59 @@ class SchedulerServer:
         self._stalled = False  # the last schedule() had nothing to run
 
     def serve(self) -> int:
+        in_flight: StepPlan | None = None
         try:
-            in_flight: StepPlan | None = None
             while not self.stop.is_set():
                 # Gateway messages are read while the executor runs the step in flight.
                 self.recv_requests(busy=in_flight is not None)
-                if in_flight is not None:
-                    result = self.finish_step(in_flight)
-                    if result is not None:
-                        self.process_result(in_flight, result)
-                plan = self.schedule()
-                in_flight = self.start_step(plan) if plan is not None else None
+                try:
+                    if in_flight is not None:
+                        plan, in_flight = in_flight, None
+                        result = self.finish_step(plan)
+                        if result is not None:
+                            self.process_result(plan, result)
+                    if self.recovery.serving:
+                        if (plan := self.schedule()) is not None:
+                            in_flight = self.start_step(plan)
+                        else:
+                            self.executor.check_alive()
+                    else:
+                        self.recover()
+                except ExecutorLost as e:
+                    if self.stop.is_set():  # it went down with us (Ctrl-C, a stop)
+                        break
+                    self.executor_lost(str(e))
                 # The last step's outputs go out while the executor runs the next one.
                 self.send_outputs()
         except Interrupted:  # SIGTERM while a step ran: its result no longer matters
             pass
-        except ExecutorError as e:
-            if not self.stop.is_set():  # if set, Ctrl-C reached the executor first: a stop
-                return self.give_up(str(e))
         except Exception as e:  # a bug: end every stream with it rather than leave it open
             logger.exception("the scheduler loop failed")
             return self.give_up(f"the scheduler failed: {type(e).__name__}: {e}")
-        self.abort_all("the scheduler is shutting down")
+        self.fail_all("the scheduler is shutting down", kind="unavailable")
         logger.info("stopped")
         return 0
 
     def give_up(self, error: str) -> int:
         logger.error("%s; failing every open request", error)
-        self.abort_all(error)
+        self.fail_all(error, kind="internal")
         return 1
 
     # -- the loop ----------------------------------------------------------------
 
     def recv_requests(self, busy: bool = False) -> None:
         """Read what the gateways sent; wait for it only when there is nothing to run."""
-        idle = not busy and (self._stalled or not self.scheduler.has_unfinished_requests())
-        timeout = _IDLE_POLL_MS if idle else 0
+        if not self.recovery.serving:  # waiting on a new executor, not on the gateways
+            timeout = _RECOVERY_POLL_MS
+        elif busy or (not self._stalled and self.scheduler.has_unfinished_requests()):
+            timeout = 0
+        else:
+            timeout = _IDLE_POLL_MS
         for _ in range(_MAX_MESSAGES_PER_STEP):
             if not self.gateways.poll(timeout):
                 break
             timeout = 0
             self.handle_message(self.gateways.recv_multipart())
-        if idle:
-            self.executor.check_alive()
 
     def schedule(self) -> StepPlan | None:
         plan = self.scheduler.schedule()
@@ -299,20 +351,36 @@ class SchedulerServer:
         return plan
 
     def finish_step(self, plan: StepPlan) -> StepResult | None:
-        """The executor's result, or None if the step failed (its requests fail)."""
+        """The executor's result, or None if the step failed (its requests fail).
+
+        ExecutorLost if the executor died or hung during the step.
+        """
         try:
-            return self.executor.collect()
+            result = self.wait_for_result()
         except StepFailed as e:
             logger.error("step failed: %s", e)
-            self.fail_requests(plan.num_scheduled_tokens, str(e))
+            self.fail_requests(plan.num_scheduled_tokens, str(e), kind="internal")
             return None
+        self.recovery.step_completed()
+        return result
+
+    def wait_for_result(self) -> StepResult:
+        """The step's result; the gateways are answered while the executor works on it,
+        so that status and aborts do not wait for a long step (or a hung one)."""
+        while (result := self.executor.poll_result()) is None:
+            if self.stop.is_set():
+                raise Interrupted
+            ready = dict(self.poller.poll(_STEP_POLL_MS))
+            if self.gateways in ready:
+                self.recv_requests(busy=True)
+        return result
 
     def process_result(self, plan: StepPlan, result: StepResult) -> None:
         try:
             outputs = self.scheduler.update_from_result(plan, result)
         except RuntimeError as e:  # the executor broke the mirror rule: desynced
             logger.error("bad step result: %s", e)
-            self.fail_requests(plan.num_scheduled_tokens, f"bad step result: {e}")
+            self.fail_requests(plan.num_scheduled_tokens, f"bad step result: {e}", kind="internal")
             return
         self.counters.num_generated_tokens += len(result.sampled_token_ids)
         for output in outputs:
@@ -322,6 +390,30 @@ class SchedulerServer:
         outbox, self.outbox = self.outbox, {}
         for gateway, outputs in outbox.items():
             self.send(gateway, outputs)
+
+    # -- a lost executor -------------------------------------------------------------
+
+    def executor_lost(self, why: str) -> None:
+        """The executor died or hung, with the step in flight: recompute what ran."""
+        self._stalled = False
+        num_requeued = self.scheduler.requeue_running()
+        logger.error("%s; %d running requests will be recomputed", why, num_requeued)
+        if self.recovery.lost(why) is EngineState.UNAVAILABLE:
+            self.fail_all(self.unavailable_message(), kind="unavailable")
+
+    def recover(self) -> None:
+        """Move the restart along; act on what it comes to."""
+        state = self.recovery.poll()
+        if state is EngineState.UNAVAILABLE:
+            self.fail_all(self.unavailable_message(), kind="unavailable")
+        elif state is EngineState.SERVING:
+            logger.info(
+                "resuming: %d requests wait to run on the new executor",
+                self.scheduler.num_waiting,
+            )
+
+    def unavailable_message(self) -> str:
+        return f"the engine is unavailable: {self.recovery.reason}"
 
     # -- gateway messages ----------------------------------------------------------
 
@@ -355,6 +447,9 @@ class SchedulerServer:
         """Admit every sequence of one AddRequests, or reject them all."""
         sequences = list(sequences)
         request_ids = [seq.request_id for seq in sequences]
+        if self.recovery.state is EngineState.UNAVAILABLE:
+            self.reject(gateway, request_ids, "unavailable", self.unavailable_message())
+            return
         try:
             requests = [self._request_from_pb(seq) for seq in sequences]
             if len(set(request_ids)) != len(request_ids):
@@ -395,7 +490,12 @@ class SchedulerServer:
         if pending is not None:  # keep the order the gateway would expect
             self.send(gateway, pending)
         reply = engine_pb2.StatusReply(
-            query_id=query_id, info=self.info, load=self.load(), counters=self.totals()
+            query_id=query_id,
+            info=self.info,
+            load=self.load(),
+            counters=self.totals(),
+            state=self.recovery.state.value,
+            state_reason=self.recovery.reason,
         )
         self.send(gateway, engine_pb2.EngineOutputs(status=reply))
 
@@ -410,8 +510,11 @@ class SchedulerServer:
 
     # -- outputs -------------------------------------------------------------------
 
-    def emit(self, output: RequestOutput, error: str = "") -> None:
-        """Queue one request's output for its gateway; forget the owner once finished."""
+    def emit(self, output: RequestOutput, error: str = "", kind: str = "") -> None:
+        """Queue one request's output for its gateway; forget the owner once finished.
+
+        ``error`` and its ``kind`` ("internal" or "unavailable") mark a failed request.
+        """
         if output.finished:
             gateway = self.owners.pop(output.request_id, None)
             self._count_finish(output.finish_reason, error)
@@ -419,11 +522,12 @@ class SchedulerServer:
             gateway = self.owners.get(output.request_id)
         if gateway is None:
             return
-        pb = _output_to_pb(output, error)
+        pb = _output_to_pb(output, error, kind)
         self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).outputs.append(pb)
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
-        log = logger.debug if kind == "overloaded" else logger.info  # overload comes in floods
+        # Overload and unavailability come in floods; the state change was logged.
+        log = logger.debug if kind in ("overloaded", "unavailable") else logger.info
         log("rejected %d sequences (%s): %s", len(request_ids), kind, message)
         self.counters.num_requests_rejected += len(request_ids)
         rejected = [
@@ -431,14 +535,14 @@ class SchedulerServer:
         ]
         self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).rejected.extend(rejected)
 
-    def fail_requests(self, request_ids: Iterable[str], error: str) -> None:
+    def fail_requests(self, request_ids: Iterable[str], error: str, kind: str) -> None:
         """End these requests with finish reason "error"; their blocks are free at once."""
         for output in self.scheduler.abort_requests(list(request_ids)):
-            self.emit(output, error=error)
+            self.emit(output, error=error, kind=kind)
 
-    def abort_all(self, reason: str) -> None:
-        for output in self.scheduler.abort_requests(list(self.owners)):
-            self.emit(output, error=reason)
+    def fail_all(self, error: str, kind: str) -> None:
+        """End every open request with finish reason "error", and send that now."""
+        self.fail_requests(list(self.owners), error, kind)
         self.send_outputs()
 
     def send(self, gateway: bytes, outputs: engine_pb2.EngineOutputs) -> None:
@@ -471,6 +575,7 @@ class SchedulerServer:
             num_prompt_tokens=c.num_prompt_tokens,
             num_generated_tokens=c.num_generated_tokens,
             num_bad_messages=c.num_bad_messages,
+            num_executor_restarts=self.recovery.num_restarts,
         )
 
     # -- helpers -------------------------------------------------------------------
@@ -516,129 +621,7 @@ class SchedulerServer:
         logger.warning("ignored a message from gateway %r: %s", gateway, why)
 
 
-class ExecutorLink:
-    """The executor child process and the PAIR socket to it."""
-
-    def __init__(
-        self, ctx: zmq.Context, config: SchedulerServerConfig, stop: threading.Event
-    ) -> None:
-        self.stop = stop
-        self._private_dir: str | None = None
-        address = config.executor_address
-        if not address:
-            self._private_dir = tempfile.mkdtemp(prefix="tessera-engine-")
-            address = f"ipc://{self._private_dir}/executor.sock"
-        self.socket = ctx.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        bind(self.socket, address)
-        self._next_step_id = 1
-        self._in_flight = 0
-        self.process: subprocess.Popen | None = None
-        if not config.start_executor:
-            logger.info("waiting for an executor to connect to %s", address)
-            return
-        argv = config_to_argv(config.executor_config(address))
-        # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "executor", *argv], start_new_session=True
-        )
-        logger.info("started executor pid %d on %s", self.process.pid, address)
-
-    def wait_ready(self, timeout: float) -> engine_pb2.EngineInfo:
-        data = self._recv(deadline=time.monotonic() + timeout, what="to load the model")
-        try:
-            ready = decode(engine_pb2.ExecutorReady, data)
-        except WireError as e:
-            raise ExecutorError(f"the executor's first message is not ExecutorReady: {e}") from e
-        return ready.info
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step; StepFailed if the executor reports an error."""
-        self.submit(plan)
-        return self.collect()
-
-    def submit(self, plan: StepPlan) -> None:
-        """Send one step; exactly one collect() must follow before the next submit()."""
-        self._in_flight = self._next_step_id
-        self._next_step_id += 1
-        self.socket.send(encode(plan_to_pb(plan, self._in_flight)))
-
-    def collect(self) -> StepResult:
-        """The result of the step in flight; StepFailed if the executor reports an error."""
-        step_id = self._in_flight
-        data = self._recv(deadline=None, what=f"to run step {step_id}")
-        try:
-            pb = decode(engine_pb2.StepResult, data)
-            if pb.step_id != step_id:
-                raise StepFailed(f"the executor answered step {pb.step_id}, not {step_id}")
-            if pb.error:
-                raise StepFailed(pb.error)
-            return result_from_pb(pb)
-        except WireError as e:
-            raise StepFailed(f"unreadable step result: {e}") from e
-
-    def check_alive(self) -> None:
-        if self.process is None:
-            return  # an executor started elsewhere: its container is watched there
-        code = self.process.poll()
-        if code is not None:
-            raise ExecutorError(f"the executor (pid {self.process.pid}) exited with code {code}")
-
-    def close(self, timeout: float = 10.0) -> None:
-        if self.process is None:
-            self.socket.close()
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.error("the executor did not stop in %.0fs; killing it", timeout)
-                self.process.kill()
-                self.process.wait()
-        logger.info("the executor exited with code %d", self.process.returncode)
-        self.socket.close()
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
-
-    def _recv(self, deadline: float | None, what: str) -> bytes:
-        """The executor's next message; ExecutorError if it dies or runs out of time."""
-        while not self.socket.poll(int(_EXECUTOR_POLL_S * 1000)):
-            if self.stop.is_set():
-                raise Interrupted
-            code = None if self.process is None else self.process.poll()
-            if code is not None:
-                raise ExecutorError(
-                    f"the executor (pid {self.process.pid}) exited with code {code} while "
-                    f"waiting for it {what}; its log above says why"
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                raise ExecutorError(f"the executor took too long {what}")
-        return self.socket.recv()
-
-
-def bind(socket: zmq.Socket, address: str) -> str:
-    """Bind and return the address bound: an ipc path's directory is created, and TCP
-    without a host binds 127.0.0.1. Raises OSError with the address if the bind fails.
-    """
-    if address.startswith("ipc://"):
-        Path(address.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
-    elif address.startswith("tcp://"):
-        host = address.removeprefix("tcp://").rpartition(":")[0]
-        if host == "":
-            address = "tcp://127.0.0.1" + address.removeprefix("tcp://")
-        elif host in ("*", "0.0.0.0", "[::]", "::"):
-            logger.warning(
-                "binding %s on every interface: this protocol has no authentication", address
-            )
-    try:
-        socket.bind(address)
-    except zmq.ZMQError as e:
-        raise OSError(f"cannot bind {address}: {e.strerror}") from e
-    return address
-
-
-def _output_to_pb(output: RequestOutput, error: str) -> engine_pb2.SequenceOutput:
+def _output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.SequenceOutput:
     finish_reason = output.finish_reason or ""
     if error and output.finished:  # failed requests leave the scheduler as aborted ones
         finish_reason = "error"
@@ -651,6 +634,7 @@ def _output_to_pb(output: RequestOutput, error: str) -> engine_pb2.SequenceOutpu
         num_prompt_tokens=output.num_prompt_tokens,
         num_output_tokens=output.num_output_tokens,
         error=error,
+        error_kind=kind if finish_reason == "error" else "",
     )
     if output.stop_token_id is not None:
         pb.stop_token_id = output.stop_token_id

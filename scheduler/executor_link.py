@@ -1,0 +1,328 @@
+"""The scheduler's end of one executor: its PAIR socket and (usually) its child process.
+
+    ExecutorLink.start()        spawn ``python -m executor`` (unless it is started elsewhere)
+    ExecutorLink.poll_ready()   its ExecutorReady, once the model is loaded
+    submit(plan) ... collect()  one step, watched: a result, StepFailed, or ExecutorLost
+    ExecutorLink.kill()         SIGKILL and reap, before starting the next one
+
+The socket is bound once and outlives the executors: each new one connects to the same
+address. Step ids count on across executors, so a stale result from an earlier one is
+recognised and dropped. An executor that dies (its process exits, or with
+``--no-start-executor`` its connection drops) or runs one step longer than
+``step_timeout`` is lost: ``ExecutorLost``, which the scheduler answers by starting
+another (scheduler/recovery.py). Whatever arrives on the socket is decoded strictly;
+what does not parse is logged, never unpickled.
+
+The first executor sizes the KV pool; every later one is started with that exact pool
+(``--num-kv-blocks``, ``--max-model-len``) and must report the same EngineInfo, since
+the scheduler's block tables outlive it. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from executor.cli_args import config_to_argv
+from executor.plan import StepPlan, StepResult
+from executor.wire import WireError, decode, encode, plan_to_pb, result_from_pb
+from proto.tessera.v1 import engine_pb2
+
+if TYPE_CHECKING:
+    from scheduler.server import SchedulerServerConfig
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5  # how often a wait on the executor looks at its process and SIGTERM
+
+
+class Interrupted(Exception):
+    """SIGTERM (or the parent's death) while waiting on the executor."""
+
+
+class ExecutorError(RuntimeError):
+    """The executor did not start, died, hung, or broke the protocol."""
+
+
+class ExecutorLost(ExecutorError):
+    """A serving executor died or hung: start another and recompute its requests."""
+
+
+class StepFailed(RuntimeError):
+    """One step failed in the executor: its requests fail, the engine goes on."""
+
+
+class ExecutorLink:
+    """The executor process and the PAIR socket to it."""
+
+    def __init__(
+        self, ctx: zmq.Context, config: SchedulerServerConfig, stop: threading.Event
+    ) -> None:
+        self.stop = stop
+        self.step_timeout = config.step_timeout
+        self.start_executor = config.start_executor
+        self._private_dir: str | None = None
+        address = config.executor_address
+        if not address:
+            self._private_dir = tempfile.mkdtemp(prefix="tessera-engine-")
+            address = f"ipc://{self._private_dir}/executor.sock"
+        self.address = address
+        self._config = config.executor_config(address)
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        bind(self.socket, address)
+        # Connections that drop: how an executor started elsewhere is seen to die.
+        self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.info: engine_pb2.EngineInfo | None = None  # the first executor's
+        self.process: subprocess.Popen | None = None
+        self._ready_deadline = 0.0
+        self._next_step_id = 1
+        self._in_flight = 0
+        self._step_deadline: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, timeout: float) -> None:
+        """Start an executor (or, started elsewhere, wait for one); it has ``timeout``
+        seconds to report ready through poll_ready."""
+        self._ready_deadline = time.monotonic() + timeout
+        self._drain_events()
+        if not self.start_executor:
+            logger.info("waiting for an executor to connect to %s", self.address)
+            return
+        config = self._config
+        if self.info is not None:  # the pool the scheduler's block tables index
+            config = dataclasses.replace(
+                config,
+                num_kv_blocks=self.info.num_kv_blocks,
+                max_model_len=self.info.max_model_len,
+            )
+        # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "executor", *config_to_argv(config)], start_new_session=True
+        )
+        logger.info("started executor pid %d on %s", self.process.pid, self.address)
+
+    def poll_ready(self) -> engine_pb2.EngineInfo | None:
+        """The executor's EngineInfo once it is ready; None while it loads.
+
+        ExecutorError if it exited, ran out of time, or reports another pool than the
+        first executor did.
+        """
+        while self.socket.poll(0):
+            try:
+                ready = decode(engine_pb2.ExecutorReady, self._recv_one())
+                _check_info(ready.info)
+            except WireError as e:  # garbage, or a result of an executor gone before
+                logger.warning("ignored a message from the executor (not ExecutorReady): %s", e)
+                continue
+            return self._accept(ready.info)
+        code = self._exit_code()
+        if code is not None:
+            raise ExecutorError(
+                f"the executor (pid {self.process.pid}) exited with code {code} before it was ready"
+            )
+        if time.monotonic() > self._ready_deadline:
+            raise ExecutorError("the executor took too long to load the model")
+        return None
+
+    def wait_ready(self, timeout: float) -> engine_pb2.EngineInfo:
+        """Start the first executor and wait for it (Interrupted on SIGTERM)."""
+        self.start(timeout)
+        while (info := self.poll_ready()) is None:
+            if self.stop.is_set():
+                raise Interrupted
+            self.socket.poll(int(_POLL_S * 1000))
+        return info
+
+    def kill(self) -> None:
+        """Make sure the executor is gone (SIGKILL and reap); nothing it sent counts."""
+        self._step_deadline = None
+        if self.process is None:
+            logger.warning(
+                "an executor started elsewhere cannot be killed from here: restart it, "
+                "and it reconnects to %s",
+                self.address,
+            )
+            return
+        if self.process.poll() is None:
+            logger.warning("killing executor pid %d", self.process.pid)
+            self.process.kill()
+        self.process.wait()
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.error("the executor did not stop in %.0fs; killing it", timeout)
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None:
+            logger.info("the executor exited with code %d", self.process.returncode)
+        self._events.close()
+        self.socket.close()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    # -- steps -------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step; StepFailed if the executor reports an error."""
+        self.submit(plan)
+        return self.collect()
+
+    def submit(self, plan: StepPlan) -> None:
+        """Send one step; exactly one collect() must follow before the next submit()."""
+        self._in_flight = self._next_step_id
+        self._next_step_id += 1
+        try:
+            # Without a peer a PAIR would block: a send that cannot go means it is gone.
+            self.socket.send(encode(plan_to_pb(plan, self._in_flight)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise ExecutorLost("the executor is not connected") from None
+        if self.step_timeout is not None:
+            self._step_deadline = time.monotonic() + self.step_timeout
+
+    def collect(self) -> StepResult:
+        """Wait for the result of the step in flight (see poll_result)."""
+        while (result := self.poll_result()) is None:
+            if self.stop.is_set():
+                raise Interrupted
+            self.socket.poll(int(_POLL_S * 1000))
+        return result
+
+    def poll_result(self) -> StepResult | None:
+        """The result of the step in flight if it is there, else None.
+
+        StepFailed if the executor reports an error or sends what does not parse;
+        ExecutorLost if it died, or ran past the step timeout (then it is killed).
+        """
+        step_id = self._in_flight
+        while self.socket.poll(0):
+            try:
+                pb = decode(engine_pb2.StepResult, self._recv_one())
+            except WireError as e:
+                self._step_deadline = None
+                raise StepFailed(f"unreadable step result: {e}") from e
+            if 0 < pb.step_id < step_id:  # sent before an executor was lost
+                logger.warning("dropped the result of step %d, long over", pb.step_id)
+                continue
+            self._step_deadline = None
+            if pb.error and pb.step_id in (0, step_id):  # 0: it could not read the plan
+                raise StepFailed(pb.error)
+            if pb.step_id != step_id:
+                raise StepFailed(f"the executor answered step {pb.step_id}, not {step_id}")
+            try:
+                return result_from_pb(pb)
+            except WireError as e:
+                raise StepFailed(f"unreadable step result: {e}") from e
+        self._check_step(step_id)
+        return None
+
+    def check_alive(self) -> None:
+        """ExecutorLost if the executor has died (between steps)."""
+        code = self._exit_code()
+        if code is not None:
+            raise ExecutorLost(f"the executor (pid {self.process.pid}) exited with code {code}")
+        if self._disconnected():
+            raise ExecutorLost("the executor's connection dropped")
+
+    def _check_step(self, step_id: int) -> None:
+        """ExecutorLost if the executor died during the step, or has run it too long."""
+        code = self._exit_code()
+        if code is not None:
+            raise ExecutorLost(
+                f"the executor (pid {self.process.pid}) exited with code {code} while "
+                f"running step {step_id}"
+            )
+        if self._disconnected():
+            raise ExecutorLost(f"the executor's connection dropped during step {step_id}")
+        if self._step_deadline is not None and time.monotonic() > self._step_deadline:
+            self.kill()
+            raise ExecutorLost(
+                f"step {step_id} ran longer than step_timeout={self.step_timeout:g}s: "
+                "the executor hung and was killed"
+            )
+
+    def _recv_one(self) -> bytes:
+        """The next message, which must be one frame (WireError otherwise)."""
+        frames = self.socket.recv_multipart()
+        if len(frames) != 1:
+            raise WireError(f"{len(frames)} frames instead of 1")
+        return frames[0]
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _accept(self, info: engine_pb2.EngineInfo) -> engine_pb2.EngineInfo:
+        if self.info is None:
+            self.info = info
+        elif info != self.info:
+            raise ExecutorError(
+                f"the new executor reports {_describe(info)}, but the first reported "
+                f"{_describe(self.info)}; start it with the first one's settings"
+            )
+        return info
+
+    def _exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def _disconnected(self) -> bool:
+        """Whether a connection dropped since the last start (the child's exit code
+        says more, so only an executor started elsewhere is judged by this)."""
+        if self.process is not None or not self._events.poll(0):
+            return False
+        self._drain_events()
+        return True
+
+    def _drain_events(self) -> None:
+        while self._events.poll(0):
+            recv_monitor_message(self._events)
+
+
+def bind(socket: zmq.Socket, address: str) -> str:
+    """Bind and return the address bound: an ipc path's directory is created, and TCP
+    without a host binds 127.0.0.1. Raises OSError with the address if the bind fails.
+    """
+    if address.startswith("ipc://"):
+        Path(address.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
+    elif address.startswith("tcp://"):
+        host = address.removeprefix("tcp://").rpartition(":")[0]
+        if host == "":
+            address = "tcp://127.0.0.1" + address.removeprefix("tcp://")
+        elif host in ("*", "0.0.0.0", "[::]", "::"):
+            logger.warning(
+                "binding %s on every interface: this protocol has no authentication", address
+            )
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as e:
+        raise OSError(f"cannot bind {address}: {e.strerror}") from e
+    return address
+
+
+def _check_info(info: engine_pb2.EngineInfo) -> None:
+    """WireError unless the info describes a usable pool (an empty message parses too)."""
+    if info.num_kv_blocks < 1 or info.block_size < 1 or info.max_model_len < 2:
+        raise WireError(f"ExecutorReady without a usable pool: {_describe(info)}")
+    if info.vocab_size < 1:
+        raise WireError("ExecutorReady without a vocabulary size")
+
+
+def _describe(info: engine_pb2.EngineInfo) -> str:
+    return (
+        f"model {info.model!r}, {info.num_kv_blocks} KV blocks of {info.block_size} tokens, "
+        f"max_model_len {info.max_model_len}, vocabulary {info.vocab_size}"
+    )

@@ -85,10 +85,11 @@ def engine(tmp_path_factory, sentinel) -> Iterator[Engine]:
         tmp_path_factory.mktemp("engine"), *ENGINE_FLAGS, env={FAIL_START_ENV: str(sentinel)}
     )
     yield eng
-    everyone = descendants(eng.process.pid)
-    eng.stop()
-    assert eng.process.returncode == 0, eng.log()
-    assert not [pid for pid in everyone if pid_alive(pid)], "processes left behind"
+    if eng.process.poll() is None:  # the last test kills it, unless a test failed first
+        everyone = descendants(eng.process.pid)
+        eng.stop()
+        assert eng.process.returncode == 0, eng.log()
+        assert not [pid for pid in everyone if pid_alive(pid)], "processes left behind"
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +229,16 @@ def test_a_failed_restart_ends_every_stream_as_unavailable_then_recovers(
     assert status.state_reason == "" and len(child_pids(engine.process.pid)) == 1
     got = run(gateway, "back", timeout=60)
     assert {i: seq.tokens for i, seq in got.items()} == expected
+
+
+def test_sigkill_of_the_scheduler_takes_a_restarted_executor_down(engine, gateway):
+    """Last of the engine's tests. Each executor, the first or a replacement, dies with
+    the scheduler that started it."""
+    assert gateway.status().counters.num_executor_restarts >= 3
+    executor_pid = engine.executor_pid()
+    engine.process.kill()
+    engine.process.wait(10)
+    assert wait_gone(executor_pid, timeout=5), "the executor outlived its scheduler"
 
 
 # -- an executor started elsewhere, faked in this process -----------------------------

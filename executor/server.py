@@ -79,6 +79,12 @@ class ExecutorServerConfig:
         default=None,
         metadata={"help": "context of one request; default min(model context, KV pool tokens)"},
     )
+    attention_backend: str = field(
+        default="auto", metadata={"help": "auto (triton on CUDA, torch on the CPU), torch, triton"}
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
+    )
 
     def __post_init__(self) -> None:
         if not self.executor_address:
@@ -99,6 +105,9 @@ class ExecutorServerConfig:
             num_kv_blocks=self.num_kv_blocks,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
             show_progress=False,
         )
 

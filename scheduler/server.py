@@ -160,6 +160,12 @@ class SchedulerServerConfig:
     num_kv_blocks: int | None = field(
         default=None, metadata={"help": "override the computed KV pool size"}
     )
+    attention_backend: str = field(
+        default="auto", metadata={"help": "auto (triton on CUDA, torch on the CPU), torch, triton"}
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
+    )
 
     def __post_init__(self) -> None:
         if not self.gateway_address:
@@ -201,6 +207,8 @@ class SchedulerServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
+            attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def scheduler_config(self, info: engine_pb2.EngineInfo) -> SchedulerConfig:

@@ -1,0 +1,472 @@
+"""The gateway's transport-neutral core, shared by the gRPC and the OpenAI HTTP fronts.
+
+A front turns its wire request into a ``GenerationRequest`` (domain types only) and
+calls ``ServingCore.open``, which admits it (model name, open-request limit), tokenizes
+the prompt, validates it against the engine, and hands its n sequences to the scheduler.
+The returned ``Generation`` yields ``Delta``s: new tokens, text (incremental
+detokenization and exact stop strings through ``TextStream``), logprobs, the finish
+reason, and the usage on the request's last delta. ``Generation.close`` must run on
+every exit (done, cancelled, client gone): it aborts what still runs, so the sequences'
+KV blocks are freed within one scheduler step.
+
+    gRPC servicer ──┐                       ┌─► TokenizerClient (tokenize, chat template)
+                    ├─► ServingCore.open ───┤
+    OpenAI HTTP ────┘      │ Generation     └─► EngineClient.add (ZeroMQ to the scheduler)
+                           ▼
+                     deltas() ◄── per-step SequenceOutputs, TextStream per sequence
+
+Errors are ``RequestError``s with an ``ErrorKind``; each front maps the kind to its own
+status (a gRPC code, an HTTP status), so both agree on what is the client's fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from executor.plan import SamplingOptions, TokenLogprobs
+from executor.wire import logprobs_from_pb, sampling_to_pb
+from proto.tessera.v1 import engine_pb2
+from services.engine_client import EngineClient, EngineUnavailable
+from services.metrics import Metrics
+from tessera.sampling_params import SamplingParams
+from tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable
+from tokenizer_svc.text_stream import TextStream
+from tokenizer_svc.tokenizer import Tokenizer
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_TEMPERATURE = 2.0
+MAX_LOGIT_BIAS = 100.0
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid"  # the client's input is wrong; retrying it will not help
+    UNKNOWN_MODEL = "unknown_model"  # a model this gateway does not serve
+    OVERLOADED = "overloaded"  # too many open requests, or the scheduler's queue is full
+    UNAVAILABLE = "unavailable"  # the scheduler or every tokenizer replica did not answer
+    INTERNAL = "internal"  # the engine failed the request
+
+# The scheduler's words (engine.proto: Rejection.kind, SequenceOutput.error_kind).
+_REJECTION_KINDS = {"overloaded": ErrorKind.OVERLOADED, "unavailable": ErrorKind.UNAVAILABLE}
+_ERROR_KINDS = {"unavailable": ErrorKind.UNAVAILABLE, "internal": ErrorKind.INTERNAL}
+
+
+class RequestError(Exception):
+    """A request that cannot be served, with a message the client can act on."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param  # the offending request field, where one is to blame
+
+
+# -- domain types ------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class TextPrompt:
+    text: str  # tokenized without a chat template, BOS added where the model uses one
+
+
+@dataclass(slots=True, frozen=True)
+class ChatPrompt:
+    messages: tuple[tuple[str, str], ...]  # (role, content) turns
+    add_generation_prompt: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class TokenPrompt:
+    token_ids: tuple[int, ...]
+
+
+Prompt = TextPrompt | ChatPrompt | TokenPrompt
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    prompt: Prompt | None
+    params: SamplingParams
+    request_id: str = ""  # unique among the open requests; assigned when empty
+    model: str = ""  # empty: the served model
+    priority: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # over all n sequences
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one step added to one of the request's sequences."""
+
+    index: int  # which of the n sequences
+    token_ids: list[int]
+    text: str | None  # None for a model without a tokenizer (token ids only)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last delta
+    stop_text: str | None = None  # the stop string that ended the sequence
+    stop_token_id: int | None = None  # or the stop token
+    error: str = ""  # the engine's message when finish_reason is "error"
+    error_kind: ErrorKind | None = None  # and whose fault: INTERNAL or UNAVAILABLE
+    usage: Usage | None = None  # on the last delta of the whole request
+
+
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams with the gateway's limits; every bad value is a RequestError."""
+    temperature = kwargs.get("temperature")
+    if temperature is not None and temperature > MAX_TEMPERATURE:
+        raise RequestError(
+            ErrorKind.INVALID,
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}",
+            "temperature",
+        )
+    n = kwargs.get("n", 1)
+    if not 1 <= n <= MAX_N:
+        raise RequestError(ErrorKind.INVALID, f"n must be in 1..{MAX_N}, got {n}", "n")
+    stop = kwargs.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise RequestError(
+            ErrorKind.INVALID,
+            f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters",
+            "stop",
+        )
+    bias = kwargs.get("logit_bias") or {}
+    if any(not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in bias.values()):
+        raise RequestError(
+            ErrorKind.INVALID,
+            f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            "logit_bias",
+        )
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        param = str(e).split(" ", 1)[0]
+        raise RequestError(ErrorKind.INVALID, str(e), param if param in kwargs else None) from e
+
+
+# -- the core ------------------------------------------------------------------------------
+
+
+class ServingCore:
+    """Admission, tokenization, validation and the engine link, for any front."""
+
+    def __init__(
+        self,
+        model: str,
+        max_open_requests: int,
+        engine: EngineClient,
+        tokenizers: TokenizerClient | None,
+        tokenizer: Tokenizer | None,
+        info: engine_pb2.EngineInfo,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model = model
+        self.max_open_requests = max_open_requests
+        self.engine = engine
+        self.tokenizers = tokenizers
+        self.tokenizer = tokenizer
+        self.info = info
+        self.metrics = metrics
+        self._open: dict[str, list[str]] = {}  # request id -> its sequence ids
+        self._background: set[asyncio.Task] = set()  # aborts sent from finally blocks
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
+    def serves(self, model: str) -> bool:
+        return not model or model in (self.model, self.info.model)
+
+    async def open(self, request: GenerationRequest) -> Generation:
+        """Admit, tokenize, validate and start ``request``; raises RequestError."""
+        started = time.monotonic()
+        rid = request.request_id or uuid.uuid4().hex
+        self._admit(rid, request.model)
+        self._open[rid] = []  # holds the slot while the prompt is tokenized
+        params = request.params
+        try:
+            prompt = await self._prompt_ids(request.prompt, params)
+            self._check(prompt, params)
+            ids = [f"{self.engine.identity}/{rid}/{i}" for i in range(params.n)]
+            self._open[rid] = ids
+            generation = Generation(self, rid, ids, prompt, params, started)  # opens the queue
+        except BaseException:
+            self._open.pop(rid, None)
+            raise
+        try:
+            await self.engine.add(
+                [self._sequence(s, i, prompt, params, request.priority) for i, s in enumerate(ids)]
+            )
+        except BaseException:
+            generation.close()
+            raise
+        return generation
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort an open request by its id; its streams end with finish reason "abort"."""
+        ids = self._open.get(request_id)
+        if not ids:
+            return False
+        await self.engine.abort(ids)
+        queue = self.engine.queue_for(ids[0])
+        if queue is not None:
+            for sid in ids:
+                queue.put_nowait(
+                    engine_pb2.SequenceOutput(request_id=sid, finished=True, finish_reason="abort")
+                )
+        return True
+
+    async def status(self, timeout: float | None = None) -> engine_pb2.StatusReply:
+        try:
+            return await self.engine.status(timeout)
+        except EngineUnavailable as e:
+            raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from e
+
+    async def tokenize(self, prompt: TextPrompt | ChatPrompt, add_special_tokens: bool = True
+                       ) -> tuple[list[int], str]:
+        """Token ids and the tokenized text (the rendered template for a chat)."""
+        tokenizers = self._tokenizers()
+        try:
+            if isinstance(prompt, ChatPrompt):
+                result = await tokenizers.tokenize_chat(
+                    [{"role": r, "content": c} for r, c in prompt.messages],
+                    add_generation_prompt=prompt.add_generation_prompt,
+                )
+                return result.token_ids, result.text
+            ids = await tokenizers.tokenize_text(prompt.text, add_special_tokens)
+            return ids, prompt.text
+        except TokenizerInputError as e:
+            raise RequestError(ErrorKind.INVALID, str(e)) from e
+        except TokenizerUnavailable as e:
+            raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from e
+
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        tokenizers = self._tokenizers()
+        try:
+            return await tokenizers.detokenize(token_ids, skip_special_tokens)
+        except TokenizerInputError as e:
+            raise RequestError(ErrorKind.INVALID, str(e)) from e
+        except TokenizerUnavailable as e:
+            raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from e
+
+    def no_tokenizer_message(self) -> str:
+        return f"model {self.model!r} has no tokenizer; send token ids"
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _tokenizers(self) -> TokenizerClient:
+        if self.tokenizers is None:
+            raise RequestError(ErrorKind.INVALID, self.no_tokenizer_message())
+        return self.tokenizers
+
+    def _admit(self, rid: str, model: str) -> None:
+        if not self.serves(model):
+            raise RequestError(
+                ErrorKind.UNKNOWN_MODEL,
+                f"unknown model {model!r}; this server serves {self.model!r}",
+                "model",
+            )
+        if rid in self._open:
+            raise RequestError(ErrorKind.INVALID, f"request_id {rid!r} is already streaming")
+        if len(self._open) >= self.max_open_requests:
+            raise RequestError(
+                ErrorKind.OVERLOADED,
+                f"{len(self._open)} requests open on this gateway; retry later",
+            )
+
+    async def _prompt_ids(self, prompt: Prompt | None, params: SamplingParams) -> list[int]:
+        if self.tokenizer is None and params.stop:
+            raise RequestError(
+                ErrorKind.INVALID, "stop strings need a tokenizer: " + self.no_tokenizer_message()
+            )
+        if prompt is None:
+            raise RequestError(
+                ErrorKind.INVALID, "the request has no input: set text, chat or token_ids"
+            )
+        if isinstance(prompt, TokenPrompt):
+            return list(prompt.token_ids)
+        if isinstance(prompt, ChatPrompt) and not prompt.messages:
+            raise RequestError(ErrorKind.INVALID, "chat has no messages", "messages")
+        ids, _ = await self.tokenize(prompt)
+        return ids
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise RequestError(ErrorKind.INVALID, "the prompt is empty", "prompt")
+        vocab = self.info.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                "prompt",
+            )
+        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                "logit_bias",
+            )
+        limit = self.info.max_model_len
+        if len(prompt) >= limit:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"the prompt has {len(prompt)} tokens; max_model_len is {limit}, which must "
+                "leave room for at least one generated token",
+                "prompt",
+            )
+        if params.max_tokens is not None and len(prompt) + params.max_tokens > limit:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({limit})",
+                "max_tokens",
+            )
+
+    def _sequence(
+        self, sid: str, i: int, prompt: list[int], params: SamplingParams, priority: int
+    ) -> engine_pb2.AddSequence:
+        options: SamplingOptions = params.to_options(tuple(self.info.eos_token_ids), seed_offset=i)
+        return engine_pb2.AddSequence(
+            request_id=sid,
+            prompt_token_ids=prompt,
+            sampling=sampling_to_pb(options),
+            stop=engine_pb2.StopConditions(
+                max_tokens=params.effective_max_tokens(len(prompt), self.info.max_model_len),
+                min_tokens=params.min_tokens,
+                stop_token_ids=params.stop_token_ids,
+                ignore_eos=params.ignore_eos,
+            ),
+            priority=priority,
+        )
+
+    def _release(self, rid: str, pending: list[str], ids: list[str]) -> None:
+        if pending:  # cancelled, disconnected, or failed: free the blocks now
+            task = asyncio.get_running_loop().create_task(self.engine.abort(pending))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self.engine.close_ids(ids)
+        self._open.pop(rid, None)
+
+
+class Generation:
+    """One admitted request: its sequences' deltas, in step order. ``close`` on every exit."""
+
+    def __init__(
+        self,
+        core: ServingCore,
+        request_id: str,
+        sequence_ids: list[str],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        started: float,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self._core = core
+        self._ids = sequence_ids
+        self._index = {sid: i for i, sid in enumerate(sequence_ids)}
+        self._pending = set(sequence_ids)
+        self._queue = core.engine.open(sequence_ids)
+        self._streams = [
+            TextStream(
+                core.tokenizer,
+                prompt_token_ids,
+                params.skip_special_tokens,
+                params.stop,
+                params.include_stop_str_in_output,
+            )
+            if core.tokenizer is not None
+            else None
+            for _ in sequence_ids
+        ]
+        self._started = started
+        self._first_token_at: float | None = None
+        self._completion_tokens = 0
+        self._num_streamed = 0  # tokens handed out, finished sequences or not
+        self._rejected = False
+        self._closed = False
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Deltas until every sequence has finished; RequestError if the engine refused it."""
+        while self._pending:
+            item = await self._queue.get()
+            if isinstance(item, engine_pb2.Rejection):
+                self._pending.clear()  # nothing of a rejected request was admitted
+                self._rejected = True
+                raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
+            if item.request_id not in self._pending:
+                continue
+            delta = self._delta(item)
+            self._num_streamed += len(delta.token_ids)
+            if delta.token_ids and self._first_token_at is None:
+                self._first_token_at = time.monotonic()
+                if self._core.metrics is not None:
+                    self._core.metrics.first_token(self._first_token_at - self._started)
+            if delta.finish_reason:
+                self._pending.discard(item.request_id)
+                self._completion_tokens += item.num_output_tokens
+                if not item.finished:  # a stop string: the scheduler still runs it
+                    await self._core.engine.abort([item.request_id])
+            if not self._pending:
+                delta.usage = Usage(len(self.prompt_token_ids), self._completion_tokens)
+            yield delta
+
+    def close(self) -> None:
+        """Abort what still runs and forget the request; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._core.metrics is not None and not self._rejected:
+            self._core.metrics.request_done(
+                time.monotonic() - self._started,
+                len(self.prompt_token_ids),
+                self._num_streamed,
+                completed=not self._pending,
+            )
+        self._core._release(self.request_id, list(self._pending), self._ids)
+        self._pending.clear()
+
+    def _delta(self, out: engine_pb2.SequenceOutput) -> Delta:
+        i = self._index[out.request_id]
+        delta = Delta(
+            index=i,
+            token_ids=list(out.new_token_ids),
+            text=None,
+            logprobs=[logprobs_from_pb(lp) for lp in out.new_logprobs],
+        )
+        stream = self._streams[i]
+        if stream is not None:
+            stream.push(delta.token_ids)
+            if stream.matched_stop is None and out.finished:
+                stream.finish()
+        if stream is not None and stream.matched_stop is not None:
+            delta.finish_reason = "stop"
+            delta.stop_text = stream.matched_stop
+        elif out.finished:
+            reason = out.finish_reason
+            delta.finish_reason = reason if reason in ("stop", "length", "abort") else "error"
+            if delta.finish_reason == "error":
+                delta.error = out.error or "the engine failed the request"
+                # older schedulers send no error_kind: their failures are internal
+                kind = getattr(out, "error_kind", "")
+                delta.error_kind = _ERROR_KINDS.get(kind, ErrorKind.INTERNAL)
+            if out.HasField("stop_token_id"):
+                delta.stop_token_id = out.stop_token_id
+        if stream is not None:
+            delta.text = stream.take(final=delta.finish_reason is not None)
+        return delta

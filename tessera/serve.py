@@ -2,7 +2,8 @@
 
     launcher ─┬─ tokenizer_svc  x num_tokenizers   (gRPC on unix sockets)
               ├─ scheduler ── executor             (ZeroMQ on ipc://)
-              └─ gateway                           (public gRPC on host:port)
+              └─ gateway                           (public gRPC on host:port,
+                                                    OpenAI HTTP on host:http_port)
 
 Every child exits with its parent. On SIGTERM or Ctrl-C the gateway stops taking new
 calls and lets in-flight streams finish within ``grace_seconds``; then the scheduler
@@ -20,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from executor.cli_args import env_name
 from executor.process import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,16 @@ class ServeConfig:
     model: str = "smollm2-135m-instruct"
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = field(
+        default=8000, metadata={"help": "OpenAI-compatible HTTP API port; 0 turns it off"}
+    )
+    # Handed to the gateway in its environment, not its command line (which ps shows).
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "require Authorization: Bearer <key> on every route but health"},
+    )
+    max_open_requests: int = 4096  # per gateway; past it clients get 429 / RESOURCE_EXHAUSTED
     num_tokenizers: int = 2
     device: str = "auto"
     dtype: str = "auto"
@@ -118,6 +130,10 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
                 config.host,
                 "--port",
                 str(config.port),
+                "--http-port",
+                str(config.http_port),
+                "--max-open-requests",
+                str(config.max_open_requests),
                 "--scheduler-address",
                 sched_addr,
                 "--tokenizer-addresses",
@@ -128,6 +144,13 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         )
     )
     return commands
+
+
+def child_env(name: str, config: ServeConfig) -> dict[str, str] | None:
+    """The gateway gets the API key in its environment; the others inherit ours."""
+    if name != "gateway" or config.api_key is None:
+        return None
+    return {**os.environ, env_name("api_key"): config.api_key}
 
 
 def run_serve(config: ServeConfig) -> int:
@@ -145,9 +168,14 @@ def run_serve(config: ServeConfig) -> int:
     children: list[_Child] = []
     for name, cmd in child_commands(config, run_dir):
         logger.info("starting %s", name)
-        children.append(_Child(name, cmd, subprocess.Popen(cmd)))
+        children.append(_Child(name, cmd, subprocess.Popen(cmd, env=child_env(name, config))))
     logger.info(
-        "serving %s on %s:%d (sockets in %s)", config.model, config.host, config.port, run_dir
+        "serving %s on %s: gRPC port %d, HTTP port %s (sockets in %s)",
+        config.model,
+        config.host,
+        config.port,
+        config.http_port or "off",
+        run_dir,
     )
     failed = None
     while not stopping:

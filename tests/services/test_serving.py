@@ -7,82 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.v1 import generate_pb2 as pb
 from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera import LLM, SamplingParams
 from tests.proctable import cmdline, descendants, pid_alive
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp: Path, **flags: str) -> None:
-        self.port = free_port()
-        self.run_dir = tmp
-        args = [
-            "--port",
-            str(self.port),
-            "--num-tokenizers",
-            "2",
-            "--run-dir",
-            str(tmp),
-            "--grace-seconds",
-            "30",
-        ]
-        for k, v in flags.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TESSERA_LOG_LEVEL="WARNING")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tessera", "serve", *args], cwd=ROOT, env=env
-        )
-        self.target = f"127.0.0.1:{self.port}"
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"launcher exited with {self.proc.returncode}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError("the server did not become healthy")
-
-    def stub(self) -> pb_grpc.TesseraStub:
-        return pb_grpc.TesseraStub(grpc.insecure_channel(self.target))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                for pid in descendants(self.proc.pid):
-                    os.kill(pid, signal.SIGKILL)
-                self.proc.kill()
+from tests.services.launch import Server
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,6 @@ from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
 
 SPLIT_COLUMNS = 8192  # vocabulary columns one draw program scans
 _MAX_BLOCK = 1024
-_INT64_MIN = -(1 << 63)
 _MASK64 = (1 << 64) - 1
 
 
@@ -246,7 +245,7 @@ def process_logits(
         ids = params.blocked_token_ids
         active = (params.counters < params.min_tokens)[:, None]  # [B, 1]
         values = torch.where((ids >= 0) & active, float("-inf"), 0.0)
-        processed.scatter_add_(1, ids.clamp_min(0), values.expand(ids.shape).contiguous())
+        processed.scatter_add_(1, ids.clamp_min(0), values)
     if params.do_penalties:
         apply_penalties(processed, params)
     return processed
@@ -320,8 +319,8 @@ class SamplingTensors:
     """Per-row sampling settings as device tensors, plus host switches.
 
     Built by ``from_options`` each step, or filled directly by an executor that keeps
-    persistent device buffers (any field may be a view of a larger buffer). Token id
-    lists are padded with -1.
+    persistent device buffers (a field may be a view of a larger buffer, with unit
+    stride for the [B] ones). Token id lists are padded with -1.
     """
 
     temperature: torch.Tensor  # [B] float32; 0 = greedy
@@ -527,7 +526,7 @@ def _check_logits(logits: torch.Tensor, params: SamplingTensors) -> tuple[int, i
         "min_tokens": (params.min_tokens, torch.int64),
     }
     for name, (t, dtype) in rows.items():
-        check_tensor(name, t, 1, (dtype,))
+        check_tensor(name, t, 1, (dtype,), unit_last_stride=True)  # the draw reads t[row]
         if t.shape[0] != num_rows:
             raise ValueError(f"{name} has {t.shape[0]} rows, logits have {num_rows}")
     lists = {

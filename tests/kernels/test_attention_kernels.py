@@ -352,7 +352,7 @@ def test_write_kv_rejects_bad_arguments(change, match):
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch, max_ctx", [(64, 2048), (3, 9000)])
 def test_realistic_decode(gen, dtype, batch, max_ctx):
     h_kv, group, d, block_size = 8, 4, 128, 16
@@ -368,8 +368,15 @@ def test_realistic_decode(gen, dtype, batch, max_ctx):
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_size, group", [(128, 4), (64, 1), (256, 2)])
+@pytest.mark.parametrize(
+    "dtype, head_size, group",
+    [
+        (dt, hs, g)
+        for dt in (torch.bfloat16, torch.float16)
+        for hs, g in ((128, 4), (64, 1), (256, 2), (96, 8))
+    ]
+    + [(torch.float32, 256, 2), (torch.float32, 128, 4)],
+)
 def test_realistic_prefill(gen, dtype, head_size, group):
     h_kv, block_size = 4, 16
     seqs = [(0, 1500), (700, 513), (2047, 1), (0, 2048), (31, 97)]
@@ -422,3 +429,27 @@ def test_decode_and_write_kv_capture_in_cuda_graph(gen):
         torch.cuda.synchronize()
         ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, d**-0.5)
         assert_close(out, ref, dtype)
+
+
+def test_int64_pool_offsets(gen, monkeypatch):
+    """The 64-bit offset path (pools past 2**31 elements) computes the same thing."""
+    import kernels.paged_attention as pa
+
+    ctx = [45, 1]
+    k_cache, v_cache, table = make_pool(gen, ctx, 16, 2, 64, torch.float32)
+    q = randn(gen, 2, 4, 64)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    want_dec = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=2)
+    want_pre = paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 0.1,
+                                       max_query_len=1, block_m=16, block_n=16)
+    needs_int64 = pa._needs_int64
+    monkeypatch.setattr(pa, "_needs_int64", lambda cache: True)
+    got_dec = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=2)
+    got_pre = paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 0.1,
+                                      max_query_len=1, block_m=16, block_n=16)
+    torch.testing.assert_close(got_dec, want_dec, atol=0, rtol=0)
+    torch.testing.assert_close(got_pre, want_pre, atol=0, rtol=0)
+    assert not needs_int64(k_cache)
+    assert needs_int64(torch.empty(2**17, 16, 8, 128, device="meta"))  # 2**31 elements
+    assert not needs_int64(torch.empty(2**17 - 1, 16, 8, 128, device="meta"))

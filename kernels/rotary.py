@@ -157,7 +157,7 @@ def build_cos_sin_cache(
         raise ValueError(f"inv_freq must be [D/2], got shape {tuple(inv_freq.shape)}")
     if max_positions < 1:
         raise ValueError(f"max_positions must be positive, got {max_positions}")
-    pos = torch.arange(max_positions, dtype=torch.float32)
+    pos = torch.arange(max_positions, dtype=torch.float32, device="cpu")
     freqs = pos[:, None] * inv_freq.detach().float().cpu()[None, :]  # [P, D/2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 

@@ -171,7 +171,9 @@ def test_rotary_matches_reference_and_torch_path(
 ) -> None:
     config = llama_config(head_dim, num_heads, num_kv_heads, llama3)
     max_pos, num_tokens = 300, 7
-    cache = build_cos_sin_cache(rope_inv_freq(config, None), max_pos, DEVICE)
+    with torch.device("cpu"):  # as the executor builds its tables, whatever the default device
+        rotary = RotaryEmbedding(config, max_pos, torch.device(DEVICE))
+        cache = build_cos_sin_cache(rope_inv_freq(config, None), max_pos, DEVICE)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     qkv = randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype)  # one fused projection
     q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
@@ -179,7 +181,7 @@ def test_rotary_matches_reference_and_torch_path(
     v_before = qkv[:, q_size + kv_size :].clone()
     positions = torch.randint(0, max_pos, (num_tokens,), generator=gen, device="cpu").to(DEVICE)
     expected_q, expected_k = apply_rotary_ref(q, k, positions, cache)
-    torch_q, torch_k = RotaryEmbedding(config, max_pos, torch.device(DEVICE)).apply(q, k, positions)
+    torch_q, torch_k = rotary.apply(q, k, positions)
 
     apply_rotary_(q, k, positions, cache)
 
@@ -192,8 +194,10 @@ def test_rotary_matches_reference_and_torch_path(
 
 def test_cos_sin_cache_is_the_torch_path_table() -> None:
     config = llama_config(16, 2, 1, llama3=True)
-    rotary = RotaryEmbedding(config, 100, torch.device(DEVICE))
-    cache = build_cos_sin_cache(rope_inv_freq(config, None), 100, DEVICE)
+    with torch.device("cpu"):
+        rotary = RotaryEmbedding(config, 100, torch.device(DEVICE))
+        inv_freq = rope_inv_freq(config, None)
+    cache = build_cos_sin_cache(inv_freq, 100, DEVICE)
     assert cache.shape == (100, 16) and cache.dtype == torch.float32
     assert torch.equal(cache[:, :8], rotary.cos[:, :8])
     assert torch.equal(cache[:, 8:], rotary.sin[:, :8])

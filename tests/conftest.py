@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# Triton kernels (kernels/) run natively on a CUDA device and under Triton's interpreter
+# elsewhere. triton.jit reads TRITON_INTERPRET when a kernel module is imported, so it
+# is set here, before any test imports kernels.*, and only without a CUDA device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # CI must not turn red on a new random draw: examples are derived from the test itself.
 settings.register_profile("ci", derandomize=True, deadline=None)

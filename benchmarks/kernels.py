@@ -206,6 +206,39 @@ def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
     return row
 
 
+def bench_mixed(timer: Timer, decodes: int, ctx: int, chunk: int, dtype, gen) -> dict:
+    """One step of ``decodes`` decode rows and one prefill chunk, all at ``ctx`` tokens:
+    the whole step through the prefill kernel, against decode kernel + prefill kernel."""
+    from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+    device = timer.device
+    num_seqs = decodes + 1
+    k_cache, v_cache, table = shuffled_pool(num_seqs, ctx, device, dtype, gen)
+    q_lens = [1] * decodes + [chunk]
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                       device=device)
+    lens = torch.full((num_seqs,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(decodes + chunk, NUM_HEADS, HEAD_SIZE, device=device, dtype=dtype,
+                    generator=gen)
+    out = torch.empty_like(q)
+    scale = HEAD_SIZE**-0.5
+    chunk_qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+
+    def unified() -> None:
+        paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale,
+                                max_query_len=chunk, out=out)
+
+    def split() -> None:
+        paged_decode_attention(q[:decodes], k_cache, v_cache, table[:decodes], lens[:decodes],
+                               scale, out=out[:decodes])
+        paged_prefill_attention(q[decodes:], k_cache, v_cache, table[decodes:], chunk_qsl,
+                                lens[decodes:], scale, max_query_len=chunk, out=out[decodes:])
+
+    return {"decodes": decodes, "context": ctx, "chunk": chunk,
+            "prefill_kernel_s": timer(unified, calls=4),
+            "decode_plus_prefill_s": timer(split, calls=4)}
+
+
 def fits(device: torch.device, nbytes: int) -> bool:
     """Room for ``nbytes`` with a quarter of the free memory to spare."""
     if device.type != "cuda":
@@ -258,6 +291,7 @@ def run(args) -> dict:
         row["sdpa_vs_matmul"] = row["sdpa_tflops"] / result["matmul_tflops"]
         prefill.append(row)
     result["prefill"] = prefill
+    result["mixed"] = [bench_mixed(timer, *((3, 48, 16) if dry else (63, 2048, 512)), dtype, gen)]
     return result
 
 
@@ -276,6 +310,12 @@ def print_tables(result: dict) -> None:
     for r in result["prefill"]:
         print(f"        {r['tokens']:6d}   {r['paged_tflops']:13.1f}  {r['paged_vs_matmul']:7.2f}  "
               f"{r['sdpa_tflops']:13.1f}  {r['sdpa_vs_matmul']:7.2f}  {r['paged_s'] * 1e6:9.1f}")
+
+
+    print("\nmixed step: decodes  context  chunk   one prefill launch us   decode + prefill us")
+    for r in result["mixed"]:
+        print(f"            {r['decodes']:7d}  {r['context']:7d}  {r['chunk']:5d}   "
+              f"{r['prefill_kernel_s'] * 1e6:21.1f}   {r['decode_plus_prefill_s'] * 1e6:19.1f}")
 
 
 def plot(result: dict, path: str) -> None:

@@ -3,7 +3,7 @@
 Replaces ``kernels.paged_attention``'s config functions for the duration of each
 measurement and times decode (KV GB/s) and prefill (TFLOP/s) at a few shapes, so the
 defaults there can be chosen from numbers. Same shapes and timer as
-``benchmarks/kernels.py``.
+``benchmarks/bench_kernels.py``.
 
     python benchmarks/tune_attention.py --json /tmp/tune.json
 """
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import benchmarks.kernels as bk  # noqa: E402
-from benchmarks.kernels import Timer, shuffled_pool  # noqa: E402
+import benchmarks.bench_kernels as bk  # noqa: E402
+from benchmarks.bench_kernels import Timer, shuffled_pool  # noqa: E402
 from kernels import paged_attention as pa  # noqa: E402
 
 DECODE_SHAPES = ((64, 2048), (8, 8192), (256, 1024), (1, 32768))

@@ -15,8 +15,8 @@ block size 16, block tables shuffled over the pool. Kernels are timed as CUDA-gr
 replays (no host launch overhead, as the executor runs them) over enough copies of the
 inputs that no call finds its K/V in L2; times are medians of CUDA-event timings.
 
-    python benchmarks/kernels.py --json benchmarks/results/kernels_h100.json
-    python benchmarks/kernels.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
+    python benchmarks/bench_kernels.py --json benchmarks/results/kernels_h100.json
+    python benchmarks/bench_kernels.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
 """
 
 from __future__ import annotations

@@ -15,11 +15,12 @@ and half-row of cos and sin once, then rotates a ``[BLOCK_H, h]`` tile of q's or
 heads. q and k may be strided views (slices of one fused qkv output): any token and
 head strides, contiguous head dimension.
 
-Numerics follow ``executor.model.RotaryEmbedding.apply`` (Hugging Face): cos and sin
-are rounded to q's dtype, and each product and the sum are rounded to it, all
-computed in float32 registers, so bf16/fp16 results match the torch path bit for
-bit up to fused multiply-adds. Positions are never read on the host: one outside
-``[0, max_pos)`` is the caller's bug, as in the torch path's indexing.
+Numerics: cos and sin are rounded to q's dtype first, as ``executor.model`` (Hugging
+Face) does with ``cos.to(q.dtype)``, which is what moves bf16 results most; the rest
+is float32 with one rounding at the store, where HF rounds each product and the sum
+too, so bf16/fp16 results are within about one ulp of the torch path. Positions are
+never read on the host: one outside ``[0, max_pos)`` is the caller's bug, as in the
+torch path's indexing.
 """
 
 from __future__ import annotations
@@ -43,13 +44,8 @@ def _rotate_tile(ptr, stride_h, head, num_heads, d, half, cos, sin):
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
-    # Round where HF rounds: each product and the sum are tensors of q's dtype there.
-    a = (x1 * cos).to(dtype).to(tl.float32)
-    b = (x2 * sin).to(dtype).to(tl.float32)
-    c = (x2 * cos).to(dtype).to(tl.float32)
-    e = (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(lo_ptrs, (a - b).to(dtype), mask=mask)
-    tl.store(lo_ptrs + half, (c + e).to(dtype), mask=mask)
+    tl.store(lo_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(lo_ptrs + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -168,7 +164,7 @@ def build_cos_sin_cache(
 def apply_rotary_ref(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``apply_rotary_``: new (q, k), float32 math rounded where HF rounds."""
+    """Reference of ``apply_rotary_``: new (q, k); cos and sin rounded to q's dtype."""
     half = q.shape[-1] // 2
     rows = cos_sin_cache[positions.long()].float()  # [T, D]
     cos = rows[:, None, :half].to(q.dtype).float()  # [T, 1, D/2]
@@ -176,12 +172,6 @@ def apply_rotary_ref(
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x[..., :half].float(), x[..., half:].float()
-
-        def r(t: torch.Tensor) -> torch.Tensor:
-            return t.to(x.dtype).float()
-
-        lo = r(r(x1 * cos) - r(x2 * sin))
-        hi = r(r(x2 * cos) + r(x1 * sin))
-        return torch.cat((lo, hi), dim=-1).to(x.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)

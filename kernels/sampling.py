@@ -4,7 +4,7 @@ DESIGN. ``sample(logits, params)`` runs the steps of ``executor.sampler`` (same 
 same formulas) as a fixed sequence of batched device ops, none of which reads a
 tensor back to the host, and none of which loops over requests in Python:
 
-    logits [B, V] -> float32 copy ("processed")
+    logits [B, V] -> float32 copy ("processed"; no copy if fp32 and 1-3 are off)
       1. logit_bias     scatter_add of padded (id, bias) pairs           [B, Lb]
       2. min_tokens     scatter_add of -inf on blocked ids where counter < min_tokens
       3. penalties      sparse, over padded prompt/output id lists (below) [B, L]
@@ -36,23 +36,31 @@ so a seeded row's draw cannot depend on how a sort broke ties).
 The draw. ``argmax(l / T + g)`` with ``g = -log(-log(u))`` Gumbel noise is an exact
 sample from ``softmax(l / T)`` over the kept tokens (the same as the exponential race
 ``argmax(p / E)``, ``E = -log(u)``), in one pass, with no normaliser, cumsum or
-sort. ``u`` is Philox-4x32-10 keyed by the row's 64-bit seed, counter words
-``(column, tokens generated so far, 0, 0)``:
+sort. ``u`` comes from Philox-4x32-10 keyed by the row's 64-bit seed; one call, with
+counter words ``(c // 4, tokens generated so far, 0, 0)``, gives columns 4j..4j+3:
 
-    u[b, c] = (philox(key=seed[b], ctr=(c, counter[b], 0, 0))[0] >> 8 + 0.5) / 2^24
+    u[b, c] = (philox(key=seed[b], ctr=(c // 4, counter[b], 0, 0))[c % 4] >> 8 + 0.5) / 2^24
 
 in (0, 1), so a seeded request draws the same token alone or in any batch, and again
-after preemption. Unseeded rows get a random seed from the host when the tensors are
-built. Greedy rows (T = 0) take the first argmax of the processed logits. The
-vocabulary is split into chunks of ``SPLIT_COLUMNS`` so small batches still fill the
-GPU; each program keeps its chunk's best (score, id), and a [B, splits] argmax
-picks the winner (first maximum wins, as in ``torch.argmax``). A vocabulary smaller
-than one block (tests, toy models) packs several rows into one program instead.
+after preemption, on any GPU or under the interpreter. Unseeded rows get a random
+seed from the host when the tensors are built. Greedy rows (T = 0) take the first
+argmax of the processed logits. The vocabulary is split into chunks (finer for
+small batches, so that a batch of one still fills the GPU); each program keeps its
+chunk's best (score, id), and a [B, splits] argmax picks the winner (first maximum
+wins, as in ``torch.argmax``), so the token does not depend on the split. A
+vocabulary smaller than one block (tests, toy models) packs several rows into one
+program instead.
+
+Host cost. ``from_options`` packs everything into one int64 and one float32 tensor
+and copies each to the device once, asynchronously from pinned memory. The penalty
+lists are O(batch tokens) of Python work per step; an executor that keeps prompt
+and output ids in persistent device buffers can fill those fields with views.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +70,9 @@ import triton.language as tl
 from executor.plan import SamplingOptions
 from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
 
-SPLIT_COLUMNS = 8192  # vocabulary columns one draw program scans
-_MAX_BLOCK = 1024
+_MAX_BLOCK = 1024  # columns a draw program holds at once
+_MAX_SPLIT_COLUMNS = 16384  # columns one draw program scans, at most
+_TARGET_PROGRAMS = 512  # enough to fill an H100's 132 SMs a few times over
 _MASK64 = (1 << 64) - 1
 
 
@@ -104,19 +113,24 @@ def _draw_kernel(
 
     start = split * split_columns
     lanes = tl.arange(0, BLOCK)
+    quads = tl.arange(0, BLOCK // 4)
     # Each lane keeps its own best; strict > keeps the earliest column of a lane.
     best = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([ROWS, BLOCK], tl.int64) + (start + lanes)[None, :]
     for i in range(BLOCKS_PER_SPLIT):
-        cols = start + i * BLOCK + lanes  # [BLOCK]
+        first_col = start + i * BLOCK
+        cols = first_col + lanes  # [BLOCK]
         in_row = row_ok[:, None] & (cols < vocab)[None, :]
         logit = tl.load(
             logits_ptr + rows[:, None] * stride_row + cols[None, :],
             mask=in_row,
             other=float("-inf"),
         ).to(tl.float32)
-        # Philox counter words (column, step): the 64-bit offset's low and high halves.
-        bits = tl.randint(seed, (step << 32) | cols[None, :].to(tl.int64))
+        # One Philox call gives the 4 words of columns 4j..4j+3, counter (j, step): the
+        # 64-bit offset's low and high halves. Joined so column 4j + m gets word m.
+        quad = (first_col // 4 + quads).to(tl.int64)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, (step << 32) | quad)
+        bits = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, BLOCK])
         u = ((bits >> 8).to(tl.float32) + 0.5) * 5.960464477539063e-08  # 2^-24: u in (0, 1)
         gumbel = -tl.log(-tl.log(u))
         score = tl.where(greedy[:, None], logit, logit * inv_temperature[:, None] + gumbel)
@@ -136,16 +150,28 @@ def draw(
     processed: torch.Tensor,  # [B, V] float: logits after bias, min_tokens, penalties
     params: SamplingTensors,
     *,
-    split_columns: int = SPLIT_COLUMNS,
+    split_columns: int | None = None,  # vocabulary columns per program; None: by shape
 ) -> torch.Tensor:
     """Steps 4-5: one token per row, [B] int64; greedy rows take the first argmax."""
-    num_rows, vocab = _check_logits(processed, params)
-    if split_columns < 1:
+    _check_logits(processed, params)
+    if split_columns is not None and split_columns < 1:
         raise ValueError(f"split_columns must be positive, got {split_columns}")
+    return _draw(processed, params, split_columns)
+
+
+def _draw(
+    processed: torch.Tensor, params: SamplingTensors, split_columns: int | None
+) -> torch.Tensor:
+    num_rows, vocab = processed.shape
     if params.all_greedy or num_rows == 0:
         return processed.argmax(dim=1)
     cut = keep_threshold(processed, params)
+    if split_columns is None:
+        # About _TARGET_PROGRAMS programs: a small batch splits its rows finer.
+        split_columns = triton.next_power_of_2(triton.cdiv(num_rows * vocab, _TARGET_PROGRAMS))
+        split_columns = min(max(split_columns, _MAX_BLOCK), _MAX_SPLIT_COLUMNS)
     block = min(triton.next_power_of_2(vocab), _MAX_BLOCK, triton.next_power_of_2(split_columns))
+    block = max(block, 4)  # one Philox call fills four columns
     blocks_per_split = triton.cdiv(min(split_columns, vocab), block)
     split_columns = blocks_per_split * block
     num_splits = triton.cdiv(vocab, split_columns)
@@ -229,19 +255,34 @@ def keep_threshold(processed: torch.Tensor, params: SamplingTensors) -> torch.Te
 def process_logits(
     logits: torch.Tensor, params: SamplingTensors, *, inplace: bool = False
 ) -> torch.Tensor:
-    """Steps 1-3 on a float32 copy of logits [B, V] (on logits itself if ``inplace``)."""
+    """Steps 1-3 on a float32 copy of logits [B, V], or on logits itself if ``inplace``.
+
+    float32 logits that no stage touches (no bias, no min_tokens ids, penalties
+    switched off) are returned as they are, uncopied: treat the result as read-only.
+    """
     _check_logits(logits, params)
-    if inplace:
-        if logits.dtype != torch.float32:
-            raise ValueError(f"inplace processing needs float32 logits, got {logits.dtype}")
+    if inplace and logits.dtype != torch.float32:
+        raise ValueError(f"inplace processing needs float32 logits, got {logits.dtype}")
+    return _process(logits, params, inplace)
+
+
+def _process(logits: torch.Tensor, params: SamplingTensors, inplace: bool) -> torch.Tensor:
+    has_bias = params.bias_token_ids.shape[1] > 0
+    has_blocked = params.blocked_token_ids.shape[1] > 0
+    if inplace or (
+        logits.dtype == torch.float32
+        and not has_bias
+        and not has_blocked
+        and not params.do_penalties
+    ):
         processed = logits
     else:
-        processed = logits.to(torch.float32, copy=True)
-    if params.bias_token_ids.shape[1]:
+        processed = logits.to(torch.float32, copy=True)  # never touch the caller's tensor
+    if has_bias:
         ids = params.bias_token_ids
         values = torch.where(ids >= 0, params.bias_values, 0.0)  # pads add 0 to column 0
         processed.scatter_add_(1, ids.clamp_min(0), values)
-    if params.blocked_token_ids.shape[1]:
+    if has_blocked:
         ids = params.blocked_token_ids
         active = (params.counters < params.min_tokens)[:, None]  # [B, 1]
         values = torch.where((ids >= 0) & active, float("-inf"), 0.0)
@@ -296,7 +337,8 @@ def _occurrences(lists: torch.Tensor, ids: torch.Tensor, num_vocab: int) -> torc
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Sampled token ids [B] int64 for logits [B, V], on the logits' device."""
-    return draw(process_logits(logits, params), params)
+    _check_logits(logits, params)
+    return _draw(_process(logits, params, inplace=False), params, None)
 
 
 def sample_with_logprobs(
@@ -307,8 +349,9 @@ def sample_with_logprobs(
     The logprobs follow ``executor.sampler``'s convention: after bias, min_tokens and
     penalties, before temperature and filtering.
     """
-    processed = process_logits(logits, params)
-    return draw(processed, params), processed.log_softmax(dim=-1)
+    _check_logits(logits, params)
+    processed = _process(logits, params, inplace=False)
+    return _draw(processed, params, None), processed.log_softmax(dim=-1)
 
 
 # --- the parameters ----------------------------------------------------------------
@@ -385,38 +428,9 @@ class SamplingTensors:
             _as_int64(o.seed) if o.seed is not None else s
             for o, s in zip(options, seeds, strict=True)
         ]
-        # Greedy rows filter nothing: neutral values keep them out of the switches.
-        floats = torch.tensor(
-            [
-                [o.temperature for o in options],
-                [1.0 if o.is_greedy else o.top_p for o in options],
-                [0.0 if o.is_greedy else o.min_p for o in options],
-                [o.repetition_penalty for o in options],
-                [o.presence_penalty for o in options],
-                [o.frequency_penalty for o in options],
-            ],
-            dtype=torch.float32,
-            device="cpu",
-        ).reshape(6, num_rows)
-        ints = torch.tensor(
-            [
-                [0 if o.is_greedy else o.top_k for o in options],
-                seeds,
-                [o.min_tokens for o in options],
-            ],
-            dtype=torch.int64,
-            device="cpu",
-        ).reshape(3, num_rows)
-        floats, ints = _to_device(floats, device), _to_device(ints, device)
-        if isinstance(counters, torch.Tensor):
-            counter_tensor = counters.to(device=device, dtype=torch.int64)
-        else:
-            if len(counters) != num_rows:
-                raise ValueError(f"{len(counters)} counters for {num_rows} options")
-            counter_tensor = _to_device(
-                torch.tensor(list(counters), dtype=torch.int64, device="cpu"), device
-            )
-
+        host_counters = None if isinstance(counters, torch.Tensor) else list(counters)
+        if host_counters is not None and len(host_counters) != num_rows:
+            raise ValueError(f"{len(counters)} counters for {num_rows} options")
         biases: list[dict[int, float]] = [{} for _ in options]
         for row, o in zip(biases, options, strict=True):
             for token, bias in o.logit_bias:  # a repeated token adds up
@@ -431,23 +445,51 @@ class SamplingTensors:
         ]
         outputs = [ids if p else () for p, ids in zip(penalised, output_lists, strict=True)]
 
+        # Everything in one int64 and one float32 host tensor: two copies to the device.
+        # Greedy rows filter nothing: neutral values keep them out of the switches.
+        ints = _Packer(num_rows, -1)
+        ints.add_row([0 if o.is_greedy else o.top_k for o in options])
+        ints.add_row(seeds)
+        ints.add_row([o.min_tokens for o in options])
+        if host_counters is not None:
+            ints.add_row(host_counters)
+        ints.add_lists([o.min_tokens_blocked_ids for o in options])
+        ints.add_lists([list(b) for b in biases])
+        ints.add_lists(prompts)
+        ints.add_lists(outputs)
+        floats = _Packer(num_rows, 0.0)
+        floats.add_row([o.temperature for o in options])
+        floats.add_row([1.0 if o.is_greedy else o.top_p for o in options])
+        floats.add_row([0.0 if o.is_greedy else o.min_p for o in options])
+        floats.add_row([o.repetition_penalty for o in options])
+        floats.add_row([o.presence_penalty for o in options])
+        floats.add_row([o.frequency_penalty for o in options])
+        floats.add_lists([list(b.values()) for b in biases])
+        i = ints.to(device, torch.int64)
+        f = floats.to(device, torch.float32)
+        top_k, seed_tensor, min_tokens = next(i), next(i), next(i)
+        if isinstance(counters, torch.Tensor):
+            counter_tensor = counters.to(device=device, dtype=torch.int64)
+        else:
+            counter_tensor = next(i)
+
         top_k_rows = [o for o in random_rows if o.top_k > 0 or o.top_p < 1.0]
         return cls(
-            temperature=floats[0],
-            top_k=ints[0],
-            top_p=floats[1],
-            min_p=floats[2],
-            seeds=ints[1],
+            top_k=top_k,
+            seeds=seed_tensor,
+            min_tokens=min_tokens,
             counters=counter_tensor,
-            repetition_penalty=floats[3],
-            presence_penalty=floats[4],
-            frequency_penalty=floats[5],
-            min_tokens=ints[2],
-            blocked_token_ids=_padded([o.min_tokens_blocked_ids for o in options], device),
-            bias_token_ids=_padded([list(b) for b in biases], device),
-            bias_values=_padded([list(b.values()) for b in biases], device, torch.float32),
-            prompt_token_ids=_padded(prompts, device),
-            output_token_ids=_padded(outputs, device),
+            blocked_token_ids=next(i),
+            bias_token_ids=next(i),
+            prompt_token_ids=next(i),
+            output_token_ids=next(i),
+            temperature=next(f),
+            top_p=next(f),
+            min_p=next(f),
+            repetition_penalty=next(f),
+            presence_penalty=next(f),
+            frequency_penalty=next(f),
+            bias_values=next(f),
             all_greedy=not random_rows,
             do_top_k_top_p=bool(top_k_rows),
             max_top_k=0
@@ -456,6 +498,39 @@ class SamplingTensors:
             do_min_p=any(o.min_p > 0.0 for o in random_rows),
             do_penalties=any(penalised),
         )
+
+
+class _Packer:
+    """Collects [B] rows and padded [B, L] lists into one flat host tensor.
+
+    ``to`` copies it to the device once and yields the pieces as views, in the
+    order they were added.
+    """
+
+    def __init__(self, num_rows: int, pad: float) -> None:
+        self.num_rows = num_rows
+        self.pad = pad
+        self.values: list[float] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def add_row(self, row: Sequence[float]) -> None:
+        self.values.extend(row)
+        self.shapes.append((self.num_rows,))
+
+    def add_lists(self, lists: Sequence[Sequence[float]]) -> None:
+        width = max((len(r) for r in lists), default=0)
+        for r in lists:
+            self.values.extend(r)
+            self.values.extend([self.pad] * (width - len(r)))
+        self.shapes.append((self.num_rows, width))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        flat = _to_device(torch.tensor(self.values, dtype=dtype, device="cpu"), device)
+        start = 0
+        for shape in self.shapes:
+            size = math.prod(shape)
+            yield flat[start : start + size].view(shape)
+            start += size
 
 
 def _check_option(o: SamplingOptions, vocab_size: int | None) -> None:
@@ -484,20 +559,6 @@ def _as_int64(seed: int) -> int:
     """Any Python int as the signed 64-bit pattern of its low 64 bits (the Philox key)."""
     bits = seed & _MASK64
     return bits - (1 << 64) if bits >> 63 else bits
-
-
-def _padded(
-    rows: Sequence[Sequence[int] | Sequence[float]],
-    device: torch.device | str,
-    dtype: torch.dtype = torch.int64,
-) -> torch.Tensor:
-    """[len(rows), longest] tensor, short rows padded with -1, on the device."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), -1, dtype=dtype, device="cpu")
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.tensor(r, dtype=dtype, device="cpu")
-    return _to_device(out, device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -471,6 +471,8 @@ def test_neutral_switches_change_nothing(gen) -> None:
     everything = dataclasses.replace(
         params, do_top_k_top_p=True, max_top_k=0, do_min_p=True, do_penalties=True
     )
+    assert process_logits(logits, params) is logits  # float32, nothing to do: no copy
+    assert process_logits(logits.half(), params).dtype == torch.float32
     assert torch.equal(process_logits(logits, everything), logits)
     assert torch.equal(sample(logits, everything), sample(logits, params))
 

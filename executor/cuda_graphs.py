@@ -63,6 +63,9 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = None
         stream = torch.cuda.Stream(device)
+        # The buffers above were filled on the current stream; the warm-ups below run on
+        # another one and must not read them (a slot of -1, a context of 0) before that.
+        stream.wait_stream(torch.cuda.current_stream(device))
         for bs in reversed(self.sizes):
             meta = self._meta(bs)
             with torch.cuda.stream(stream):
@@ -73,6 +76,7 @@ class DecodeGraphs:
                 logits = self._step(bs, kv_caches, meta)
             pool = graph.pool()
             self.graphs[bs] = (graph, logits)
+        torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         logger.info(
             "captured %d decode CUDA graphs (batch 1..%d) in %.1f s",

@@ -20,7 +20,7 @@ from executor.model import LlamaForCausalLM
 from executor.model_config import ModelConfig
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.registry import resolve_model
-from executor.sampler import Sampler, SamplingBatch
+from executor.sampler import Sampler, SamplingBatch, compute_logprobs
 from executor.triton_backend import TritonAttentionBackend, layout_step
 from executor.weights import load_weights
 
@@ -201,12 +201,15 @@ class ModelRunner:
         if not sample_ids:
             return StepResult()
         states = [self.requests[r] for r in sample_ids]
-        batch = SamplingBatch(
-            options=[s.sampling for s in states],
-            prompt_token_ids=[s.prompt_token_ids for s in states],
-            output_token_ids=[s.output_token_ids for s in states],
-        )
-        tokens, logprobs = self.sampler(logits, batch)
+        if self.use_triton:
+            tokens, logprobs = self._sample_on_device(logits, states)
+        else:
+            batch = SamplingBatch(
+                options=[s.sampling for s in states],
+                prompt_token_ids=[s.prompt_token_ids for s in states],
+                output_token_ids=[s.output_token_ids for s in states],
+            )
+            tokens, logprobs = self.sampler(logits, batch)
         result = StepResult()
         for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
             state.output_token_ids.append(token)
@@ -214,6 +217,27 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[request_id] = lp
         return result
+
+    def _sample_on_device(self, logits: torch.Tensor, states: list[_RequestState]):
+        """The Triton sampler (kernels.sampling): every row in batched device ops, one
+        device-to-host copy of the tokens. Seeded draws use Philox keyed by (seed,
+        tokens generated so far), so they differ from the CPU sampler's for one seed."""
+        from kernels.sampling import SamplingTensors, sample, sample_with_logprobs
+
+        options = [s.sampling for s in states]
+        params = SamplingTensors.from_options(
+            options,
+            [len(s.output_token_ids) for s in states],
+            self.device,
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+        )
+        wanted = [o.logprobs for o in options]
+        if all(k is None for k in wanted):
+            return sample(logits, params).tolist(), [None] * len(states)
+        ids, logprobs = sample_with_logprobs(logits, params)
+        # log_softmax of logprobs is the same logprobs: compute_logprobs takes either.
+        return ids.tolist(), compute_logprobs(logprobs, ids, wanted)
 
     def _scheduled(self, plan: StepPlan):
         """(request id, state, start, end) of every scheduled request, checked and advanced."""

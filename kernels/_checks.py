@@ -1,4 +1,4 @@
-"""Argument checks for the fused elementwise launchers (norm, rotary, activation, sampling).
+"""Argument checks shared by every kernel launcher (``_attention_checks`` adds the pool's).
 
 Every check reads shapes, strides, dtypes and devices only, never a tensor's
 contents, so a launcher built on them does no host synchronisation and can be
@@ -16,6 +16,28 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def interpreted(kernel: object) -> bool:
     """True when ``kernel`` was built under ``TRITON_INTERPRET=1`` (runs on CPU tensors)."""
     return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let the interpreter use loaded scalars as loop bounds under NumPy >= 2.4.
+
+    Triton 3.6's interpreter keeps every scalar as a 1-element array and converts it
+    with ``int(array)``, which NumPy 2.4 made a TypeError, so a ``range(start, end)``
+    with run-time bounds fails. ``.item()`` is what it meant. Applied once, on the
+    first interpreted launch, and only then.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_tessera_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor._tessera_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def check_tensor(
@@ -46,7 +68,9 @@ def check_devices(kernel: object, **tensors: torch.Tensor) -> None:
     for name, t in rest:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    if first.device.type != "cuda" and not interpreted(kernel):
+    if interpreted(kernel):
+        _patch_interpreter_scalar_index()
+    elif first.device.type != "cuda":
         raise ValueError(
             f"Triton kernels need CUDA tensors, got {first.device} "
             "(set TRITON_INTERPRET=1 before importing kernels to run them on the CPU)"

@@ -17,6 +17,10 @@ them. A message that is not one StepPlan (a pickle, garbage, several frames) is 
 and answered with an error under step id 0. The process exits 0 on SIGTERM and when its
 parent dies. If it dies otherwise, or hangs, the scheduler kills it and starts another.
 
+The link to the scheduler is plain on ipc:// and loopback; on any other address it
+needs CURVE keys (``executor.curve``): this process's key pair and the scheduler's
+public key, checked when the config is built.
+
 Test hook, never set in production: if ``TESSERA_TEST_EXECUTOR_FAIL_START`` names a file
 that exists, the executor exits with code 1 at start-up, so tests can make a restart
 fail (and then succeed, once the file is gone).
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, NoReturn
 import zmq
 
 from executor.config import ExecutorConfig
+from executor.curve import check_link, check_pair, client_keys
 from executor.process import exit_with_parent, setup_logging
 from executor.registry import DEFAULT_MODEL
 from executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
@@ -85,10 +90,25 @@ class ExecutorServerConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
     )
+    curve_secret_key_file: str | None = field(
+        default=None,
+        metadata={"help": "CURVE: this executor's key pair (NAME.key_secret); needed, with "
+                  "curve_server_key_file, when executor_address is beyond loopback"},
+    )
+    curve_server_key_file: str | None = field(
+        default=None, metadata={"help": "CURVE: the scheduler's public key (NAME.key)"}
+    )
 
     def __post_init__(self) -> None:
         if not self.executor_address:
             raise ValueError("executor_address must name the scheduler's socket")
+        has_keys = check_pair(
+            self.curve_secret_key_file, self.curve_server_key_file,
+            "curve_secret_key_file and curve_server_key_file",
+        )
+        check_link(
+            self.executor_address, has_keys, "--curve-secret-key-file and --curve-server-key-file"
+        )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.runner_config  # noqa: B018 - validates the model runner's fields once, here
@@ -127,6 +147,9 @@ def run_executor(config: ExecutorServerConfig) -> int:
     to_scheduler = ctx.socket(zmq.PAIR)
     to_scheduler.setsockopt(zmq.LINGER, 0)
     try:
+        keys = client_keys(config.curve_secret_key_file, config.curve_server_key_file)
+        if keys is not None:
+            keys.secure(to_scheduler, config.executor_address)
         to_scheduler.connect(config.executor_address)
         from executor.model_runner import ModelRunner  # torch: imported in this process only
 

@@ -5,7 +5,8 @@
     submit(plan) ... collect()  one step, watched: a result, StepFailed, or ExecutorLost
     ExecutorLink.kill()         SIGKILL and reap, before starting the next one
 
-The socket is bound once and outlives the executors: each new one connects to the same
+The socket is a CURVE server when the scheduler has keys (``executor.curve``). It is
+bound once and outlives the executors: each new one connects to the same
 address. Step ids count on across executors, so a stale result from an earlier one is
 recognised and dropped. An executor that dies (its process exits, or with
 ``--no-start-executor`` its connection drops) or runs one step longer than
@@ -35,6 +36,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from executor.cli_args import config_to_argv
+from executor.curve import ServerKeys
 from executor.plan import StepPlan, StepResult
 from executor.wire import WireError, decode, encode, plan_to_pb, result_from_pb
 from proto.tessera.v1 import engine_pb2
@@ -45,6 +47,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often a wait on the executor looks at its process and SIGTERM
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class Interrupted(Exception):
@@ -67,7 +74,11 @@ class ExecutorLink:
     """The executor process and the PAIR socket to it."""
 
     def __init__(
-        self, ctx: zmq.Context, config: SchedulerServerConfig, stop: threading.Event
+        self,
+        ctx: zmq.Context,
+        config: SchedulerServerConfig,
+        stop: threading.Event,
+        keys: ServerKeys | None = None,
     ) -> None:
         self.stop = stop
         self.step_timeout = config.step_timeout
@@ -81,9 +92,12 @@ class ExecutorLink:
         self._config = config.executor_config(address)
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
-        bind(self.socket, address)
-        # Connections that drop: how an executor started elsewhere is seen to die.
-        self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        bind(self.socket, address, keys)
+        # Connections that drop: how an executor started elsewhere is seen to die. A
+        # failed handshake (a port scan, a peer without an authorized CURVE key) is
+        # followed by its connection's drop, which must not count.
+        self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        self._after_failed_handshake = False
         self.info: engine_pb2.EngineInfo | None = None  # the first executor's
         self.process: subprocess.Popen | None = None
         self._ready_deadline = 0.0
@@ -282,19 +296,30 @@ class ExecutorLink:
     def _disconnected(self) -> bool:
         """Whether a connection dropped since the last start (the child's exit code
         says more, so only an executor started elsewhere is judged by this)."""
-        if self.process is not None or not self._events.poll(0):
+        if self.process is not None:
             return False
-        self._drain_events()
-        return True
+        return self._drain_events()
 
-    def _drain_events(self) -> None:
+    def _drain_events(self) -> bool:
+        """Read the socket's events; whether a connection that got through its
+        handshake dropped. (One I/O thread: a connection's failed handshake is the
+        event right before its drop.)"""
+        dropped = False
         while self._events.poll(0):
-            recv_monitor_message(self._events)
+            event = recv_monitor_message(self._events)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                dropped |= not self._after_failed_handshake
+                self._after_failed_handshake = False
+            else:
+                self._after_failed_handshake = True
+        return dropped
 
 
-def bind(socket: zmq.Socket, address: str) -> str:
+def bind(socket: zmq.Socket, address: str, keys: ServerKeys | None = None) -> str:
     """Bind and return the address bound: an ipc path's directory is created, and TCP
-    without a host binds 127.0.0.1. Raises OSError with the address if the bind fails.
+    without a host binds 127.0.0.1. With ``keys``, a TCP socket is a CURVE server (the
+    config refused an address beyond loopback without them). Raises OSError with the
+    address if the bind fails.
     """
     if address.startswith("ipc://"):
         Path(address.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
@@ -302,10 +327,8 @@ def bind(socket: zmq.Socket, address: str) -> str:
         host = address.removeprefix("tcp://").rpartition(":")[0]
         if host == "":
             address = "tcp://127.0.0.1" + address.removeprefix("tcp://")
-        elif host in ("*", "0.0.0.0", "[::]", "::"):
-            logger.warning(
-                "binding %s on every interface: this protocol has no authentication", address
-            )
+    if keys is not None:
+        keys.secure(socket, address)
     try:
         socket.bind(address)
     except zmq.ZMQError as e:

@@ -1,4 +1,11 @@
-"""A request as the scheduler tracks it: tokens, progress, blocks, status, stops."""
+"""A request as the scheduler tracks it: tokens, progress, blocks, status, stops.
+
+``cache_salt`` isolates tenants in the prefix cache: a request may reuse cached KV
+blocks only of requests with the same salt (empty: the shared namespace). The prefix
+cache, when it comes, must fold the salt into the hash of a request's first block (so
+into every block hash chained from it), never key blocks by tokens alone; otherwise
+one tenant could tell from its time to first token which prompts another one sent.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,18 @@ import enum
 from dataclasses import dataclass, field
 
 from executor.plan import SamplingOptions, TokenLogprobs
+
+MAX_CACHE_SALT_BYTES = 256
+
+
+def check_cache_salt(salt: str) -> str:
+    """The salt, or ValueError if it is too long to be a key's part."""
+    size = len(salt.encode())
+    if size > MAX_CACHE_SALT_BYTES:
+        raise ValueError(
+            f"cache_salt must be at most {MAX_CACHE_SALT_BYTES} bytes (UTF-8), got {size}"
+        )
+    return salt
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +76,7 @@ class Request:
     sampling: SamplingOptions
     stop: StopConditions
     priority: int = 0  # lower runs first under the priority policy
+    cache_salt: str = ""  # the prefix cache's namespace: see the module docstring
     arrival_index: int = 0  # set by Scheduler.add_request; orders equal priorities
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)

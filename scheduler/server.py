@@ -19,6 +19,11 @@ has its requests aborted (their blocks are free at once). Whatever a gateway sen
 parsed as a ``GatewayMessage`` or dropped with a warning: nothing it sends can raise out
 of the loop.
 
+Both sockets stay on ipc:// or loopback unless CURVE keys are configured
+(``executor.curve``): binding tcp:// beyond loopback without them is refused when the
+config is built, and with them a ZAP handler admits only the authorized gateway and
+executor keys, so an unknown peer never gets a message read or a reply.
+
 The executor may die (its process exits) or hang (one step runs past ``step_timeout``;
 it is killed). Either way the step in flight produced nothing, and every running request
 goes back to waiting, as after a preemption: outputs kept, blocks free. A new executor
@@ -49,6 +54,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from executor.curve import ServerKeys, check_link, check_pair
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.process import exit_with_parent, setup_logging
 from executor.registry import DEFAULT_MODEL
@@ -73,7 +79,7 @@ from scheduler.executor_link import (
 )
 from scheduler.outputs import RequestOutput
 from scheduler.recovery import EngineState, Recovery
-from scheduler.request import Request
+from scheduler.request import Request, check_cache_salt
 from scheduler.scheduler import Scheduler
 
 __all__ = [
@@ -166,10 +172,29 @@ class SchedulerServerConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
     )
+    # security of the two sockets (executor.curve)
+    curve_secret_key_file: str | None = field(
+        default=None,
+        metadata={"help": "CURVE: this scheduler's key pair (NAME.key_secret); needed, with "
+                  "curve_authorized_keys, when a socket binds beyond loopback"},
+    )
+    curve_authorized_keys: str | None = field(
+        default=None,
+        metadata={"help": "CURVE: a directory of the public keys (*.key) of the gateways and "
+                  "executors allowed to connect"},
+    )
 
     def __post_init__(self) -> None:
         if not self.gateway_address:
             raise ValueError("gateway_address must not be empty")
+        has_keys = check_pair(
+            self.curve_secret_key_file, self.curve_authorized_keys,
+            "curve_secret_key_file and curve_authorized_keys",
+        )
+        flags = "--curve-secret-key-file and --curve-authorized-keys"
+        check_link(self.gateway_address, has_keys, flags)
+        if self.executor_address:
+            check_link(self.executor_address, has_keys, flags)
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if not self.executor_start_timeout > 0:
@@ -209,6 +234,9 @@ class SchedulerServerConfig:
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            # A child executor authenticates with the scheduler's own key pair.
+            curve_secret_key_file=self.curve_secret_key_file,
+            curve_server_key_file=self.curve_secret_key_file,
         )
 
     def scheduler_config(self, info: engine_pb2.EngineInfo) -> SchedulerConfig:
@@ -231,25 +259,32 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     ctx = zmq.Context()
     executor: ExecutorLink | None = None
+    authenticator = None
     try:
-        executor = ExecutorLink(ctx, config, stop)
+        keys = None
+        if config.curve_secret_key_file and config.curve_authorized_keys:
+            keys = ServerKeys.load(config.curve_secret_key_file, config.curve_authorized_keys)
+            authenticator = keys.start_authenticator(ctx)  # before any socket binds
+        executor = ExecutorLink(ctx, config, stop, keys)
         info = executor.wait_ready(config.executor_start_timeout)  # the first: no retry
         gateways = ctx.socket(zmq.ROUTER)
         gateways.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished gateway raises, we abort
         gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
-        address = bind(gateways, config.gateway_address)
+        address = bind(gateways, config.gateway_address, keys)
         server = SchedulerServer(config, info, executor, gateways, stop)
         logger.info("serving %s to gateways on %s", info.model, address)
         return server.serve()
     except Interrupted:
         logger.info("stopped before the executor was ready")
         return 0
-    except (ExecutorError, OSError) as e:
+    except (ExecutorError, OSError, ValueError) as e:
         logger.error("%s", e)
         return 1
     finally:
         if executor is not None:
             executor.close()
+        if authenticator is not None:
+            authenticator.stop()
         ctx.destroy(linger=1000)
 
 
@@ -606,6 +641,7 @@ class SchedulerServer:
             _check_sampling(sampling or SamplingOptions(), vocab)
             room = max(self.info.max_model_len - len(prompt), 1)
             stop = stop_from_pb(seq.stop, self.info.eos_token_ids, default_max_tokens=room)
+            cache_salt = check_cache_salt(seq.cache_salt)
         except ValueError as e:
             raise ValueError(f"request {request_id!r}: {e}") from None
         return Request(
@@ -614,6 +650,7 @@ class SchedulerServer:
             sampling=sampling or SamplingOptions(),
             stop=stop,
             priority=seq.priority,
+            cache_salt=cache_salt,
         )
 
     def _count_finish(self, finish_reason: str | None, error: str) -> None:

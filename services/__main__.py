@@ -7,4 +7,9 @@ from services.gateway import GatewayConfig, run_gateway
 
 parser = argparse.ArgumentParser(prog="python -m services", description="Tessera gRPC gateway")
 add_config_args(parser, GatewayConfig)
-run_gateway(config_from_args(GatewayConfig, parser.parse_args()))
+args = parser.parse_args()
+try:
+    config = config_from_args(GatewayConfig, args)
+except ValueError as e:  # a setting at fault, named: no traceback
+    parser.error(str(e))
+run_gateway(config)

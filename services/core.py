@@ -15,6 +15,9 @@ KV blocks are freed within one scheduler step.
                            ▼
                      deltas() ◄── per-step SequenceOutputs, TextStream per sequence
 
+A request's ``cache_salt`` (its tenant's prefix-cache namespace) is checked here and
+travels on every AddSequence to the scheduler, whose prefix cache must key blocks by it.
+
 Errors are ``RequestError``s with an ``ErrorKind``; each front maps the kind to its own
 status (a gRPC code, an HTTP status), so both agree on what is the client's fault.
 """
@@ -32,6 +35,7 @@ from typing import Any
 from executor.plan import SamplingOptions, TokenLogprobs
 from executor.wire import logprobs_from_pb, sampling_to_pb
 from proto.tessera.v1 import engine_pb2
+from scheduler.request import check_cache_salt
 from services.engine_client import EngineClient, EngineUnavailable
 from services.metrics import Metrics
 from tessera.sampling_params import SamplingParams
@@ -97,6 +101,7 @@ class GenerationRequest:
     request_id: str = ""  # unique among the open requests; assigned when empty
     model: str = ""  # empty: the served model
     priority: int = 0
+    cache_salt: str = ""  # the tenant's prefix-cache namespace (scheduler/request.py)
 
 
 @dataclass(slots=True, frozen=True)
@@ -193,6 +198,10 @@ class ServingCore:
         """Admit, tokenize, validate and start ``request``; raises RequestError."""
         started = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
+        try:
+            check_cache_salt(request.cache_salt)
+        except ValueError as e:
+            raise RequestError(ErrorKind.INVALID, str(e), "cache_salt") from None
         self._admit(rid, request.model)
         self._open[rid] = []  # holds the slot while the prompt is tokenized
         params = request.params
@@ -207,7 +216,7 @@ class ServingCore:
             raise
         try:
             await self.engine.add(
-                [self._sequence(s, i, prompt, params, request.priority) for i, s in enumerate(ids)]
+                [self._sequence(s, i, prompt, params, request) for i, s in enumerate(ids)]
             )
         except BaseException:
             generation.close()
@@ -337,7 +346,8 @@ class ServingCore:
             )
 
     def _sequence(
-        self, sid: str, i: int, prompt: list[int], params: SamplingParams, priority: int
+        self, sid: str, i: int, prompt: list[int], params: SamplingParams,
+        request: GenerationRequest,
     ) -> engine_pb2.AddSequence:
         options: SamplingOptions = params.to_options(tuple(self.info.eos_token_ids), seed_offset=i)
         return engine_pb2.AddSequence(
@@ -350,7 +360,8 @@ class ServingCore:
                 stop_token_ids=params.stop_token_ids,
                 ignore_eos=params.ignore_eos,
             ),
-            priority=priority,
+            priority=request.priority,
+            cache_salt=request.cache_salt,
         )
 
     def _release(self, rid: str, pending: list[str], ids: list[str]) -> None:

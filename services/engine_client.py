@@ -2,7 +2,8 @@
 
 One reader task receives ``EngineOutputs`` and hands each ``SequenceOutput`` to the
 queue of the request that owns it, so any number of streams share one socket. Status
-queries are answered through futures keyed by a query id.
+queries are answered through futures keyed by a query id. On TCP, with keys, the
+socket is a CURVE client that also checks the scheduler's public key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import zmq
 import zmq.asyncio
 from google.protobuf.message import DecodeError
 
+from executor.curve import ClientKeys
 from proto.tessera.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -26,12 +28,16 @@ class EngineUnavailable(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, scheduler_address: str, status_timeout: float = 5.0) -> None:
+    def __init__(
+        self, scheduler_address: str, status_timeout: float = 5.0, curve: ClientKeys | None = None
+    ) -> None:
         self.identity = f"gw-{uuid.uuid4().hex[:12]}"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.identity.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # CURVE on a TCP link (executor.curve)
+            curve.secure(self._sock, scheduler_address)
         self._sock.connect(scheduler_address)
         self._queues: dict[str, asyncio.Queue] = {}
         self._status: dict[int, asyncio.Future] = {}

@@ -3,6 +3,11 @@ and reflection) and the OpenAI-compatible HTTP API (``services.openai_api``), bo
 one event loop over one ``ServingCore`` (``services.core``): one engine socket, one
 set of tokenizer replicas, one admission limit, one set of metrics.
 
+Security (``services.security``): the API key guards every gRPC method, reflection
+included, and every HTTP route, except the health checks; TLS (``--tls-cert-file``,
+``--tls-key-file``) and mutual TLS (``--tls-client-ca-file``) apply to both ports; the
+link to the scheduler needs CURVE keys when it leaves the machine (``executor.curve``).
+
 The servicer here is thin: protobuf to the core's domain types and back. The core
 validates, tokenizes, hands the request to the scheduler over ZeroMQ and streams the
 outputs back with incremental detokenization and exact stop strings. A client that
@@ -13,7 +18,7 @@ one scheduler step.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from executor.curve import check_link, check_pair, client_keys
 from executor.plan import TokenLogprobs
 from executor.process import exit_with_parent, install_uvloop, setup_logging
 from executor.registry import resolve_model
@@ -41,6 +47,7 @@ from services.core import (
 from services.engine_client import EngineClient, EngineUnavailable
 from services.metrics import Metrics
 from services.openai_api import HttpServer, create_app
+from services.security import HEALTH_SERVICE_PREFIX, BearerToken, TlsFiles
 from tessera.sampling_params import SamplingParams
 from tokenizer_svc.client import TokenizerClient
 from tokenizer_svc.tokenizer import Tokenizer
@@ -98,6 +105,26 @@ class GatewayConfig:
     grace_seconds: float = 30.0  # in-flight streams get this long to finish on SIGTERM
     max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED / HTTP 429
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages and HTTP bodies
+    tls_cert_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM certificate chain: serve TLS on both ports (with tls_key_file)"},
+    )
+    tls_key_file: str | None = field(
+        default=None, metadata={"help": "PEM private key of tls_cert_file"}
+    )
+    tls_client_ca_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle: require client certificates it signed, on both "
+                  "ports (mutual TLS)"},
+    )
+    curve_secret_key_file: str | None = field(
+        default=None,
+        metadata={"help": "CURVE: this gateway's key pair (NAME.key_secret); needed, with "
+                  "curve_server_key_file, when scheduler_address is beyond loopback"},
+    )
+    curve_server_key_file: str | None = field(
+        default=None, metadata={"help": "CURVE: the scheduler's public key (NAME.key)"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -111,6 +138,15 @@ class GatewayConfig:
             raise ValueError("api_key must not be empty; leave it unset for no key")
         if self.grace_seconds < 0 or self.max_open_requests < 1:
             raise ValueError("grace_seconds must be >= 0 and max_open_requests >= 1")
+        check_pair(self.tls_cert_file, self.tls_key_file, "tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        has_keys = check_pair(
+            self.curve_secret_key_file, self.curve_server_key_file,
+            "curve_secret_key_file and curve_server_key_file",
+        )
+        check_link(self.scheduler_address, has_keys,
+                   "--curve-secret-key-file and --curve-server-key-file")
 
 
 class TesseraServicer(generate_pb2_grpc.TesseraServicer):
@@ -199,6 +235,7 @@ def _request_from_pb(request: generate_pb2.GenerateRequest) -> GenerationRequest
         request_id=request.request_id,
         model=request.model,
         priority=request.priority,
+        cache_salt=request.cache_salt,
     )
 
 
@@ -256,17 +293,17 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Every call but the health service must carry ``authorization: Bearer <key>``."""
 
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._token = BearerToken(api_key)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+        if handler is None or details.method.startswith(HEALTH_SERVICE_PREFIX):
             return handler
         given = b""
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(given, self._expected):
+                given = value
+        if self._token.matches(given):
             return handler
 
         async def deny(request, context):
@@ -281,7 +318,11 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
-    engine = EngineClient(config.scheduler_address)
+    tls = None
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        tls = TlsFiles.load(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    curve = client_keys(config.curve_secret_key_file, config.curve_server_key_file)
+    engine = EngineClient(config.scheduler_address, curve=curve)
     engine.start()
     addresses = [a.strip() for a in config.tokenizer_addresses.split(",") if a.strip()]
     tokenizers = TokenizerClient(addresses) if addresses else None
@@ -314,12 +355,17 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     )
     reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.grpc_credentials())
+    if bound == 0:
         raise OSError(f"cannot bind the gateway to {address}")
     http = None
     if config.http_port:
         app = create_app(core, metrics, config.api_key, config.max_message_bytes)
-        http = HttpServer(app, config.host, config.http_port, config.grace_seconds)
+        http = HttpServer(app, config.host, config.http_port, config.grace_seconds,
+                          tls.uvicorn_options() if tls is not None else None)
         await http.start()
     await server.start()
     stop = asyncio.Event()
@@ -328,9 +374,14 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     watcher = loop.create_task(_watch_engine(engine, health_servicer, names[0]))
     logger.info(
-        "gateway serving %s: gRPC on %s, HTTP %s", config.model, address,
+        "gateway serving %s: gRPC on %s, HTTP %s (%s, %s)", config.model, address,
         f"on {config.host}:{config.http_port}" if http else "off",
+        tls.describe() if tls is not None else "plaintext",
+        "API key required" if config.api_key else "no API key",
     )
+    if tls is None and config.api_key and not _is_loopback(config.host):
+        logger.warning("the API key crosses the network in plaintext: set --tls-cert-file and "
+                       "--tls-key-file, unless a TLS proxy stands in front")
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -349,6 +400,13 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     await engine.close()
     if tokenizers is not None:
         await tokenizers.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_pb2.StatusReply:

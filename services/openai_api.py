@@ -14,14 +14,13 @@ A stream's headers go out with its first token, not before, so a request the sch
 refuses still gets its real status (429) rather than a 200 with an error inside. The
 client going away, before or during the stream, cancels the work; ``Generation.close``
 then aborts the sequences and their KV blocks are freed within one scheduler step.
-``_Guard``, a plain ASGI middleware, checks the API key (constant time; /health is
-open), caps the body size, and counts responses by route and status.
+``_Guard``, a plain ASGI middleware, checks the API key (``services.security``: constant
+time; /health is open), caps the body size, and counts responses by route and status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
@@ -60,6 +59,7 @@ from services.openai_protocol import (
     error_body,
     usage_body,
 )
+from services.security import OPEN_HTTP_PATHS, BearerToken
 
 logger = logging.getLogger(__name__)
 
@@ -530,7 +530,7 @@ class _Guard:
     def __init__(self, app: Callable, api_key: str | None, max_body_bytes: int,
                  metrics: Metrics) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.token = BearerToken(api_key) if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
@@ -548,7 +548,7 @@ class _Guard:
             await send(message)
 
         try:
-            if path != "/health" and not self._authorized(scope):
+            if path not in OPEN_HTTP_PATHS and not self._authorized(scope):
                 response = error_response(
                     401, "missing or incorrect API key; send Authorization: Bearer <key>",
                     "invalid_request_error", None, "invalid_api_key",
@@ -572,16 +572,13 @@ class _Guard:
             self.metrics.http_response(_route_label(path), status)
 
     def _authorized(self, scope: dict) -> bool:
-        if self.expected is None:
+        if self.token is None:
             return True
         given = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value
-        # Scheme names are case-insensitive; the key is compared in constant time.
-        if given[:7].lower() == b"bearer ":
-            given = b"Bearer " + given[7:].strip()
-        return hmac.compare_digest(given, self.expected)
+        return self.token.matches(given)  # constant time (services.security)
 
     async def _read_body(self, receive: Callable) -> bytes | None:
         """The whole body, or as much as tells it is too large; None if the client left."""
@@ -627,7 +624,9 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn serving ``app`` as a task of the running event loop."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float,
+                 tls: dict[str, Any] | None = None) -> None:
+        """``tls``: uvicorn's ssl_* arguments (services.security.TlsFiles)."""
         self.app = app
         self.host = host
         self.port = port
@@ -639,6 +638,7 @@ class HttpServer:
             ws="none",
             server_header=False,
             timeout_graceful_shutdown=grace_seconds,
+            **(tls or {}),
         )
         self._server = _Server(config)
         self._task: asyncio.Task | None = None

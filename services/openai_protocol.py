@@ -6,8 +6,9 @@ naming it, not a silent default); ``to_generation`` turns one into the core's do
 logprobs in the two shapes OpenAI uses: chat (``content[{token, logprob, bytes,
 top_logprobs}]``) and completions (``tokens, token_logprobs, top_logprobs,
 text_offset``). Engine parameters OpenAI lacks (top_k, min_p, repetition_penalty,
-ignore_eos, priority, min_tokens, stop_token_ids, skip_special_tokens) are accepted as
-extra body fields, as the openai client sends ``extra_body``.
+ignore_eos, priority, min_tokens, stop_token_ids, skip_special_tokens, and cache_salt,
+the tenant's prefix-cache namespace) are accepted as extra body fields, as the openai
+client sends ``extra_body``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _SamplingFields(_Strict):
     min_tokens: Annotated[int, Field(ge=0, le=_U32)] | None = None
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
+    cache_salt: str | None = None  # the tenant's prefix-cache namespace (generate.proto)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
@@ -126,6 +128,7 @@ class CompletionRequest(_SamplingFields):
                 request_id=f"{request_id}-{i}" if len(prompts) > 1 else request_id,
                 model=self.model,
                 priority=self.priority or 0,
+                cache_salt=self.cache_salt or "",
             )
             for i, p in enumerate(prompts)
         ]
@@ -184,7 +187,9 @@ class ChatCompletionRequest(_SamplingFields):
         )
         prompt = ChatPrompt(turns, add_generation_prompt=self.add_generation_prompt)
         return [
-            GenerationRequest(prompt, params, request_id, self.model, self.priority or 0)
+            GenerationRequest(
+                prompt, params, request_id, self.model, self.priority or 0, self.cache_salt or ""
+            )
         ]
 
 

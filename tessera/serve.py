@@ -5,6 +5,10 @@
               └─ gateway                           (public gRPC on host:port,
                                                     OpenAI HTTP on host:http_port)
 
+The internal links stay on unix sockets in ``run_dir``; the public ports get the API
+key (passed in the gateway's environment) and, with ``--tls-cert-file`` and
+``--tls-key-file``, TLS, or mutual TLS with ``--tls-client-ca-file``.
+
 Every child exits with its parent. On SIGTERM or Ctrl-C the gateway stops taking new
 calls and lets in-flight streams finish within ``grace_seconds``; then the scheduler
 (with its executor) and the tokenizers stop. The launcher exits 0 when every child did.
@@ -43,6 +47,18 @@ class ServeConfig:
         repr=False,
         metadata={"help": "require Authorization: Bearer <key> on every route but health"},
     )
+    tls_cert_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM certificate chain: TLS on the gRPC and HTTP ports (with "
+                  "tls_key_file)"},
+    )
+    tls_key_file: str | None = field(
+        default=None, metadata={"help": "PEM private key of tls_cert_file"}
+    )
+    tls_client_ca_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle: mutual TLS, clients need a certificate it signed"},
+    )
     max_open_requests: int = 4096  # per gateway; past it clients get 429 / RESOURCE_EXHAUSTED
     num_tokenizers: int = 2
     device: str = "auto"
@@ -59,6 +75,10 @@ class ServeConfig:
     run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.num_tokenizers < 0:
             raise ValueError(f"num_tokenizers must be >= 0, got {self.num_tokenizers}")
         # 0 only for a model without a tokenizer (random weights): token ids in and out.
@@ -140,10 +160,20 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
                 ",".join(tok_addrs),
                 "--grace-seconds",
                 str(config.grace_seconds),
+                *_tls_flags(config),
             ],
         )
     )
     return commands
+
+
+def _tls_flags(config: ServeConfig) -> list[str]:
+    flags = []
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        value = getattr(config, name)
+        if value is not None:
+            flags.append(f"--{name.replace('_', '-')}={os.path.abspath(value)}")
+    return flags
 
 
 def child_env(name: str, config: ServeConfig) -> dict[str, str] | None:

@@ -5,6 +5,7 @@ no compose tool installs from the registries, so this is the check CI can make.)
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from executor.cli_args import add_config_args, config_from_args
 from tessera.serve import ServeConfig, child_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +41,9 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
     assert launched == {"tokenizer_svc", "scheduler", "services"}
     services = compose["services"]
     run = {name: svc["command"] for name, svc in services.items()}
-    # compose runs the executor as its own service; the launcher's scheduler starts it
-    assert {cmd[0] for cmd in run.values()} == launched | {"executor"}
+    # compose runs the executor as its own service (the launcher's scheduler starts
+    # it), and makes the ZeroMQ links' CURVE keys once
+    assert {cmd[0] for cmd in run.values()} == launched | {"executor", "executor.curve"}
     assert "--no-start-executor" in run["scheduler"]
     assert run["executor"][run["executor"].index("--executor-address") + 1] == (
         run["scheduler"][run["scheduler"].index("--executor-address") + 1].replace(
@@ -49,6 +52,28 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
         known = module_flags(cmd[0])
         used = {a for a in cmd[1:] if a.startswith("--")}
         assert used <= known, f"{name}: unknown flags {used - known}"
+
+
+def test_compose_links_beyond_loopback_have_curve_keys(compose):
+    """Every engine command builds its config: the ZeroMQ links bound or reached on the
+    compose network carry CURVE keys, all of them made by the keys service."""
+    from executor.server import ExecutorServerConfig
+    from scheduler.server import SchedulerServerConfig
+    from services.gateway import GatewayConfig
+
+    services = compose["services"]
+    made = services["keys"]["command"]
+    keys_dir, names = made[1], made[2:]
+    for name, config_cls in (("scheduler", SchedulerServerConfig),
+                             ("executor", ExecutorServerConfig), ("gateway", GatewayConfig)):
+        cmd = services[name]["command"]
+        parser = argparse.ArgumentParser()
+        add_config_args(parser, config_cls)
+        config = config_from_args(config_cls, parser.parse_args(cmd[1:]), environ={})
+        assert config.curve_secret_key_file == f"{keys_dir}/{name}.key_secret"
+        assert name in names and f"keys:{keys_dir}:ro" in services[name]["volumes"]
+    assert services["scheduler"]["depends_on"]["keys"]["condition"] == (
+        "service_completed_successfully")
 
 
 def test_tokenizer_scales_and_health_checks_use_grpc_health(compose):

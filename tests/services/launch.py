@@ -29,9 +29,11 @@ def free_port() -> int:
 
 
 class Server:
-    """``flags`` become ``--flag value``; ``env`` is added to the launcher's environment."""
+    """``flags`` become ``--flag value``; ``env`` is added to the launcher's environment.
+    ``tls_ca``: the gateway serves TLS (its tls_* flags) with a certificate this CA signed."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, **flags: str) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None,
+                 tls_ca: bytes | None = None, **flags: str) -> None:
         self.port = free_port()
         self.http_port = free_port()
         self.run_dir = tmp
@@ -54,12 +56,18 @@ class Server:
             [sys.executable, "-m", "tessera", "serve", *args], cwd=ROOT, env=env
         )
         self.target = f"127.0.0.1:{self.port}"
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.credentials = grpc.ssl_channel_credentials(tls_ca) if tls_ca else None
+        self.http_url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.http_port}"
         self._wait_healthy()
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -74,7 +82,7 @@ class Server:
         raise TimeoutError("the server did not become healthy")
 
     def stub(self) -> pb_grpc.TesseraStub:
-        return pb_grpc.TesseraStub(grpc.insecure_channel(self.target))
+        return pb_grpc.TesseraStub(self.channel())
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -14,10 +14,16 @@ so that gateway messages are read, and the last step's outputs sent, while the e
 runs the next step.
 
 It waits on the gateways only when there is nothing to run. Every output goes to the
-gateway that sent the request; a gateway that says goodbye, or that cannot be reached,
-has its requests aborted (their blocks are free at once). Whatever a gateway sends is
-parsed as a ``GatewayMessage`` or dropped with a warning: nothing it sends can raise out
-of the loop.
+gateway that sent the request; a gateway that says goodbye, that cannot be reached, or
+that sent heartbeats and then fell silent for their timeout (dead, or hung) has its
+requests aborted (their blocks are free at once). Whatever a gateway sends is parsed as
+a ``GatewayMessage`` or dropped with a warning: nothing it sends can raise out of the
+loop.
+
+Admission is bounded, so overload is a fast "overloaded" rejection (RESOURCE_EXHAUSTED /
+HTTP 429 at the gateway), never an unbounded backlog: at most ``max_waiting`` sequences
+and ``max_waiting_tokens`` tokens wait. The sequences of one AddRequests (a request with
+n > 1) are admitted whole or not at all.
 
 Both sockets stay on ipc:// or loopback unless CURVE keys are configured
 (``executor.curve``): binding tcp:// beyond loopback without them is refused when the
@@ -49,6 +55,8 @@ import logging
 import math
 import signal
 import threading
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -98,6 +106,7 @@ _IDLE_POLL_MS = 200  # how often an idle loop looks at SIGTERM and the executor
 _RECOVERY_POLL_MS = 50  # how often a loop without an executor looks for a ready one
 _STEP_POLL_MS = 200  # how often a wait on a step looks at the executor and its watchdog
 _MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
+_HEARTBEAT_TIMEOUT_S = (1.0, 3600.0)  # the range a gateway's heartbeat timeout is held to
 
 
 @dataclass(slots=True, frozen=True)
@@ -150,6 +159,13 @@ class SchedulerServerConfig:
     max_waiting: int = field(
         default=4096, metadata={"help": "waiting sequences; more are rejected as overloaded"}
     )
+    max_waiting_tokens: int = field(
+        default=1 << 20,
+        metadata={
+            "help": "tokens of the waiting sequences (prompt, plus output of preempted "
+            "ones); a request that would go past it is rejected as overloaded"
+        },
+    )
     # the executor
     model: str = field(
         default=DEFAULT_MODEL,
@@ -197,6 +213,8 @@ class SchedulerServerConfig:
             check_link(self.executor_address, has_keys, flags)
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_waiting_tokens < 1:
+            raise ValueError(f"max_waiting_tokens must be >= 1, got {self.max_waiting_tokens}")
         if not self.executor_start_timeout > 0:
             raise ValueError(
                 f"executor_start_timeout must be > 0 seconds, got {self.executor_start_timeout}"
@@ -325,7 +343,11 @@ class SchedulerServer:
         self.counters = Counters()
         self.owners: dict[str, bytes] = {}  # request id -> identity of its gateway
         self.outbox: dict[bytes, engine_pb2.EngineOutputs] = {}
+        self.instance_id = uuid.uuid4().hex  # tells the gateways this process from the next
+        # Gateways that send heartbeats: identity -> (timeout, when it was last heard).
+        self.watched: dict[bytes, tuple[float, float]] = {}
         self._stalled = False  # the last schedule() had nothing to run
+        self._waiting_tokens: int | None = None  # within one recv_requests; None: recount
 
     def serve(self) -> int:
         in_flight: StepPlan | None = None
@@ -376,13 +398,17 @@ class SchedulerServer:
             timeout = 0
         else:
             timeout = _IDLE_POLL_MS
+        self._waiting_tokens = None  # steps ran since the last read: count again
         for _ in range(_MAX_MESSAGES_PER_STEP):
             if not self.gateways.poll(timeout):
+                # Drained: a gateway not heard from by now has been silent all along.
+                self.expire_gateways()
                 break
             timeout = 0
             self.handle_message(self.gateways.recv_multipart())
 
     def schedule(self) -> StepPlan | None:
+        self._waiting_tokens = None  # requests leave the waiting queue: count again
         plan = self.scheduler.schedule()
         self._stalled = plan.is_empty
         return None if plan.is_empty else plan
@@ -461,6 +487,8 @@ class SchedulerServer:
     # -- gateway messages ----------------------------------------------------------
 
     def handle_message(self, frames: list[bytes]) -> None:
+        if frames[0] in self.watched:  # any message at all is a sign of life
+            self.watched[frames[0]] = (self.watched[frames[0]][0], time.monotonic())
         if len(frames) != 2:
             self._bad_message(frames[0], f"{len(frames) - 1} frames instead of 1")
             return
@@ -480,6 +508,8 @@ class SchedulerServer:
                 self.reply_status(gateway, msg.status.query_id)
             elif kind == "goodbye":
                 self.forget_gateway(gateway)
+            elif kind == "heartbeat":
+                self.watch_gateway(gateway, msg.heartbeat.timeout_ms)
             else:
                 self._bad_message(gateway, "a GatewayMessage with no kind set")
         except Exception:  # a bug; the engine must outlive it
@@ -516,6 +546,27 @@ class SchedulerServer:
                 f"(max_waiting={self.config.max_waiting}); retry later",
             )
             return
+        num_tokens = sum(request.num_tokens for request in requests)
+        if num_tokens > self.config.max_waiting_tokens:
+            self.reject(
+                gateway,
+                request_ids,
+                "invalid",
+                f"{num_tokens} prompt tokens in one AddRequests can never fit "
+                f"max_waiting_tokens={self.config.max_waiting_tokens}",
+            )
+            return
+        waiting_tokens = self.num_waiting_tokens()
+        if waiting_tokens + num_tokens > self.config.max_waiting_tokens:
+            self.reject(
+                gateway,
+                request_ids,
+                "overloaded",
+                f"{waiting_tokens} tokens are waiting already "
+                f"(max_waiting_tokens={self.config.max_waiting_tokens}); retry later",
+            )
+            return
+        self._waiting_tokens = waiting_tokens + num_tokens
         for request in requests:
             self.scheduler.add_request(request)
             self.owners[request.request_id] = gateway
@@ -539,11 +590,34 @@ class SchedulerServer:
             counters=self.totals(),
             state=self.recovery.state.value,
             state_reason=self.recovery.reason,
+            instance_id=self.instance_id,
         )
         self.send(gateway, engine_pb2.EngineOutputs(status=reply))
 
+    def watch_gateway(self, gateway: bytes, timeout_ms: int) -> None:
+        """Heartbeats from this gateway: abort its requests once it is silent that long."""
+        if timeout_ms == 0:
+            self.watched.pop(gateway, None)
+            return
+        low, high = _HEARTBEAT_TIMEOUT_S
+        self.watched[gateway] = (min(max(timeout_ms / 1000, low), high), time.monotonic())
+
+    def expire_gateways(self) -> None:
+        """Forget the watched gateways that fell silent: dead, hung, or cut off."""
+        now = time.monotonic()
+        for gateway, (timeout, last_heard) in list(self.watched.items()):
+            if now - last_heard > timeout:
+                num_open = sum(1 for owner in self.owners.values() if owner == gateway)
+                logger.warning(
+                    "gateway %r sent nothing for %.1fs (its heartbeat timeout is %gs): "
+                    "aborting its %d requests",
+                    gateway, now - last_heard, timeout, num_open,
+                )  # fmt: skip
+                self.forget_gateway(gateway)
+
     def forget_gateway(self, gateway: bytes) -> None:
         """The gateway is gone: abort its requests, send it nothing more."""
+        self.watched.pop(gateway, None)
         request_ids = [rid for rid, owner in self.owners.items() if owner == gateway]
         for output in self.scheduler.abort_requests(request_ids):
             self.emit(output)
@@ -596,6 +670,12 @@ class SchedulerServer:
             self.forget_gateway(gateway)
 
     # -- state -----------------------------------------------------------------------
+
+    def num_waiting_tokens(self) -> int:
+        """Tokens of the waiting requests (counted once per read of the gateways)."""
+        if self._waiting_tokens is None:
+            self._waiting_tokens = sum(r.num_tokens for r in self.scheduler.waiting)
+        return self._waiting_tokens
 
     def load(self) -> engine_pb2.EngineLoad:
         return engine_pb2.EngineLoad(

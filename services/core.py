@@ -29,7 +29,7 @@ import enum
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from executor.plan import SamplingOptions, TokenLogprobs
@@ -48,6 +48,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_TEMPERATURE = 2.0
 MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024  # entries of one logit_bias
+MAX_STOP_TOKEN_IDS = 256
 
 
 class ErrorKind(enum.Enum):
@@ -148,6 +150,16 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
             "stop",
         )
     bias = kwargs.get("logit_bias") or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise RequestError(
+            ErrorKind.INVALID,
+            f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_TOKENS}",
+            "logit_bias",
+        )
+    if len(kwargs.get("stop_token_ids") or ()) > MAX_STOP_TOKEN_IDS:
+        raise RequestError(
+            ErrorKind.INVALID, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "stop_token_ids"
+        )
     if any(not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in bias.values()):
         raise RequestError(
             ErrorKind.INVALID,
@@ -218,6 +230,9 @@ class ServingCore:
             await self.engine.add(
                 [self._sequence(s, i, prompt, params, request) for i, s in enumerate(ids)]
             )
+        except EngineUnavailable as e:  # lost, or not connected: fail fast
+            generation.close()
+            raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from None
         except BaseException:
             generation.close()
             raise
@@ -294,6 +309,9 @@ class ServingCore:
                 ErrorKind.OVERLOADED,
                 f"{len(self._open)} requests open on this gateway; retry later",
             )
+        lost = getattr(self.engine, "lost_reason", None)  # test doubles may not track it
+        if lost is not None:  # no tokenizing for a request that cannot run
+            raise RequestError(ErrorKind.UNAVAILABLE, f"the engine is unavailable: {lost}")
 
     async def _prompt_ids(self, prompt: Prompt | None, params: SamplingParams) -> list[int]:
         if self.tokenizer is None and params.stop:
@@ -350,6 +368,8 @@ class ServingCore:
         request: GenerationRequest,
     ) -> engine_pb2.AddSequence:
         options: SamplingOptions = params.to_options(tuple(self.info.eos_token_ids), seed_offset=i)
+        if options.seed is not None and options.seed >= 1 << 64:  # seed + i past uint64
+            options = replace(options, seed=options.seed % (1 << 64))  # the sampler's own mask
         return engine_pb2.AddSequence(
             request_id=sid,
             prompt_token_ids=prompt,

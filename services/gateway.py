@@ -13,6 +13,17 @@ validates, tokenizes, hands the request to the scheduler over ZeroMQ and streams
 outputs back with incremental detokenization and exact stop strings. A client that
 cancels or disconnects has its sequences aborted, which frees their KV blocks within
 one scheduler step.
+
+Failures and limits. A stream the engine fails ends with the status of its error kind:
+UNAVAILABLE when the engine cannot run it (no working executor, or the scheduler is
+lost: ``services.engine_client``), INTERNAL for a bug; the tokens streamed before it
+are valid. Health is NOT_SERVING while the scheduler is lost or reports
+ENGINE_STATE_UNAVAILABLE (RECOVERING still serves: its streams go on). Every queue is
+bounded: open requests per gateway (``max_open_requests``), Generate streams per client
+connection (``max_streams_per_connection``), message sizes (``max_message_bytes``);
+past a bound the call is RESOURCE_EXHAUSTED, and it and UNAVAILABLE carry the trailing
+metadata ``retry-after-ms``. Requests that do not parse are INVALID_ARGUMENT
+(``proto.guard``).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from executor.curve import check_link, check_pair, client_keys
 from executor.plan import TokenLogprobs
 from executor.process import exit_with_parent, install_uvloop, setup_logging
 from executor.registry import resolve_model
+from proto.guard import DecodeGuard
 from proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
 from services.core import (
     ChatPrompt,
@@ -68,6 +80,11 @@ _CODES = {
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+RETRY_AFTER_MS = 1000  # the hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE
+# HTTP connections beyond max_open_requests, for health checks, metrics and clients
+# that are refused with a 429 rather than uvicorn's bare 503.
+HTTP_HEADROOM = 64
+_RETRYABLE = (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE)
 _OPTIONAL_SAMPLING = (
     "temperature",
     "top_p",
@@ -105,6 +122,21 @@ class GatewayConfig:
     grace_seconds: float = 30.0  # in-flight streams get this long to finish on SIGTERM
     max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED / HTTP 429
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages and HTTP bodies
+    max_streams_per_connection: int = field(
+        default=256,
+        metadata={"help": "Generate streams open at once on one gRPC client connection; "
+                  "past it: RESOURCE_EXHAUSTED"},
+    )
+    heartbeat_timeout: float = field(
+        default=10.0,
+        metadata={"help": "seconds of silence from this gateway after which the scheduler "
+                  "aborts its requests (it sends a heartbeat every second)"},
+    )
+    scheduler_timeout: float = field(
+        default=5.0,
+        metadata={"help": "seconds of silence from the scheduler after which open streams end "
+                  "with UNAVAILABLE and health turns NOT_SERVING"},
+    )
     tls_cert_file: str | None = field(
         default=None,
         metadata={"help": "PEM certificate chain: serve TLS on both ports (with tls_key_file)"},
@@ -138,6 +170,15 @@ class GatewayConfig:
             raise ValueError("api_key must not be empty; leave it unset for no key")
         if self.grace_seconds < 0 or self.max_open_requests < 1:
             raise ValueError("grace_seconds must be >= 0 and max_open_requests >= 1")
+        if self.max_streams_per_connection < 1:
+            raise ValueError(
+                f"max_streams_per_connection must be >= 1, got {self.max_streams_per_connection}"
+            )
+        if not self.heartbeat_timeout >= 1 or not self.scheduler_timeout >= 1:
+            raise ValueError(
+                "heartbeat_timeout and scheduler_timeout must be >= 1 second, got "
+                f"{self.heartbeat_timeout} and {self.scheduler_timeout}"
+            )
         check_pair(self.tls_cert_file, self.tls_key_file, "tls_cert_file and tls_key_file")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
@@ -152,20 +193,44 @@ class GatewayConfig:
 class TesseraServicer(generate_pb2_grpc.TesseraServicer):
     """The gRPC front of ``ServingCore``: protobuf in, protobuf out, nothing else."""
 
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, max_streams_per_connection: int = 256) -> None:
         self.core = core
+        self.max_streams_per_connection = max_streams_per_connection
+        self._streams: dict[str, int] = {}  # client connection (peer) -> open Generate calls
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context):  # noqa: N802
+        peer = context.peer()  # ipv4:host:port: one per client connection
+        if self._streams.get(peer, 0) >= self.max_streams_per_connection:
+            await _abort(context, RequestError(
+                ErrorKind.OVERLOADED,
+                f"{self.max_streams_per_connection} streams are open on this connection "
+                "(max_streams_per_connection); retry later or open another connection",
+            ))  # fmt: skip
+        self._streams[peer] = self._streams.get(peer, 0) + 1
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+
+    async def _generate(self, request: generate_pb2.GenerateRequest, context):
         try:
             gen = await self.core.open(_request_from_pb(request))
         except RequestError as e:
-            await context.abort(_CODES[e.kind], e.message)
+            await _abort(context, e)
             return
         try:
             async for delta in gen.deltas():
+                if delta.finish_reason == "error":  # the call ends with the error's status
+                    if delta.token_ids:
+                        delta.finish_reason, delta.usage = None, None
+                        yield _response_pb(gen.request_id, delta)
+                    raise RequestError(delta.error_kind or ErrorKind.INTERNAL, delta.error)
                 yield _response_pb(gen.request_id, delta)
         except RequestError as e:
-            await context.abort(_CODES[e.kind], e.message)
+            await _abort(context, e)
         finally:
             gen.close()
 
@@ -178,7 +243,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         try:
             ids, text = await self.core.tokenize(prompt, add_special_tokens=add)
         except RequestError as e:
-            await context.abort(_CODES[e.kind], e.message)
+            await _abort(context, e)
         return generate_pb2.TokenizeResponse(token_ids=ids, text=text)
 
     async def Detokenize(self, request, context):  # noqa: N802
@@ -186,7 +251,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         try:
             text = await self.core.detokenize(list(request.token_ids), skip_special_tokens=skip)
         except RequestError as e:
-            await context.abort(_CODES[e.kind], e.message)
+            await _abort(context, e)
         return generate_pb2.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context):  # noqa: N802
@@ -216,8 +281,14 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
         try:
             return await self.core.status()
         except RequestError as e:
-            await context.abort(_CODES[e.kind], e.message)
+            await _abort(context, e)
             raise
+
+
+async def _abort(context, e: RequestError) -> None:
+    """End the call with the error's status; overload and unavailability say when to retry."""
+    hint = (("retry-after-ms", str(RETRY_AFTER_MS)),) if e.kind in _RETRYABLE else ()
+    await context.abort(_CODES[e.kind], e.message, trailing_metadata=hint)
 
 
 def _request_from_pb(request: generate_pb2.GenerateRequest) -> GenerationRequest:
@@ -322,7 +393,12 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         tls = TlsFiles.load(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     curve = client_keys(config.curve_secret_key_file, config.curve_server_key_file)
-    engine = EngineClient(config.scheduler_address, curve=curve)
+    engine = EngineClient(
+        config.scheduler_address,
+        curve=curve,
+        heartbeat_timeout=config.heartbeat_timeout,
+        scheduler_timeout=config.scheduler_timeout,
+    )
     engine.start()
     addresses = [a.strip() for a in config.tokenizer_addresses.split(",") if a.strip()]
     tokenizers = TokenizerClient(addresses) if addresses else None
@@ -339,13 +415,19 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     )
     metrics.track_open_requests(lambda: core.num_open)
     server = grpc.aio.server(
-        interceptors=[_ApiKeyInterceptor(config.api_key)] if config.api_key else None,
+        # The decode guard last, next to the servicers (proto.guard).
+        interceptors=[
+            *([_ApiKeyInterceptor(config.api_key)] if config.api_key else []),
+            DecodeGuard(),
+        ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    generate_pb2_grpc.add_TesseraServicer_to_server(TesseraServicer(core), server)
+    generate_pb2_grpc.add_TesseraServicer_to_server(
+        TesseraServicer(core, config.max_streams_per_connection), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -365,7 +447,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     if config.http_port:
         app = create_app(core, metrics, config.api_key, config.max_message_bytes)
         http = HttpServer(app, config.host, config.http_port, config.grace_seconds,
-                          tls.uvicorn_options() if tls is not None else None)
+                          tls.uvicorn_options() if tls is not None else None,
+                          limit_concurrency=config.max_open_requests + HTTP_HEADROOM)
         await http.start()
     await server.start()
     stop = asyncio.Event()
@@ -415,18 +498,20 @@ async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_
             return await engine.status(timeout=1.0)
         except EngineUnavailable:
             logger.info("waiting for the scheduler...")
+            await asyncio.sleep(0.5)  # not connected yet fails at once: do not spin
     raise EngineUnavailable("the scheduler did not come up")
 
 
 async def _watch_engine(engine: EngineClient, health_servicer, service: str) -> None:
+    """Health follows the engine client's pulse: NOT_SERVING while the scheduler is lost
+    or has no working executor (ENGINE_STATE_UNAVAILABLE); RECOVERING still serves."""
     serving = None
     while True:
-        try:
-            await engine.status(timeout=3.0)
-            ok = True
-        except EngineUnavailable:
-            ok = False
+        ok = engine.serving
         if ok is not serving:
+            if serving is not None:
+                log = logger.info if ok else logger.warning
+                log("health: %s", "SERVING" if ok else "NOT_SERVING")
             state = (
                 health_pb2.HealthCheckResponse.SERVING
                 if ok
@@ -435,7 +520,7 @@ async def _watch_engine(engine: EngineClient, health_servicer, service: str) -> 
             await health_servicer.set("", state)
             await health_servicer.set(service, state)
             serving = ok
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(0.25)
 
 
 def run_gateway(config: GatewayConfig) -> None:

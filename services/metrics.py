@@ -28,6 +28,8 @@ _ENGINE_COUNTERS = (
     ("num_requests_rejected", "tessera_engine_requests_rejected", "Sequences rejected"),
     ("num_prompt_tokens", "tessera_engine_prompt_tokens", "Prompt tokens admitted"),
     ("num_generated_tokens", "tessera_engine_generated_tokens", "Tokens generated"),
+    ("num_executor_restarts", "tessera_engine_executor_restarts",
+     "Executors started to replace one that died or hung"),
 )
 
 

@@ -7,8 +7,10 @@ translates: an OpenAI body becomes ``GenerationRequest``s (``openai_protocol``),
 core's ``Delta``s become a JSON body or server-sent events, and a ``RequestError``'s
 kind becomes an HTTP status in OpenAI's error shape:
 
-    invalid 400 · unknown_model 404 · overloaded 429 (Retry-After) · unavailable 503 ·
-    internal 500 · no or wrong API key 401 · unknown route 404 · body too large 413
+    invalid 400 · unknown_model 404 · overloaded 429 (Retry-After) · unavailable 503
+    (Retry-After) · internal 500 · no or wrong API key 401 · unknown route 404 · body
+    too large 413 · headers over 16 KiB 431 · more connections than max_open_requests
+    plus a headroom: uvicorn's bare 503
 
 A stream's headers go out with its first token, not before, so a request the scheduler
 refuses still gets its real status (429) rather than a 200 with an error inside. The
@@ -65,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HEALTH_TIMEOUT = 2.0
+MAX_HEADER_BYTES = 16 * 1024  # names and values of all of a request's headers
 RETRY_AFTER_SECONDS = 1
 _STATUS = {
     ErrorKind.INVALID: (400, "invalid_request_error", None),
@@ -548,6 +551,14 @@ class _Guard:
             await send(message)
 
         try:
+            header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+            if header_bytes > MAX_HEADER_BYTES:  # h11 bounds only headers that come slowly
+                response = error_response(
+                    431, f"the headers are over {MAX_HEADER_BYTES} bytes",
+                    "invalid_request_error", None, "headers_too_large",
+                )
+                await response(scope, receive, counted_send)
+                return
             if path not in OPEN_HTTP_PATHS and not self._authorized(scope):
                 response = error_response(
                     401, "missing or incorrect API key; send Authorization: Bearer <key>",
@@ -625,8 +636,11 @@ class HttpServer:
     """uvicorn serving ``app`` as a task of the running event loop."""
 
     def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float,
-                 tls: dict[str, Any] | None = None) -> None:
-        """``tls``: uvicorn's ssl_* arguments (services.security.TlsFiles)."""
+                 tls: dict[str, Any] | None = None, limit_concurrency: int | None = None
+                 ) -> None:
+        """``tls``: uvicorn's ssl_* arguments (services.security.TlsFiles).
+        ``limit_concurrency``: connections and requests at once; past it uvicorn answers
+        503 at once (a bound on idle connections too: the core's 429 counts requests)."""
         self.app = app
         self.host = host
         self.port = port
@@ -638,6 +652,9 @@ class HttpServer:
             ws="none",
             server_header=False,
             timeout_graceful_shutdown=grace_seconds,
+            limit_concurrency=limit_concurrency,
+            # Request line and headers: at most 16 KiB (h11), else 400.
+            h11_max_incomplete_event_size=16 * 1024,
             **(tls or {}),
         )
         self._server = _Server(config)

@@ -12,8 +12,14 @@ key (passed in the gateway's environment) and, with ``--tls-cert-file`` and
 Every child exits with its parent. On SIGTERM or Ctrl-C the gateway stops taking new
 calls and lets in-flight streams finish within ``grace_seconds``; then the scheduler
 (with its executor) and the tokenizers stop. The launcher exits 0 when every child did.
-A tokenizer replica that dies is restarted (the gateway skips it meanwhile); if any
-other child dies on its own, the launcher stops the rest and exits 1.
+A tokenizer replica that dies is restarted (the gateway skips it meanwhile). So is a
+scheduler or a gateway killed by a signal (the OOM killer, SIGKILL, a crash): a dead
+scheduler takes its executor with it and the gateway fails its streams as UNAVAILABLE
+until the new one serves; a dead gateway's requests are aborted by the scheduler
+(heartbeats), which frees their blocks. Each child is restarted at most MAX_RESTARTS
+times. A scheduler or gateway that exits with an error code (it logged why: bad flags,
+a model that does not load) stops the rest, and the launcher exits 1. Every child dies
+with the launcher, however it dies (PDEATHSIG), so none is ever orphaned.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ class ServeConfig:
     gpu_memory_utilization: float = 0.9
     policy: str = "fcfs"
     max_waiting: int = 4096
+    max_waiting_tokens: int = 1 << 20  # prompt tokens waiting in the scheduler, at most
+    # Generate streams at once on one gRPC client connection; past it RESOURCE_EXHAUSTED.
+    max_streams_per_connection: int = 256
     grace_seconds: float = 30.0
     run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default
 
@@ -89,13 +98,18 @@ class _Child:
     name: str
     cmd: list[str]
     proc: subprocess.Popen
+    env: dict[str, str] | None = None
     restarts: int = 0
 
     @property
     def restartable(self) -> bool:
-        # Tokenizers are stateless: a new replica is as good as the old one, and the
-        # gateway's client skips a dead replica until it answers again.
-        return self.name.startswith("tokenizer-")
+        """Tokenizers are stateless: a new replica is as good as the old one, and the
+        gateway's client skips a dead replica until it answers again. A scheduler or
+        gateway is restarted when a signal killed it; an exit code is an error it logged,
+        which a restart would only repeat."""
+        if self.restarts >= MAX_RESTARTS:
+            return False
+        return self.name.startswith("tokenizer-") or self.proc.returncode < 0
 
 
 MAX_RESTARTS = 5
@@ -124,6 +138,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         config.policy,
         "--max-waiting",
         str(config.max_waiting),
+        "--max-waiting-tokens",
+        str(config.max_waiting_tokens),
         "--gateway-address",
         sched_addr,
         "--executor-address",
@@ -154,6 +170,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
                 str(config.http_port),
                 "--max-open-requests",
                 str(config.max_open_requests),
+                "--max-streams-per-connection",
+                str(config.max_streams_per_connection),
                 "--scheduler-address",
                 sched_addr,
                 "--tokenizer-addresses",
@@ -198,7 +216,8 @@ def run_serve(config: ServeConfig) -> int:
     children: list[_Child] = []
     for name, cmd in child_commands(config, run_dir):
         logger.info("starting %s", name)
-        children.append(_Child(name, cmd, subprocess.Popen(cmd, env=child_env(name, config))))
+        env = child_env(name, config)
+        children.append(_Child(name, cmd, subprocess.Popen(cmd, env=env), env))
     logger.info(
         "serving %s on %s: gRPC port %d, HTTP port %s (sockets in %s)",
         config.model,
@@ -212,12 +231,12 @@ def run_serve(config: ServeConfig) -> int:
         for child in children:
             if child.proc.poll() is None:
                 continue
-            if child.restartable and child.restarts < MAX_RESTARTS:
+            if child.restartable:
                 logger.warning(
                     "%s exited with code %s; restarting it", child.name, child.proc.returncode
                 )
                 child.restarts += 1
-                child.proc = subprocess.Popen(child.cmd)
+                child.proc = subprocess.Popen(child.cmd, env=child.env)
                 continue
             failed = child
             break

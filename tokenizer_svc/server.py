@@ -8,7 +8,8 @@ process entry `run_tokenizer_server(config)`.
 Protobuf is converted to domain types at the edge: each RPC runs
 `from_pb -> work -> to_pb` as one call in a small thread pool, so tokenizing a large
 batch never holds the event loop (HF tokenizers release the GIL while they work).
-Bad input is INVALID_ARGUMENT with a message a person can act on, never INTERNAL.
+Bad input is INVALID_ARGUMENT with a message a person can act on, never INTERNAL; so
+are requests that do not parse (a pickle, garbage: ``proto.guard``), which are logged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from executor.process import exit_with_parent, install_uvloop, setup_logging
 from executor.registry import DEFAULT_MODEL, resolve_model
+from proto.guard import DecodeGuard
 from proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.chat_template import ChatTemplateError
 from tokenizer_svc.tokenizer import Tokenizer
@@ -369,6 +371,7 @@ async def _serve(config: TokenizerServerConfig, tokenizer: Tokenizer) -> None:
         loop.add_signal_handler(sig, stop.set)
     with ThreadPoolExecutor(config.max_workers, thread_name_prefix="tokenize") as pool:
         server = grpc.aio.server(
+            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT, logged
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),

@@ -1,0 +1,411 @@
+"""Whatever a client sends, `tessera serve` answers a result or a client error (issue 5).
+
+One launcher serves the module. Hypothesis fuzzes the public gRPC request messages
+(strategies built here from the message descriptors: every field of the right type, with
+extreme ints, NaN and infinite floats, huge strings, token ids outside the vocabulary or
+that decode to broken UTF-8) and the OpenAI HTTP bodies (random JSON, and valid bodies
+with fields replaced, dropped or added). Every answer must be a result or a client error,
+never INTERNAL / UNKNOWN / 500, and the server must serve a normal request afterwards,
+with its KV pool whole. Then each limit, exceeded, gets its own client error; a
+connection that opens too many streams is refused with a retry hint; and pickles sent to
+the public and the tokenizer services are refused (and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto.guard import DecodeGuard
+from proto.tessera.v1 import generate_pb2 as pb
+from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.core import MAX_LOGIT_BIAS_TOKENS, MAX_N, MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from tests.services.launch import Server
+from tokenizer_svc.server import TokenizerServicer, load_tokenizer
+
+MODEL = "smollm2-135m-instruct"
+VOCAB = 49152
+STREAMS_PER_CONNECTION = 4
+CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+def fuzz(max_examples: int) -> settings:
+    """The CI profile's derandomized draws, a bounded number of them."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("hostile"),
+               max_streams_per_connection=STREAMS_PER_CONNECTION)  # fmt: skip
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server) -> Iterator[pb_grpc.TesseraStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.TesseraStub(channel)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.http_url, timeout=60) as client:
+        yield client
+
+
+def assert_still_serving(stub: pb_grpc.TesseraStub) -> None:
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=3, ignore_eos=True)
+    msgs = list(stub.Generate(pb.GenerateRequest(text="Still there?", sampling=sampling),
+                              timeout=60))  # fmt: skip
+    assert sum(len(m.token_ids) for m in msgs) == 3
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    deadline = time.monotonic() + 15
+    while (load := stub.GetLoad(pb.GetLoadRequest())).num_kv_blocks_free != info.num_kv_blocks:
+        assert time.monotonic() < deadline, f"the pool is not whole: {load}"
+        time.sleep(0.1)
+    assert (load.num_running, load.num_waiting) == (0, 0)
+
+
+# -- strategies from descriptors -------------------------------------------------------------
+
+_HUGE = "x" * (5 << 20)  # over the 4 MiB message limit
+_texts = st.text(max_size=40) | st.sampled_from(["", "\x00", "\ud7ff\ufffd", "🎉" * 50, "a" * 5000])
+_token_ids = st.integers(0, VOCAB - 1) | st.sampled_from([VOCAB, 2**31, 2**32 - 1])
+_SCALARS = {
+    FieldDescriptor.TYPE_STRING: _texts,
+    FieldDescriptor.TYPE_BOOL: st.booleans(),
+    FieldDescriptor.TYPE_UINT32: st.integers(0, 40) | st.sampled_from([0, VOCAB, 2**31, 2**32 - 1]),
+    FieldDescriptor.TYPE_INT32: st.integers(-3, 3) | st.sampled_from([-(2**31), 2**31 - 1]),
+    FieldDescriptor.TYPE_UINT64: st.integers(0, 9) | st.sampled_from([2**63, 2**64 - 1]),
+    FieldDescriptor.TYPE_FLOAT: st.floats(width=32)
+    | st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0, float("nan"), float("inf"), -float("inf")]),
+}
+_BY_NAME = {  # fields whose values matter most, aimed at their edges
+    "ids": _token_ids,
+    "token_ids": _token_ids,
+    "stop_token_ids": _token_ids,
+    "model": st.sampled_from(["", "", MODEL, "gpt-4o", "\x00"]),
+    "role": st.sampled_from(["user", "system", "assistant", "tool", "", "x" * 300]),
+}
+
+
+def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return messages(field.message_type, depth + 1)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return st.sampled_from([v.number for v in field.enum_type.values] + [99])
+    return _BY_NAME.get(field.name, _SCALARS[field.type])
+
+
+def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
+    """Messages of this type: each field set or not, to any value of its type; at most one
+    field of each oneof; repeated fields short, or now and then long."""
+    make = message_factory.GetMessageClass(descriptor)
+
+    @st.composite
+    def build(draw) -> Message:
+        msg = make()
+        if depth > 3:
+            return msg
+        chosen = {}  # oneof name -> the field set, drawn once per oneof
+        for oneof in descriptor.oneofs:
+            chosen[oneof.name] = draw(st.none() | st.sampled_from(list(oneof.fields)))
+        for field in descriptor.fields:
+            oneof = field.containing_oneof
+            if oneof is not None and chosen[oneof.name] is not field:
+                continue
+            if oneof is None and not draw(st.booleans()):
+                continue
+            value = _value(field, depth)
+            if field.is_repeated:
+                size = st.integers(0, 4) | st.sampled_from([0, 100])
+                for item in draw(st.lists(value, min_size=0, max_size=draw(size))):
+                    if field.type == FieldDescriptor.TYPE_MESSAGE:
+                        getattr(msg, field.name).add().CopyFrom(item)
+                    else:
+                        getattr(msg, field.name).append(item)
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                getattr(msg, field.name).CopyFrom(draw(value))
+            else:
+                setattr(msg, field.name, draw(value))
+        return msg
+
+    return build()
+
+
+def _rpc_error(call) -> grpc.StatusCode:
+    """Take the first answer of a call (a stream is then cancelled); its status code."""
+    try:
+        result = call() if callable(call) else call
+        if hasattr(result, "__next__"):
+            next(result, None)
+            result.cancel()
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED:
+            return grpc.StatusCode.OK
+        assert e.code() in CLIENT_ERRORS, (e.code(), e.details())
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+# -- fuzz ------------------------------------------------------------------------------------
+
+
+def test_fuzzed_grpc_requests_get_a_result_or_a_client_error(stub):
+    generate = messages(pb.GenerateRequest.DESCRIPTOR)
+    huge = st.just(pb.GenerateRequest(text=_HUGE))
+
+    @fuzz(150)
+    @given(generate | huge)
+    def generate_case(request):
+        _rpc_error(stub.Generate(request, timeout=60))
+
+    @fuzz(40)
+    @given(messages(pb.TokenizeRequest.DESCRIPTOR), messages(pb.DetokenizeRequest.DESCRIPTOR),
+           messages(pb.AbortRequest.DESCRIPTOR))  # fmt: skip
+    def other_cases(tokenize, detokenize, abort):
+        _rpc_error(lambda: stub.Tokenize(tokenize, timeout=30))
+        _rpc_error(lambda: stub.Detokenize(detokenize, timeout=30))
+        _rpc_error(lambda: stub.Abort(abort, timeout=30))
+
+    generate_case()
+    other_cases()
+    assert_still_serving(stub)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-8, 8) | st.sampled_from([2**31, 2**64, -(2**63)])
+    | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+_VALID = {
+    "/v1/completions": {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3,
+                        "temperature": 0},
+    "/v1/chat/completions": {"model": MODEL, "max_tokens": 3,
+                             "messages": [{"role": "user", "content": "Hi!"}]},
+}  # fmt: skip
+_FIELDS = ["prompt", "messages", "n", "stop", "logprobs", "top_logprobs", "logit_bias",
+           "temperature", "top_p", "top_k", "min_p", "seed", "stream", "stream_options",
+           "echo", "best_of", "suffix", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "min_tokens", "stop_token_ids", "priority", "user", "model",
+           "ignore_eos", "add_generation_prompt", "skip_special_tokens", "max_tokens"]  # fmt: skip
+
+
+@st.composite
+def http_bodies(draw) -> tuple[str, bytes]:
+    path = draw(st.sampled_from(sorted(_VALID)))
+    kind = draw(st.sampled_from(["random", "mutated", "mutated", "bytes"]))
+    if kind == "random":
+        return path, json.dumps(draw(_json)).encode()
+    if kind == "bytes":
+        return path, draw(st.binary(max_size=64) | st.just(pickle.dumps({"prompt": "hi"})))
+    body = dict(_VALID[path])
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(_FIELDS))
+        if name in ("max_tokens",):  # never unbounded: kept short or made absurd
+            body[name] = draw(st.sampled_from([0, -1, 1, 2**31, 2**64, "3", None, 1.5]))
+        elif draw(st.integers(0, 5)) == 0 and name not in ("model",):
+            body.pop(name, None)
+        else:
+            body[name] = draw(_json)
+    if body.get("stream") is not True and path == "/v1/completions":
+        body.setdefault("max_tokens", 3)
+    return path, json.dumps(body, allow_nan=True).encode()
+
+
+def test_fuzzed_http_bodies_get_a_result_or_a_client_error(http, stub):
+    @fuzz(120)
+    @given(http_bodies())
+    def case(path_body):
+        path, body = path_body
+        headers = {"Content-Type": "application/json"}
+        with http.stream("POST", path, content=body, headers=headers) as r:
+            if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+                next(r.iter_lines())  # a stream has begun: that is a result
+                return
+            r.read()
+        assert r.status_code < 500, (r.status_code, r.text, body[:300])
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    case()
+    assert_still_serving(stub)
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def _sampling(**kwargs) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=2, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "request_, code, needle",
+    [
+        (_sampling(n=MAX_N + 1), grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
+        (_sampling(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+        (_sampling(stop=["a"] * (MAX_STOP_STRINGS + 1)), grpc.StatusCode.INVALID_ARGUMENT,
+         "stop strings"),
+        (_sampling(stop=["a" * (MAX_STOP_LENGTH + 1)]), grpc.StatusCode.INVALID_ARGUMENT,
+         "stop strings"),
+        (_sampling(stop_token_ids=list(range(300))), grpc.StatusCode.INVALID_ARGUMENT,
+         "stop_token_ids"),
+        (_sampling(seed=2**64 - 1, n=4, temperature=1.0), None, None),  # wraps, not an error
+        (pb.GenerateRequest(text=_HUGE), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        (pb.GenerateRequest(text="hi " * 20000), grpc.StatusCode.INVALID_ARGUMENT,
+         "max_model_len"),
+        (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="", content="x")])),
+         grpc.StatusCode.INVALID_ARGUMENT, "empty role"),
+    ],
+)  # fmt: skip
+def test_grpc_limits_exceeded_are_client_errors(stub, request_, code, needle):
+    if code is None:
+        assert len(list(stub.Generate(request_, timeout=60))) >= 2
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request_, timeout=60))
+    assert err.value.code() == code and needle in err.value.details()
+
+
+@pytest.mark.parametrize(
+    "path, body, status, needle",
+    [
+        ("/v1/completions", {"prompt": "hi", "n": MAX_N + 1}, 400, "n must be"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                  "logprobs": True, "top_logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["s"] * (MAX_STOP_STRINGS + 1)}, 400,
+         "stop strings"),
+        ("/v1/completions", {"prompt": "hi", "stop": "s" * (MAX_STOP_LENGTH + 1)}, 400,
+         "stop strings"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(
+            MAX_LOGIT_BIAS_TOKENS + 1)}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": ["hi"] * 65}, 400, "prompts"),
+        ("/v1/completions", {"prompt": "a" * (5 << 20)}, 413, "bytes"),
+    ],
+)  # fmt: skip
+def test_http_limits_exceeded_are_client_errors(http, path, body, status, needle):
+    r = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_http_headers_over_the_limit_are_refused(http):
+    r = http.get("/v1/models", headers={"X-Padding": "a" * (32 << 10)})
+    assert r.status_code == 431 and "headers" in r.json()["error"]["message"]
+    r = http.get("/health", headers={"X-Padding": "a" * (200 << 10)})  # h11's own limit
+    assert 400 <= r.status_code < 500
+    assert http.get("/health").status_code == 200
+
+
+def test_a_connection_with_too_many_streams_is_refused_with_a_retry_hint(server, stub):
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    long = pb.GenerateRequest(text="Count:", sampling=sampling)
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            crowded = pb_grpc.TesseraStub(ch)
+            calls = [crowded.Generate(long) for _ in range(STREAMS_PER_CONNECTION)]
+            for call in calls:
+                await call.read()  # each has begun
+            extra = crowded.Generate(long)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await extra.read()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams_per_connection" in err.value.details()
+            hint = dict(err.value.trailing_metadata())["retry-after-ms"]
+            assert int(hint) > 0
+            # Another connection is not crowded.
+            short = pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=1))
+            assert len(list(stub.Generate(short, timeout=60))) == 1
+            calls[0].cancel()
+            await asyncio.sleep(0.2)
+            assert len([m async for m in crowded.Generate(short)]) == 1
+            for call in calls[1:]:
+                call.cancel()
+
+    asyncio.run(main())
+    assert_still_serving(stub)
+
+
+# -- pickles ------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+PICKLES = [pickle.dumps(_Exploit()), pickle.dumps({"text": "hi"}), b"\xff\xfe garbage"]
+
+
+def test_pickles_are_refused_by_the_gateway_and_a_tokenizer_replica(server, stub):
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.unary_stream("/tessera.v1.Tessera/Generate")
+        for payload in PICKLES:
+            with pytest.raises(grpc.RpcError) as err:
+                list(raw(payload, timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with grpc.insecure_channel(f"unix:{server.run_dir}/tokenizer-0.sock") as channel:
+        raw = channel.unary_unary("/tessera.internal.v1.TokenizerService/Tokenize")
+        for payload in PICKLES:
+            with pytest.raises(grpc.RpcError) as err:
+                raw(payload, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = tokenizer_pb2_grpc.TokenizerServiceStub(channel).Tokenize(
+            tokenizer_pb2.TokenizeBatchRequest(inputs=[tokenizer_pb2.TokenizeInput(text="hi")])
+        )
+        assert list(ok.outputs[0].token_ids)
+    assert_still_serving(stub)
+
+
+def test_the_tokenizer_service_logs_what_it_refuses(caplog):
+    """The same servicer and guard as a replica, in process, to read its log."""
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            server = grpc.aio.server(interceptors=[DecodeGuard()])
+            tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+                TokenizerServicer(load_tokenizer(MODEL), pool), server
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    raw = ch.unary_unary("/tessera.internal.v1.TokenizerService/Tokenize")
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await raw(PICKLES[0])
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            finally:
+                await server.stop(0)
+
+    with caplog.at_level(logging.WARNING, logger="proto.guard"):
+        asyncio.run(main())
+    assert "rejected an undecodable request to /tessera.internal.v1.TokenizerService/Tokenize" in (
+        caplog.text
+    )

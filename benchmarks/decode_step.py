@@ -112,7 +112,10 @@ def gpu_idle(llm, batch: int, steps: int = 256) -> dict:
 
     prompts = [[1000 + (i * 7 + j) % 5000 for j in range(128)] for i in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    # Warm-up on the same workload: first-use Triton compiles are not idle time.
+    llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)

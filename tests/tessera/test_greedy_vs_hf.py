@@ -4,7 +4,7 @@ float32 on both sides. A token may differ from transformers' only where the two
 candidates are within 1e-3 in logprob (a near-tie that rounding may flip); after such
 a tolerated flip the continuations diverge, so comparison stops there. The property
 must hold alone, batched, under preemption, with every prompt chunked, and for block
-sizes 1, 16 and 32.
+sizes 1 and 16.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def test_every_prompt_chunked(prompts, reference):
     assert_matches(reference, results, f"chunked by {budget}")
 
 
-@pytest.mark.parametrize("block_size", [1, 32])
+# Block size 1 is the extreme (a block per token); 16 runs in every other test, and
+# 32 in the kernel tests. (32 here too cost CI a minute and caught nothing 1 misses.)
+@pytest.mark.parametrize("block_size", [1])
 def test_block_sizes(prompts, reference, block_size):
     llm = make_llm(block_size=block_size)
     results = llm.generate(prompts, greedy(), use_tqdm=False)

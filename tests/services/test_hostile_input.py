@@ -82,7 +82,7 @@ def assert_still_serving(stub: pb_grpc.TesseraStub) -> None:
                               timeout=60))  # fmt: skip
     assert sum(len(m.token_ids) for m in msgs) == 3
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # generous: a loaded 2-core CI machine is slow
     while (load := stub.GetLoad(pb.GetLoadRequest())).num_kv_blocks_free != info.num_kv_blocks:
         assert time.monotonic() < deadline, f"the pool is not whole: {load}"
         time.sleep(0.1)
@@ -228,7 +228,7 @@ def http_bodies(draw) -> tuple[str, bytes]:
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.sampled_from(_FIELDS))
         if name in ("max_tokens",):  # never unbounded: kept short or made absurd
-            body[name] = draw(st.sampled_from([0, -1, 1, 2**31, 2**64, "3", None, 1.5]))
+            body[name] = draw(st.sampled_from([0, -1, 1, 2**31, 2**64, "3", "x", 1.5]))
         elif draw(st.integers(0, 5)) == 0 and name not in ("model",):
             body.pop(name, None)
         else:

@@ -14,8 +14,9 @@ recomputes what ran, so streams should go on. Each request ends as one of:
 
 Greedy outputs of one prompt must agree (the shorter a prefix of the longer), across
 kills too: disagreements are counted as mismatched. Resident memory (VmRSS from /proc)
-of every Tessera process is sampled at the start, every minute, and at the end. At the
-end the KV pool must be whole and, after SIGTERM, every process gone.
+of every Tessera process is sampled at the start, every minute (half a minute after each
+kill, so the executor is loaded), and at the end. At the end the KV pool must be whole
+and, after SIGTERM, every process gone.
 
     PYTHONPATH=. .venv/bin/python benchmarks/soak.py --minutes 10 \\
         --json benchmarks/results/soak_cpu.json
@@ -257,7 +258,7 @@ async def soak(args, launcher: int, target: str, http_url: str) -> dict:
 
     async def killer() -> None:
         next_kill = started + args.kill_every
-        next_sample = started + 60
+        next_sample = started + 30  # between kills: a sample sees a loaded executor
         while time.monotonic() < stop_at:
             now = time.monotonic()
             if args.kill_every and now >= next_kill:
@@ -356,7 +357,8 @@ def main() -> int:
                           "left_behind": [p for p in everyone if alive(p)]}  # fmt: skip
     result["config"] = {**vars(args), "date": date.today().isoformat(), "cpus": os.cpu_count()}
     log_text = log_path.read_text(errors="replace")
-    result["server_log_errors"] = sum("ERROR" in line for line in log_text.splitlines())
+    errors = [line for line in log_text.splitlines() if " ERROR " in line]
+    result["server_log_errors"] = {"count": len(errors), "first": errors[:12]}
     print(json.dumps({k: v for k, v in result.items() if k != "rss_mib"}, indent=1))
     print("rss MiB start:", result["rss_mib"]["start"])
     print("rss MiB end:  ", result["rss_mib"]["end"])

@@ -603,17 +603,33 @@ class SchedulerServer:
         self.watched[gateway] = (min(max(timeout_ms / 1000, low), high), time.monotonic())
 
     def expire_gateways(self) -> None:
-        """Forget the watched gateways that fell silent: dead, hung, or cut off."""
+        """Forget the watched gateways that fell silent: dead, hung, or cut off.
+
+        Their requests end as failed ("unavailable"), and that is still sent, without
+        waiting: a gateway that was only slow then ends its streams instead of waiting
+        for outputs that will never come; to a dead one the send just fails.
+        """
         now = time.monotonic()
         for gateway, (timeout, last_heard) in list(self.watched.items()):
-            if now - last_heard > timeout:
-                num_open = sum(1 for owner in self.owners.values() if owner == gateway)
-                logger.warning(
-                    "gateway %r sent nothing for %.1fs (its heartbeat timeout is %gs): "
-                    "aborting its %d requests",
-                    gateway, now - last_heard, timeout, num_open,
-                )  # fmt: skip
-                self.forget_gateway(gateway)
+            if now - last_heard <= timeout:
+                continue
+            request_ids = [rid for rid, owner in self.owners.items() if owner == gateway]
+            logger.warning(
+                "gateway %r sent nothing for %.1fs (its heartbeat timeout is %gs): "
+                "ending its %d requests",
+                gateway, now - last_heard, timeout, len(request_ids),
+            )  # fmt: skip
+            del self.watched[gateway]
+            self.fail_requests(
+                request_ids, f"the gateway was silent for {now - last_heard:.1f}s",
+                kind="unavailable",
+            )  # fmt: skip
+            outputs = self.outbox.pop(gateway, None)
+            if outputs is not None:
+                try:
+                    self.gateways.send_multipart([gateway, encode(outputs)], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # gone indeed
 
     def forget_gateway(self, gateway: bytes) -> None:
         """The gateway is gone: abort its requests, send it nothing more."""

@@ -20,12 +20,18 @@ travels on every AddSequence to the scheduler, whose prefix cache must key block
 
 Errors are ``RequestError``s with an ``ErrorKind``; each front maps the kind to its own
 status (a gRPC code, an HTTP status), so both agree on what is the client's fault.
+
+Limits (issue 5): ``sampling_params`` bounds n, stop strings (count and length),
+stop_token_ids and logit_bias; ``open`` refuses at once, as UNAVAILABLE, while the engine
+client counts the scheduler as lost, and a request that cannot be sent to it (not
+connected, not reading) is UNAVAILABLE too, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -198,6 +204,7 @@ class ServingCore:
         self.metrics = metrics
         self._open: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._background: set[asyncio.Task] = set()  # aborts sent from finally blocks
+        self._serials = itertools.count(1)  # one per admitted request: its sequence ids
 
     @property
     def num_open(self) -> int:
@@ -220,7 +227,10 @@ class ServingCore:
         try:
             prompt = await self._prompt_ids(request.prompt, params)
             self._check(prompt, params)
-            ids = [f"{self.engine.identity}/{rid}/{i}" for i in range(params.n)]
+            # Never the client's id, which it may reuse as soon as its stream ends: outputs
+            # or aborts still on their way for the old sequences must not reach the new ones.
+            serial = next(self._serials)
+            ids = [f"{self.engine.identity}/{serial}/{i}" for i in range(params.n)]
             self._open[rid] = ids
             generation = Generation(self, rid, ids, prompt, params, started)  # opens the queue
         except BaseException:

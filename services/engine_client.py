@@ -138,6 +138,10 @@ class EngineClient:
                 self._orphans.update(request_ids)
 
     async def status(self, timeout: float | None = None) -> engine_pb2.StatusReply:
+        """The scheduler's StatusReply; EngineUnavailable if it does not answer in time, or
+        at once while it counts as lost (the pulse keeps asking meanwhile)."""
+        if self.lost_reason is not None:
+            raise EngineUnavailable(f"the engine is unavailable: {self.lost_reason}")
         query_id = next(self._query_ids)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._status[query_id] = fut

@@ -117,6 +117,8 @@ def test_a_silent_scheduler_fails_open_sequences_then_they_are_aborted_there():
         started = time.monotonic()
         with pytest.raises(EngineUnavailable, match="sent nothing"):
             await client.add([pb.AddSequence(request_id="t/0")])
+        with pytest.raises(EngineUnavailable, match="sent nothing"):
+            await client.status(timeout=5)
         assert time.monotonic() - started < 0.1
         scheduler.answering = True
         await until(lambda: client.serving)

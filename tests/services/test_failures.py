@@ -285,6 +285,7 @@ def test_a_killed_tokenizer_replica_is_skipped_and_restarted(server):
     assert victim not in after["tokenizer_svc"] and before["tokenizer_svc"][1] in after[
         "tokenizer_svc"
     ]
+    wait_pool_whole(server)
 
 
 def test_a_hung_then_killed_gateway_has_its_requests_aborted_and_is_replaced(server):

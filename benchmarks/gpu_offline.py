@@ -38,12 +38,10 @@ def fixed_workload(n: int, inp: int, out: int, vocab: int, seed: int):
 
 
 def mixed_workload(n: int, vocab: int, seed: int, inp=(32, 1024), out=(16, 512)):
-    rng = random.Random(seed)
-    work = []
-    for _ in range(n):
-        length = rng.randint(*inp)
-        work.append(([rng.randrange(100, vocab) for _ in range(length)], rng.randint(*out)))
-    return work
+    # The CPU benchmark's generator: same draws for the same seed.
+    from offline import make_workload  # benchmarks/ is sys.path[0] when run as a script
+
+    return make_workload(n, inp, out, vocab, seed)
 
 
 def hf_model_for(name: str, dtype: torch.dtype):

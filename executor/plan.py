@@ -11,6 +11,11 @@ Mirror rule, applied by both sides for every scheduled request:
     tokens to run  = all_token_ids[num_computed : num_computed + num_scheduled]
     sample a token iff num_computed + num_scheduled == len(all_token_ids)
     afterwards       num_computed += num_scheduled; a sampled token is appended
+
+Steps are pipelined one deep: the scheduler may plan step N+1 while step N runs, and
+then counts the token N will sample as known (pending) when it applies the rule. The
+executor runs plans in order, so by the time it lays out N+1 it has N's token: on
+the device, not yet on the host (executor.model_runner feeds it from N's sampled ids).
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class StepPlan:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # requests the executor must forget (finished, aborted or preempted) before this step
     finished_request_ids: list[str] = field(default_factory=list)
+    # Scheduler-side only, never sent: the requests this step samples a token for (by
+    # the mirror rule), each with its preemption count when scheduled, so that a result
+    # that comes back after the request was preempted (and perhaps re-admitted) is
+    # recognised as stale.
+    sampling: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -80,8 +80,12 @@ class Request:
     arrival_index: int = 0  # set by Scheduler.add_request; orders equal priorities
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    # Tokens whose K/V is in the cache (or scheduled to be, in the current step).
+    # Tokens whose K/V is in the cache (or scheduled to be, in the steps in flight).
     num_computed_tokens: int = 0
+    # Tokens that steps in flight will sample, not back yet (one per step in flight,
+    # scheduler.MAX_PENDING_TOKENS at most). A scheduled range may end on such a token:
+    # the executor has it by then. In num_computed_tokens once run, never in num_tokens.
+    num_pending_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)  # the block table
     status: RequestStatus = RequestStatus.WAITING
     stop_token_id: int | None = None  # the token that finished it with "stop"

@@ -1,7 +1,7 @@
 """The scheduler: which tokens of which requests run in the next step.
 
 Owns the waiting and running queues, every unfinished request's progress, and (through
-the KV cache manager) the block pool. One step, with one plan in flight at a time:
+the KV cache manager) the block pool. One step:
 
     plan = scheduler.schedule()                      # StepPlan for the executor
     result = executor.execute(plan)                  # StepResult
@@ -12,6 +12,20 @@ num_computed_tokens when it schedules tokens and appends a sampled token when it
 back. The executor mirrors exactly the running requests, so a request leaving the
 running queue (finished, aborted, preempted) is named in finished_request_ids of the
 next plan that schedules tokens. An empty plan carries none: the caller may skip it.
+
+The loop may also run one step ahead (async scheduling): schedule() again while a
+plan is in flight, then update_from_result for the older plan, so the executor never
+waits for the scheduler's bookkeeping:
+
+    plan_1 = schedule(); submit(plan_1)
+    plan_2 = schedule(); submit(plan_2)       # plan_1's tokens count as pending
+    update_from_result(plan_1, collect());  plan_3 = schedule(); submit(plan_3) ...
+
+A request whose token is pending is scheduled for its next decode as if the token
+were known (the executor has it by then). A pending token that would end the request
+by length is not run past; one that ends it by EOS costs one wasted decode row, whose
+token is dropped. A request runs at most one step ahead (MAX_PENDING_TOKENS): a third
+schedule() with two plans in flight schedules nothing new for it.
 """
 
 from __future__ import annotations
@@ -33,6 +47,11 @@ from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.outputs import RequestOutput
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestStatus
+
+# Tokens of one request that steps in flight may sample before the scheduler sees
+# them: one per plan in flight, and the loop keeps at most two in flight (one running,
+# one queued behind it).
+MAX_PENDING_TOKENS = 2
 
 
 class RequestRejected(ValueError):
@@ -80,6 +99,7 @@ class Scheduler:
         for request in self.running:
             self.kv_cache.free(request)
             request.num_computed_tokens = 0
+            request.num_pending_tokens = 0
             request.status = RequestStatus.WAITING
             insort(self.waiting, request, key=self.policy.key)
         num_requeued = len(self.running)
@@ -107,8 +127,13 @@ class Scheduler:
         outputs = []
         for request_id, token_id in result.sampled_token_ids.items():
             request = self._requests.get(request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if (
+                request is None
+                or request.status is not RequestStatus.RUNNING
+                or request.num_preemptions != plan.sampling[request_id]
+            ):
+                continue  # aborted or preempted while the step ran
+            request.num_pending_tokens -= 1
             logprobs = result.logprobs.get(request_id)
             request.append_output(token_id, logprobs)
             status = self._stop_status(request, token_id)
@@ -160,8 +185,17 @@ class Scheduler:
         for request in self.running:
             _require(request.status is RequestStatus.RUNNING, f"{request} not running")
             _require(
-                0 < request.num_computed_tokens <= request.num_tokens,
+                0 < request.num_computed_tokens <= request.num_tokens + request.num_pending_tokens,
                 f"{request.request_id} computed out of range",
+            )
+            _require(
+                0 <= request.num_pending_tokens <= MAX_PENDING_TOKENS,
+                f"{request.request_id} pending",
+            )
+            _require(
+                request.num_output_tokens + request.num_pending_tokens <= request.stop.max_tokens
+                and request.num_computed_tokens < self.config.max_model_len,
+                f"{request.request_id} ran past its length limit",
             )
             num_blocks = self.kv_cache.num_blocks_for(request.num_computed_tokens)
             _require(
@@ -185,8 +219,14 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:  # its token is not back yet: schedule() ran twice in a step
+            num_known = request.num_tokens + request.num_pending_tokens
+            num_new = min(num_known - request.num_computed_tokens, budget)
+            pending = request.num_pending_tokens
+            if (
+                num_new == 0
+                or pending >= MAX_PENDING_TOKENS
+                or (pending and self._pending_ends(request))
+            ):  # its tokens are not back yet, or the pending one ends the request
                 index += 1
                 continue
             while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
@@ -237,6 +277,15 @@ class Scheduler:
     def _commit(self, plan: StepPlan, request: Request, num_new: int) -> None:
         plan.num_scheduled_tokens[request.request_id] = num_new
         request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_pending_tokens:
+            request.num_pending_tokens += 1  # this step samples one
+            plan.sampling[request.request_id] = request.num_preemptions
+
+    def _pending_ends(self, request: Request) -> bool:
+        """Whether the pending token ends the request by length (so nothing follows)."""
+        num_outputs = request.num_output_tokens + request.num_pending_tokens
+        num_tokens = request.num_tokens + request.num_pending_tokens
+        return num_outputs >= request.stop.max_tokens or num_tokens >= self.config.max_model_len
 
     def _victim_for(self, request: Request) -> Request | None:
         """The running request to preempt so a waiting one gets blocks, if any.
@@ -257,12 +306,14 @@ class Scheduler:
         # Requests admitted this step have smaller keys than any victim.
         assert all(new.request_id != request_id for new in plan.new_requests)
         plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request_id]
+        plan.sampling.pop(request_id, None)  # its pending counts are reset by _preempt
         return plan.num_scheduled_tokens.pop(request_id, 0)
 
     def _preempt(self, request: Request) -> None:
         """Send a request (already out of running) back to waiting, to recompute."""
         self.kv_cache.free(request)
         request.num_computed_tokens = 0  # its outputs stay: they become prompt-like
+        request.num_pending_tokens = 0  # a token in flight is dropped when it comes
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -326,23 +377,20 @@ class Scheduler:
             )
 
     def _check_result(self, plan: StepPlan, result: StepResult) -> None:
-        """Raise RuntimeError if the executor's tokens break the mirror rule."""
+        """Raise RuntimeError if the executor's tokens break the mirror rule: exactly
+        the requests the plan samples (plan.sampling) come back with a token."""
         for request_id in result.sampled_token_ids:
-            if request_id not in plan.num_scheduled_tokens:
+            if request_id not in plan.sampling:
+                scheduled = request_id in plan.num_scheduled_tokens
                 raise RuntimeError(
-                    f"the executor sampled a token for request {request_id!r}, "
-                    "which this plan did not schedule"
+                    f"the executor sampled a token for request {request_id!r}, which "
+                    f"this plan {'ran without sampling' if scheduled else 'did not schedule'}"
                 )
-        for request_id in plan.num_scheduled_tokens:
-            request = self._requests.get(request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue
-            due = request.num_computed_tokens == request.num_tokens
-            if due != (request_id in result.sampled_token_ids):
+        for request_id in plan.sampling:
+            if request_id not in result.sampled_token_ids:
                 raise RuntimeError(
-                    f"request {request_id!r}: by the mirror rule a token was "
-                    f"{'' if due else 'not '}due this step, and the executor "
-                    f"{'returned none' if due else 'returned one'}"
+                    f"request {request_id!r}: by the mirror rule a token was due this "
+                    "step, and the executor returned none"
                 )
 
 

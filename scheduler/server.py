@@ -191,20 +191,25 @@ class SchedulerServerConfig:
     # security of the two sockets (executor.curve)
     curve_secret_key_file: str | None = field(
         default=None,
-        metadata={"help": "CURVE: this scheduler's key pair (NAME.key_secret); needed, with "
-                  "curve_authorized_keys, when a socket binds beyond loopback"},
+        metadata={
+            "help": "CURVE: this scheduler's key pair (NAME.key_secret); needed, with "
+            "curve_authorized_keys, when a socket binds beyond loopback"
+        },
     )
     curve_authorized_keys: str | None = field(
         default=None,
-        metadata={"help": "CURVE: a directory of the public keys (*.key) of the gateways and "
-                  "executors allowed to connect"},
+        metadata={
+            "help": "CURVE: a directory of the public keys (*.key) of the gateways and "
+            "executors allowed to connect"
+        },
     )
 
     def __post_init__(self) -> None:
         if not self.gateway_address:
             raise ValueError("gateway_address must not be empty")
         has_keys = check_pair(
-            self.curve_secret_key_file, self.curve_authorized_keys,
+            self.curve_secret_key_file,
+            self.curve_authorized_keys,
             "curve_secret_key_file and curve_authorized_keys",
         )
         flags = "--curve-secret-key-file and --curve-authorized-keys"

@@ -82,9 +82,12 @@ class MirrorExecutor:
         return result
 
     def assert_mirrors(self, scheduler: Scheduler) -> None:
-        """Every running request is mirrored with the same tokens, progress, blocks."""
+        """Every running request is mirrored with the same tokens (and the ones it
+        sampled in a step whose result the scheduler has not seen), progress, blocks."""
         for request in scheduler.running:
             mirror = self.mirrors[request.request_id]
-            assert mirror.token_ids == request.all_token_ids
+            num_known = request.num_tokens
+            assert mirror.token_ids[:num_known] == request.all_token_ids
+            assert len(mirror.token_ids) == num_known + request.num_pending_tokens
             assert mirror.num_computed_tokens == request.num_computed_tokens
             assert mirror.block_ids == request.block_ids

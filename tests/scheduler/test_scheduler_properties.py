@@ -2,7 +2,9 @@
 
 The fake executor samples from the tokens alone (a deterministic "greedy model"), so
 a request must stream the same tokens however it was batched, chunked or preempted, or
-recomputed on a new executor after one was lost: the ones it would produce running alone.
+recomputed on a new executor after one was lost, and whether steps ran one at a time or
+pipelined (the next plan scheduled while one is in flight): the ones it would produce
+running alone.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from executor.plan import SamplingOptions
+from executor.plan import SamplingOptions, StepPlan, StepResult
 from scheduler import (
     Request,
     RequestOutput,
@@ -60,6 +62,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.requests: dict[str, Request] = {}  # every accepted request, by id
         self.streams: dict[str, list[RequestOutput]] = {}
         self.count = 0
+        # A step submitted and run by the executor whose result the scheduler has not
+        # seen yet (pipelined steps): its tokens are pending.
+        self.in_flight: tuple[StepPlan, StepResult] | None = None
 
     @rule(
         prompt=st.lists(st.integers(0, 10), max_size=12),
@@ -118,16 +123,37 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(num_steps):
             self.step()
 
+    @rule(num_steps=st.integers(1, 6))
+    def pipelined_steps(self, num_steps: int) -> None:
+        for _ in range(num_steps):
+            self.step_ahead()
+
     @rule(with_a_step_in_flight=st.booleans())
     def lose_the_executor(self, with_a_step_in_flight: bool) -> None:
         """The executor dies: a plan it was running never comes back, and a new one
         mirrors nothing. Every stream must go on as if nothing happened."""
         if with_a_step_in_flight:
             self.scheduler.schedule()
+        self.in_flight = None
         self.scheduler.requeue_running()
         self.executor = MirrorExecutor(self.scheduler.config.block_size)
 
+    def step_ahead(self) -> None:
+        """Schedule and run the next plan, then hand the scheduler the previous one's
+        result: the executor is one step ahead of the scheduler's bookkeeping."""
+        plan = self.scheduler.schedule()
+        self.scheduler.check_invariants()  # with two plans in flight: nothing runs too far
+        assert self.scheduler.config.max_num_seqs >= len(plan.num_scheduled_tokens)
+        assert plan.total_num_scheduled_tokens <= self.scheduler.config.max_num_batched_tokens
+        ahead = None if plan.is_empty else (plan, self.executor.execute(plan))
+        if self.in_flight is not None:
+            self._record(self.scheduler.update_from_result(*self.in_flight))
+        self.in_flight = ahead
+
     def step(self) -> None:
+        if self.in_flight is not None:
+            self._record(self.scheduler.update_from_result(*self.in_flight))
+            self.in_flight = None
         plan = self.scheduler.schedule()
         if plan.is_empty:
             assert not self.scheduler.running  # nothing to run means nothing running

@@ -195,9 +195,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         result["decode"].append(r)
     for b in args.idle_batch:
-        r = gpu_idle(llm, b)
-        print(json.dumps(r), flush=True)
-        result["idle"].append(r)
+        for pipelined in (True, False):  # async scheduling on, then off: same run
+            llm.engine.pipelined = pipelined
+            r = gpu_idle(llm, b)
+            r["async_scheduling"] = pipelined
+            print(json.dumps(r), flush=True)
+            result["idle"].append(r)
+        llm.engine.pipelined = True
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -190,6 +190,11 @@ def main() -> None:
         help="run HF only on workloads whose name contains one of these (default: all)",
     )
     ap.add_argument("--hf-generate-batch", action="store_true")
+    ap.add_argument(
+        "--sync-too",
+        action="store_true",
+        help="run each workload again with async scheduling off (same engine, same run)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -261,6 +266,11 @@ def main() -> None:
     for name, work in workloads.items():
         r = result["workloads"][name]
         r["tessera"] = run_tessera(llm, work)
+        if args.sync_too:  # the same workload with async scheduling off, for the ratio
+            llm.engine.pipelined = False
+            r["tessera_sync"] = run_tessera(llm, work)
+            llm.engine.pipelined = True
+            r["async_vs_sync"] = r["tessera"]["tok_per_s"] / r["tessera_sync"]["tok_per_s"]
         for key in ("hf_static", "hf_generate_batch"):
             if key in r and "tok_per_s" in r[key]:
                 r[f"speedup_vs_{key}"] = r["tessera"]["tok_per_s"] / r[key]["tok_per_s"]

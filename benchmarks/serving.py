@@ -100,7 +100,7 @@ async def run_rate(target: str, work, rate: float, seed: int) -> dict:
     }
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -111,6 +111,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd += ["--model", args.model, "--device", args.device]
     if args.model.startswith("random:"):
         cmd += ["--num-tokenizers", "0"]  # random weights: token ids in and out
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     target = f"127.0.0.1:{port}"
     with grpc.insecure_channel(target) as ch:
@@ -150,9 +151,9 @@ def in_process(args, work) -> dict:
     return {"seconds": wall, "output_tok_per_s": tokens / wall}
 
 
-def serve_rates(args, work, rates: list[float]) -> list[dict]:
+def serve_rates(args, work, rates: list[float], extra: list[str] = ()) -> list[dict]:
     """Start the server (unless --target), replay the workload at each rate, stop it."""
-    proc, target = (None, args.target) if args.target else start_server(args)
+    proc, target = (None, args.target) if args.target else start_server(args, extra)
     try:
         warm = work if args.warmup == "full" else work[:2]  # as in in_process
         asyncio.run(run_rate(target, warm, float("inf"), args.seed))
@@ -187,6 +188,11 @@ def main() -> None:
         default="full",
         help="untimed pass before timing: the whole workload (full) or one request",
     )
+    p.add_argument(
+        "--sync-too",
+        action="store_true",
+        help="also serve at saturation with --no-async-scheduling, --repeat times",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = workload(args)
@@ -213,6 +219,16 @@ def main() -> None:
         saturated.append(serve_rates(args, work, [float("inf")])[0]["output_tok_per_s"])
         if not first_local:
             local.append(in_process(args, work)["output_tok_per_s"])
+    if args.sync_too:  # the served engine with async scheduling off, at saturation
+        result["saturated_sync_runs"] = [
+            serve_rates(args, work, [float("inf")], ["--no-async-scheduling"])[0][
+                "output_tok_per_s"
+            ]
+            for _ in range(args.repeat)
+        ]
+        result["async_over_sync_served"] = statistics.median(saturated) / statistics.median(
+            result["saturated_sync_runs"]
+        )
     result["saturated_runs"] = saturated
     result["in_process_runs"] = local
     result["served_over_in_process"] = statistics.median(saturated) / statistics.median(local)

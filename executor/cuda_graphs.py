@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from executor.transfer import to_device
 from executor.triton_backend import TritonAttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -121,25 +122,32 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,  # [b] int64
         block_tables: np.ndarray,  # [b, w] int32, w <= width
         context_lens: np.ndarray,  # [b]
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # logits [b, V]
+        """Fill the buffers and replay. pending: (row indices, token ids), both on the
+        device, written over input_ids: tokens an earlier step sampled, not yet on the
+        host. Every copy is asynchronous, so the host does not wait for the step before.
+        """
         b = len(input_ids)
         bs = next(s for s in self.sizes if s >= b)
-        ids = np.zeros(bs, dtype=np.int64)
-        ids[:b] = input_ids
-        pos = np.zeros(bs, dtype=np.int64)
-        pos[:b] = positions
-        slots = np.full(bs, -1, dtype=np.int64)
-        slots[:b] = slot_mapping
-        ctx = np.zeros(bs, dtype=np.int32)
-        ctx[:b] = context_lens
-        self.input_ids[:bs].copy_(torch.from_numpy(ids))
-        self.positions[:bs].copy_(torch.from_numpy(pos))
-        self.slot_mapping[:bs].copy_(torch.from_numpy(slots))
+        # One pinned staging copy for the four [bs] vectors: ids, positions, slots, ctx.
+        staged = np.zeros((4, bs), dtype=np.int64)
+        staged[0, :b] = input_ids
+        staged[1, :b] = positions
+        staged[2, :] = -1
+        staged[2, :b] = slot_mapping
+        staged[3, :b] = context_lens
+        vectors = to_device(staged, self.device)
+        self.input_ids[:bs].copy_(vectors[0])
+        if pending is not None:
+            self.input_ids.index_copy_(0, *pending)
+        self.positions[:bs].copy_(vectors[1])
+        self.slot_mapping[:bs].copy_(vectors[2])
+        self.context_lens[:bs].copy_(vectors[3])
         # Only the columns in use: the kernels read no block past a row's context, and
         # padding rows have context 0, so what stays from earlier steps is never read.
         w = block_tables.shape[1]
-        self.block_tables[:b, :w].copy_(torch.from_numpy(np.ascontiguousarray(block_tables)))
-        self.context_lens[:bs].copy_(torch.from_numpy(ctx))
+        self.block_tables[:b, :w].copy_(to_device(block_tables, self.device))
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:b]

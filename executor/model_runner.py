@@ -4,11 +4,23 @@
 requests (see ``executor.plan`` for the mirror rule), lays out the flattened batch,
 runs one forward pass over the paged KV pool and samples one token for every
 request that reached the end of its known tokens.
+
+``execute`` is ``collect(submit(plan))``. On the tensor path (Triton, CUDA) the two
+halves come apart so the host never holds the GPU up: ``submit`` launches the step
+and returns at once, its sampled tokens still on the device; the caller may submit
+the next plan before it collects this one. A request whose next input is such a
+pending token gets it on the device, gathered from the earlier step's sampled ids,
+so the host waits for nothing while it lays out step N+1 during step N. ``collect``
+then waits for the step and appends its tokens on the host, in submission order.
+Penalties read a request's output history on the host: a row with a penalty and a
+pending token makes ``submit`` collect the earlier step first (correct, not
+overlapped). The torch path (the CPU) runs everything in ``submit``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +32,8 @@ from executor.model import LlamaForCausalLM
 from executor.model_config import ModelConfig
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.registry import resolve_model
-from executor.sampler import Sampler, SamplingBatch, compute_logprobs
+from executor.sampler import Sampler, SamplingBatch, logprob_tensors, logprobs_to_host
+from executor.transfer import to_device, to_host_async
 from executor.triton_backend import TritonAttentionBackend, layout_step
 from executor.weights import load_weights
 
@@ -37,6 +50,9 @@ class _RequestState:
     num_computed_tokens: int
     # The block ids again as int32, for the kernels' block tables (grown by doubling).
     block_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    # Tokens sampled by submitted, uncollected steps, in order: (step, row of its
+    # sampled ids). They follow output_token_ids; collect() moves them there.
+    pending: deque[tuple[Step, int]] = field(default_factory=deque)
 
     def add_blocks(self, block_ids: list[int]) -> None:
         start = len(self.block_ids)
@@ -49,6 +65,7 @@ class _RequestState:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens known on the host (pending ones not counted)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
@@ -58,6 +75,27 @@ class _RequestState:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+
+@dataclass(slots=True, eq=False)
+class Step:
+    """One submitted step. Its tokens may still be on the device until collected."""
+
+    sample_ids: list[str] = field(default_factory=list)  # requests that sample, in row order
+    states: list[_RequestState] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [B] int64 on the device: the next step's inputs
+    # The tokens and logprob tensors (executor.sampler.LogprobTensors), copied to pinned
+    # host memory as the step's last work, so collect() waits for this step only and
+    # not for one submitted after it.
+    host_tokens: torch.Tensor | None = None
+    host_logprobs: tuple | None = None
+    wanted: list[int | None] = field(default_factory=list)
+    done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
+    result: StepResult | None = None  # set once collected
+
+    @property
+    def collected(self) -> bool:
+        return self.result is not None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +149,7 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.requests: dict[str, _RequestState] = {}
+        self._uncollected: deque[Step] = deque()  # submitted, in order
         max_len = min(
             config.max_model_len or mc.max_position_embeddings, self.num_blocks * self.block_size
         )
@@ -190,65 +229,134 @@ class ModelRunner:
         cache_bytes = blocks * self.bytes_per_block
         return int(total * self.config.gpu_memory_utilization - peak + cache_bytes)
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether submit() returns before the step is done (the tensor path), so a
+        caller gains by submitting the next plan before collecting this one."""
+        return self.use_triton
+
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.submit(plan))
+
+    def submit(self, plan: StepPlan) -> Step:
+        """Apply the plan's diff and launch the step; collect() gives its result."""
         self._apply_diff(plan)
+        step = Step()
         if plan.is_empty:
-            return StepResult()
-        if self.use_triton:
-            sample_ids, logits = self._forward_tensors(plan)
-        else:
-            sample_ids, logits = self._forward_lists(plan)
+            step.result = StepResult()
+            return step
+        if not self.use_triton:
+            self._run_lists(plan, step)
+            return step
+        self._collect_pending_for_penalties(plan)
+        sample_ids, states, logits = self._forward_tensors(plan)
+        step.sample_ids, step.states = sample_ids, states
         if not sample_ids:
-            return StepResult()
-        states = [self.requests[r] for r in sample_ids]
-        if self.use_triton:
-            tokens, logprobs = self._sample_on_device(logits, states)
-        else:
-            batch = SamplingBatch(
-                options=[s.sampling for s in states],
-                prompt_token_ids=[s.prompt_token_ids for s in states],
-                output_token_ids=[s.output_token_ids for s in states],
-            )
-            tokens, logprobs = self.sampler(logits, batch)
+            step.result = StepResult()
+            return step
+        self._sample_on_device(logits, step)
+        step.host_tokens = to_host_async(step.tokens)
+        if step.host_logprobs is not None:
+            step.host_logprobs = tuple(to_host_async(t) for t in step.host_logprobs)
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
+        for row, state in enumerate(states):
+            state.pending.append((step, row))
+        self._uncollected.append(step)
+        return step
+
+    def is_done(self, step: Step) -> bool:
+        """Whether collect(step) would return without waiting for the device."""
+        return step.collected or step.done is None or step.done.query()
+
+    def collect(self, step: Step) -> StepResult:
+        """The step's result: waits for it (and every step submitted before it)."""
+        while not step.collected:
+            self._finish(self._uncollected.popleft())
+        return step.result
+
+    def _finish(self, step: Step) -> None:
+        if step.done is not None:
+            step.done.synchronize()  # this step's copies, not the steps queued behind it
+        tokens = step.host_tokens.tolist()
+        logprobs = logprobs_to_host(step.host_logprobs, step.wanted)
         result = StepResult()
+        for request_id, state, token, lp in zip(
+            step.sample_ids, step.states, tokens, logprobs, strict=True
+        ):
+            done, _ = state.pending.popleft()
+            assert done is step, "steps collected out of order"
+            state.output_token_ids.append(token)
+            result.sampled_token_ids[request_id] = token
+            if lp is not None:
+                result.logprobs[request_id] = lp
+        step.tokens = step.host_tokens = step.host_logprobs = None
+        step.result = result
+
+    def _collect_pending_for_penalties(self, plan: StepPlan) -> None:
+        """Penalties count a request's outputs on the host: collect the steps whose
+        tokens such a request still waits for (rare: penalties and a pipelined loop)."""
+        for request_id in plan.num_scheduled_tokens:
+            state = self.requests[request_id]
+            if state.pending and state.sampling.has_penalty:
+                self.collect(state.pending[-1][0])
+
+    def _run_lists(self, plan: StepPlan, step: Step) -> None:
+        """The torch path: forward and CPU sampler, all at once."""
+        sample_ids, logits = self._forward_lists(plan)
+        result = StepResult()
+        step.result = result
+        if not sample_ids:
+            return
+        states = [self.requests[r] for r in sample_ids]
+        batch = SamplingBatch(
+            options=[s.sampling for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+        )
+        tokens, logprobs = self.sampler(logits, batch)
         for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
             state.output_token_ids.append(token)
             result.sampled_token_ids[request_id] = token
             if lp is not None:
                 result.logprobs[request_id] = lp
-        return result
 
-    def _sample_on_device(self, logits: torch.Tensor, states: list[_RequestState]):
-        """The Triton sampler (kernels.sampling): every row in batched device ops, one
-        device-to-host copy of the tokens. Seeded draws use Philox keyed by (seed,
-        tokens generated so far), so they differ from the CPU sampler's for one seed."""
+    def _sample_on_device(self, logits: torch.Tensor, step: Step) -> None:
+        """The Triton sampler (kernels.sampling): every row in batched device ops; the
+        tokens stay on the device until collect(). Seeded draws use Philox keyed by
+        (seed, tokens generated so far), so they differ from the CPU sampler's."""
         from kernels.sampling import SamplingTensors, sample, sample_with_logprobs
 
+        states = step.states
         options = [s.sampling for s in states]
         params = SamplingTensors.from_options(
             options,
-            [len(s.output_token_ids) for s in states],
+            [len(s.output_token_ids) + len(s.pending) for s in states],
             self.device,
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
         )
-        wanted = [o.logprobs for o in options]
-        if all(k is None for k in wanted):
-            return sample(logits, params).tolist(), [None] * len(states)
-        ids, logprobs = sample_with_logprobs(logits, params)
-        # log_softmax of logprobs is the same logprobs: compute_logprobs takes either.
-        return ids.tolist(), compute_logprobs(logprobs, ids, wanted)
+        step.wanted = [o.logprobs for o in options]
+        if all(k is None for k in step.wanted):
+            step.tokens = sample(logits, params)
+            return
+        step.tokens, logprobs = sample_with_logprobs(logits, params)
+        # log_softmax of logprobs is the same logprobs: logprob_tensors takes either.
+        step.host_logprobs = logprob_tensors(logprobs, step.tokens, step.wanted)
 
     def _scheduled(self, plan: StepPlan):
-        """(request id, state, start, end) of every scheduled request, checked and advanced."""
+        """(request id, state, start, end) of every scheduled request, checked and advanced.
+
+        end may reach into the request's pending tokens (the pipelined case)."""
         for request_id, n in plan.num_scheduled_tokens.items():
             state = self.requests[request_id]
             start = state.num_computed_tokens
             end = start + n
-            if end > state.num_tokens:
+            if end > state.num_tokens + len(state.pending):
                 raise ValueError(
                     f"request {request_id}: {n} tokens scheduled from {start} but only "
-                    f"{state.num_tokens} are known"
+                    f"{state.num_tokens + len(state.pending)} are known"
                 )
             state.num_computed_tokens = end
             yield request_id, state, start, end
@@ -282,22 +390,38 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         return sample_ids, self.model.compute_logits(hidden[rows])  # [B, V]
 
-    def _forward_tensors(self, plan: StepPlan) -> tuple[list[str], torch.Tensor | None]:
-        """The Triton backend: numpy layout, and a CUDA graph for decode-only steps."""
+    def _forward_tensors(
+        self, plan: StepPlan
+    ) -> tuple[list[str], list[_RequestState], torch.Tensor | None]:
+        """The Triton backend: numpy layout, and a CUDA graph for decode-only steps.
+
+        Returns the requests that sample, their states, and their logits [B, V]. Inputs
+        that are pending tokens are filled in on the device (see the module docstring).
+        """
         num_seqs = len(plan.num_scheduled_tokens)
         query_lens = np.empty(num_seqs, dtype=np.int64)
         context_lens = np.empty(num_seqs, dtype=np.int64)
         input_ids: list[int] = []
         sample_ids: list[str] = []
+        sample_states: list[_RequestState] = []
         sample_rows: list[int] = []
         states: list[_RequestState] = []
+        # Pending inputs: flat index in input_ids -> (step, row of its sampled ids)
+        pending_dst: list[int] = []
+        pending_src: list[tuple[Step, int]] = []
         for i, (request_id, state, start, end) in enumerate(self._scheduled(plan)):
-            input_ids.extend(state.token_slice(start, end))
+            known = state.num_tokens
+            input_ids.extend(state.token_slice(start, min(end, known)))
+            for position in range(max(start, known), end):
+                pending_dst.append(len(input_ids))
+                pending_src.append(state.pending[position - known])
+                input_ids.append(0)  # filled in on the device
             query_lens[i] = end - start
             context_lens[i] = end
             states.append(state)
-            if end == state.num_tokens:
+            if end == known + len(state.pending):
                 sample_ids.append(request_id)
+                sample_states.append(state)
                 sample_rows.append(len(input_ids) - 1)
         width = int(-(-context_lens.max() // self.block_size))
         table = np.zeros((num_seqs, width), dtype=np.int32)
@@ -306,6 +430,7 @@ class ModelRunner:
             table[i, :n] = state.block_array[:n]
         positions, slots, qsl = layout_step(query_lens, context_lens, table, self.block_size)
         ids = np.asarray(input_ids, dtype=np.int64)
+        pending = self._pending_inputs(pending_dst, pending_src)
         decode_only = len(ids) == num_seqs
         if (
             decode_only
@@ -313,17 +438,39 @@ class ModelRunner:
             and len(sample_ids) == num_seqs
             and self.graphs.can_run(num_seqs, width)
         ):
-            return sample_ids, self.graphs.run(ids, positions, slots, table, context_lens)
+            logits = self.graphs.run(ids, positions, slots, table, context_lens, pending)
+            return sample_ids, sample_states, logits
         meta = self.attention.metadata_from_arrays(
             query_lens, context_lens, table, slots, qsl, self.device
         )
-        ids_t = torch.from_numpy(ids).to(self.device)
-        pos_t = torch.from_numpy(positions).to(self.device)
+        ids_t = to_device(ids, self.device)
+        if pending is not None:
+            ids_t.index_copy_(0, *pending)
+        pos_t = to_device(positions, self.device)
         hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta)
         if not sample_ids:
-            return sample_ids, None
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
-        return sample_ids, self.model.compute_logits(hidden[rows])
+            return sample_ids, sample_states, None
+        rows = to_device(np.asarray(sample_rows, dtype=np.int64), self.device)
+        return sample_ids, sample_states, self.model.compute_logits(hidden[rows])
+
+    def _pending_inputs(
+        self, dst: list[int], src: list[tuple[Step, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat input indices, token ids on the device) for inputs still pending."""
+        if not dst:
+            return None
+        values = []
+        start = 0
+        while start < len(src):  # a run per step (one step, unless the caller ran ahead)
+            step = src[start][0]
+            end = start
+            while end < len(src) and src[end][0] is step:
+                end += 1
+            rows = np.asarray([r for _, r in src[start:end]], dtype=np.int64)
+            values.append(step.tokens.index_select(0, to_device(rows, self.device)))
+            start = end
+        index = to_device(np.asarray(dst, dtype=np.int64), self.device)
+        return index, values[0] if len(values) == 1 else torch.cat(values)
 
     def _apply_diff(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids:

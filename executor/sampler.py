@@ -35,6 +35,7 @@ from itertools import chain
 import torch
 
 from executor.plan import SamplingOptions, TokenLogprobs
+from executor.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -181,10 +182,20 @@ def compute_logprobs(
     sampled: [B] int64. Rank counts tokens with a strictly higher logprob, plus one,
     so tied tokens share the best rank (as vLLM does).
     """
+    return logprobs_to_host(logprob_tensors(processed, sampled, num_logprobs), num_logprobs)
+
+
+LogprobTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def logprob_tensors(
+    processed: torch.Tensor, sampled: torch.Tensor, num_logprobs: list[int | None]
+) -> LogprobTensors | None:
+    """The device half of compute_logprobs: launched now, read by logprobs_to_host
+    later (after the next step was launched, in a pipelined executor)."""
     requested = [(i, k) for i, k in enumerate(num_logprobs) if k is not None]
-    results: list[TokenLogprobs | None] = [None] * len(num_logprobs)
     if not requested:
-        return results
+        return None
     row_index = _long([i for i, _ in requested], processed.device)
     logprobs = processed[row_index].log_softmax(dim=-1)  # [L, V]
     tokens = sampled[row_index]  # [L]
@@ -192,15 +203,19 @@ def compute_logprobs(
     ranks = (logprobs > token_logprobs[:, None]).sum(dim=1) + 1  # [L]
     max_k = min(max(k for _, k in requested), processed.shape[1])
     top_logprobs, top_ids = logprobs.topk(max_k, dim=1)  # [L, K], best first
+    return tokens, token_logprobs, ranks, top_ids, top_logprobs
 
+
+def logprobs_to_host(
+    tensors: LogprobTensors | None, num_logprobs: list[int | None]
+) -> list[TokenLogprobs | None]:
+    """The host half of compute_logprobs (waits for the device)."""
+    results: list[TokenLogprobs | None] = [None] * len(num_logprobs)
+    if tensors is None:
+        return results
+    requested = [(i, k) for i, k in enumerate(num_logprobs) if k is not None]
     for (i, k), token, logprob, rank, ids, values in zip(
-        requested,
-        tokens.tolist(),
-        token_logprobs.tolist(),
-        ranks.tolist(),
-        top_ids.tolist(),
-        top_logprobs.tolist(),
-        strict=True,
+        requested, *(t.tolist() for t in tensors), strict=True
     ):
         top = tuple(zip(ids[:k], values[:k], strict=True))
         results[i] = TokenLogprobs(token_id=token, logprob=logprob, rank=rank, top=top)
@@ -330,7 +345,7 @@ def _splitmix64(x: int) -> int:
 
 
 def _long(values: list[int] | tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, device, torch.long)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -2,14 +2,23 @@
 
 Socket: one ZeroMQ PAIR. The scheduler binds it (it starts first and starts this
 process as its child, on a private ``ipc://`` path by default) and the executor
-connects; both directions share it, one message in flight at a time:
+connects; both directions share it:
 
     scheduler                          executor
        bind PAIR  <──────────────────  connect PAIR
                   <── ExecutorReady ──   (model loaded, KV pool sized)
-                  ─── StepPlan ──────>
-                  <── StepResult ─────   (error set if the step raised)
+                  ─── StepPlan 1 ────>
+                  ─── StepPlan 2 ────>   (async scheduling: sent while 1 runs)
+                  <── StepResult 1 ───   (error set if the step raised)
+                  ─── StepPlan 3 ────>
+                  <── StepResult 2 ───
                   ...
+
+Results go back in the order of the plans. With a plan queued behind the step in
+flight, the executor launches it before it waits for the step in flight (the model
+runner's submit / collect), so the GPU goes from one step to the next without
+waiting for the host; while a step runs with nothing queued, it watches the socket
+for the next plan until the step is done, then sends the result.
 
 A step that raises does not end the process: the result carries the error, the
 scheduler fails that step's requests, and the next plan tells the executor to forget
@@ -34,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
@@ -48,7 +58,7 @@ from executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
 from proto.tessera.v1 import engine_pb2
 
 if TYPE_CHECKING:
-    from executor.model_runner import ModelRunner
+    from executor.model_runner import ModelRunner, Step
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +203,20 @@ class Executor:
         )
 
     def serve_forever(self) -> NoReturn:
+        in_flight: _Submitted | None = None
         while True:
-            plan = self.recv_plan()
-            result = self.run_step(plan)
-            self.socket.send(encode(result))
+            pb = self.recv_plan() if in_flight is None else self.recv_plan_while(in_flight)
+            if pb is None:  # the step in flight is done and no plan came
+                self.send_result(in_flight)
+                in_flight = None
+                continue
+            submitted = self.submit(pb)  # launched before the step in flight is waited on
+            if in_flight is not None:
+                self.send_result(in_flight)
+            in_flight = submitted
+            if submitted.step is None or self.runner.is_done(submitted.step):
+                self.send_result(submitted)  # failed, or run all at once (the CPU)
+                in_flight = None
 
     def recv_plan(self) -> engine_pb2.StepPlan:
         frames = self.socket.recv_multipart()
@@ -206,18 +226,59 @@ class Executor:
             return decode(engine_pb2.StepPlan, frames[0])
         except WireError as e:
             logger.warning("unreadable step plan: %s", e)
-            # Step id 0 is never a real step: the scheduler fails the step it waits on.
+            # Step id 0 is never a real step: the scheduler fails the step it waits on
+            # (results go in order, so that is this plan's).
             return engine_pb2.StepPlan(step_id=0)
 
-    def run_step(self, pb: engine_pb2.StepPlan) -> engine_pb2.StepResult:
+    def recv_plan_while(self, in_flight: _Submitted) -> engine_pb2.StepPlan | None:
+        """The next plan if one comes before the step in flight is done, else None."""
+        while not self.runner.is_done(in_flight.step):
+            if self.socket.poll(0):
+                return self.recv_plan()
+            time.sleep(_SPIN_S)
+        return self.recv_plan() if self.socket.poll(0) else None
+
+    def submit(self, pb: engine_pb2.StepPlan) -> _Submitted:
         if pb.step_id == 0:
-            return engine_pb2.StepResult(step_id=0, error="the executor could not read the plan")
+            error = "the executor could not read the plan"
+            return _Submitted(0, error=engine_pb2.StepResult(step_id=0, error=error))
         try:
-            result = self.runner.execute(plan_from_pb(pb))
+            return _Submitted(pb.step_id, step=self.runner.submit(plan_from_pb(pb)))
         except Exception as e:  # one bad step fails its requests, not the process
-            logger.exception("step %d failed", pb.step_id)
-            return engine_pb2.StepResult(step_id=pb.step_id, error=f"{type(e).__name__}: {e}")
-        return result_to_pb(result, pb.step_id)
+            return _Submitted(pb.step_id, error=_failed(pb.step_id, e))
+
+    def send_result(self, submitted: _Submitted) -> None:
+        self.socket.send(encode(self.collect(submitted)))
+
+    def collect(self, submitted: _Submitted) -> engine_pb2.StepResult:
+        if submitted.error is not None:
+            return submitted.error
+        try:
+            return result_to_pb(self.runner.collect(submitted.step), submitted.step_id)
+        except Exception as e:
+            return _failed(submitted.step_id, e)
+
+    def run_step(self, pb: engine_pb2.StepPlan) -> engine_pb2.StepResult:
+        """One step, submitted and collected (tests and tools)."""
+        return self.collect(self.submit(pb))
+
+
+_SPIN_S = 50e-6  # the executor's sleep between looks at the socket and the step in flight
+
+
+@dataclass(slots=True)
+class _Submitted:
+    """A plan the executor took: its launched step, or the error that stopped it."""
+
+    step_id: int
+    step: Step | None = None
+    error: engine_pb2.StepResult | None = None
+
+
+def _failed(step_id: int, e: Exception) -> engine_pb2.StepResult:
+    """A step that raised: its requests fail, the executor goes on."""
+    logger.exception("step %d failed", step_id)
+    return engine_pb2.StepResult(step_id=step_id, error=f"{type(e).__name__}: {e}")
 
 
 def engine_info(runner: ModelRunner, max_model_len: int | None) -> engine_pb2.EngineInfo:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from executor.transfer import to_device
+
 
 @dataclass(slots=True)
 class TritonAttentionMetadata:
@@ -149,4 +151,4 @@ class TritonAttentionBackend:
 
 
 def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    return to_device(array, device, dtype)

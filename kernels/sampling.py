@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from executor.plan import SamplingOptions
+from executor.transfer import to_device
 from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
 
 _MAX_BLOCK = 1024  # columns a draw program holds at once
@@ -416,7 +417,7 @@ class SamplingTensors:
         for o in options:
             _check_option(o, vocab_size)
         random_rows = [o for o in options if not o.is_greedy]
-        penalised = [_has_penalty(o) for o in options]
+        penalised = [o.has_penalty for o in options]
         if any(penalised) and (prompt_token_ids is None or output_token_ids is None):
             raise ValueError("rows with penalties need prompt_token_ids and output_token_ids")
         for name, lists in (("prompt", prompt_token_ids), ("output", output_token_ids)):
@@ -525,7 +526,7 @@ class _Packer:
         self.shapes.append((self.num_rows, width))
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        flat = _to_device(torch.tensor(self.values, dtype=dtype, device="cpu"), device)
+        flat = to_device(torch.tensor(self.values, dtype=dtype, device="cpu"), device)
         start = 0
         for shape in self.shapes:
             size = math.prod(shape)
@@ -551,22 +552,10 @@ def _check_option(o: SamplingOptions, vocab_size: int | None) -> None:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
-def _has_penalty(o: SamplingOptions) -> bool:
-    return o.repetition_penalty != 1.0 or o.frequency_penalty != 0.0 or o.presence_penalty != 0.0
-
-
 def _as_int64(seed: int) -> int:
     """Any Python int as the signed 64-bit pattern of its low 64 bits (the Philox key)."""
     bits = seed & _MASK64
     return bits - (1 << 64) if bits >> 63 else bits
-
-
-def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host to device without blocking the host: pinned source, asynchronous copy."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _check_logits(logits: torch.Tensor, params: SamplingTensors) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
     ExecutorLink.start()        spawn ``python -m executor`` (unless it is started elsewhere)
     ExecutorLink.poll_ready()   its ExecutorReady, once the model is loaded
-    submit(plan) ... collect()  one step, watched: a result, StepFailed, or ExecutorLost
+    submit(plan) ... collect()  a step, watched: a result, StepFailed, or ExecutorLost;
+                                up to two in flight (async scheduling), collected in order
     ExecutorLink.kill()         SIGKILL and reap, before starting the next one
 
 The socket is a CURVE server when the scheduler has keys (``executor.curve``). It is
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +104,8 @@ class ExecutorLink:
         self.process: subprocess.Popen | None = None
         self._ready_deadline = 0.0
         self._next_step_id = 1
-        self._in_flight = 0
-        self._step_deadline: float | None = None
+        self._in_flight: deque[int] = deque()  # step ids sent, results not yet read
+        self._step_deadline: float | None = None  # for the oldest step in flight
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class ExecutorLink:
     def kill(self) -> None:
         """Make sure the executor is gone (SIGKILL and reap); nothing it sent counts."""
         self._step_deadline = None
+        self._in_flight.clear()
         if self.process is None:
             logger.warning(
                 "an executor started elsewhere cannot be killed from here: restart it, "
@@ -198,20 +201,31 @@ class ExecutorLink:
         self.submit(plan)
         return self.collect()
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def submit(self, plan: StepPlan) -> None:
-        """Send one step; exactly one collect() must follow before the next submit()."""
-        self._in_flight = self._next_step_id
+        """Send one step; each submit() is answered by one collect(), in order."""
+        step_id = self._next_step_id
         self._next_step_id += 1
         try:
             # Without a peer a PAIR would block: a send that cannot go means it is gone.
-            self.socket.send(encode(plan_to_pb(plan, self._in_flight)), flags=zmq.NOBLOCK)
+            self.socket.send(encode(plan_to_pb(plan, step_id)), flags=zmq.NOBLOCK)
         except zmq.Again:
             raise ExecutorLost("the executor is not connected") from None
+        self._in_flight.append(step_id)
+        if len(self._in_flight) == 1:
+            self._start_clock()
+
+    def _start_clock(self) -> None:
+        """The watchdog runs on the oldest step in flight, from when it became oldest
+        (the one queued behind it starts only when it ends)."""
         if self.step_timeout is not None:
             self._step_deadline = time.monotonic() + self.step_timeout
 
     def collect(self) -> StepResult:
-        """Wait for the result of the step in flight (see poll_result)."""
+        """Wait for the result of the oldest step in flight (see poll_result)."""
         while (result := self.poll_result()) is None:
             if self.stop.is_set():
                 raise Interrupted
@@ -219,22 +233,22 @@ class ExecutorLink:
         return result
 
     def poll_result(self) -> StepResult | None:
-        """The result of the step in flight if it is there, else None.
+        """The result of the oldest step in flight if it is there, else None.
 
         StepFailed if the executor reports an error or sends what does not parse;
         ExecutorLost if it died, or ran past the step timeout (then it is killed).
         """
-        step_id = self._in_flight
+        step_id = self._in_flight[0]
         while self.socket.poll(0):
             try:
                 pb = decode(engine_pb2.StepResult, self._recv_one())
             except WireError as e:
-                self._step_deadline = None
+                self._step_done()
                 raise StepFailed(f"unreadable step result: {e}") from e
             if 0 < pb.step_id < step_id:  # sent before an executor was lost
                 logger.warning("dropped the result of step %d, long over", pb.step_id)
                 continue
-            self._step_deadline = None
+            self._step_done()
             if pb.error and pb.step_id in (0, step_id):  # 0: it could not read the plan
                 raise StepFailed(pb.error)
             if pb.step_id != step_id:
@@ -245,6 +259,12 @@ class ExecutorLink:
                 raise StepFailed(f"unreadable step result: {e}") from e
         self._check_step(step_id)
         return None
+
+    def _step_done(self) -> None:
+        self._in_flight.popleft()
+        self._step_deadline = None
+        if self._in_flight:
+            self._start_clock()
 
     def check_alive(self) -> None:
         """ExecutorLost if the executor has died (between steps)."""

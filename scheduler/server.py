@@ -57,6 +57,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -156,6 +157,14 @@ class SchedulerServerConfig:
         metadata={"help": "prompt + output tokens; default min(model context, KV pool)"},
     )
     policy: str = field(default="fcfs", metadata={"help": "fcfs | priority"})
+    async_scheduling: bool = field(
+        default=True,
+        metadata={
+            "help": "schedule step N+1 while step N runs, so the executor never waits "
+            "for the scheduler (a request that stops on EOS costs one wasted decode "
+            "row); --no-async-scheduling: one step at a time"
+        },
+    )
     max_waiting: int = field(
         default=4096, metadata={"help": "waiting sequences; more are rejected as overloaded"}
     )
@@ -355,29 +364,36 @@ class SchedulerServer:
         self._waiting_tokens: int | None = None  # within one recv_requests; None: recount
 
     def serve(self) -> int:
-        in_flight: StepPlan | None = None
+        # Plans sent, oldest first. Async scheduling keeps two in flight: the executor
+        # runs one while the next waits behind it, and the scheduler, meanwhile, takes
+        # the older one's result, sends its outputs and schedules the one after.
+        in_flight: deque[StepPlan] = deque()
+        depth = 2 if self.config.async_scheduling else 1
         try:
             while not self.stop.is_set():
-                # Gateway messages are read while the executor runs the step in flight.
-                self.recv_requests(busy=in_flight is not None)
+                # Gateway messages are read while the executor runs the steps in flight.
+                self.recv_requests(busy=bool(in_flight))
                 try:
-                    if in_flight is not None:
-                        plan, in_flight = in_flight, None
-                        result = self.finish_step(plan)
-                        if result is not None:
-                            self.process_result(plan, result)
                     if self.recovery.serving:
-                        if (plan := self.schedule()) is not None:
-                            in_flight = self.start_step(plan)
-                        else:
+                        scheduled = False
+                        if len(in_flight) < depth and (plan := self.schedule()) is not None:
+                            in_flight.append(self.start_step(plan))
+                            scheduled = True
+                        if in_flight and (len(in_flight) == depth or not scheduled):
+                            plan = in_flight.popleft()
+                            result = self.finish_step(plan)
+                            if result is not None:
+                                self.process_result(plan, result)
+                        elif not in_flight:
                             self.executor.check_alive()
                     else:
                         self.recover()
                 except ExecutorLost as e:
+                    in_flight.clear()
                     if self.stop.is_set():  # it went down with us (Ctrl-C, a stop)
                         break
                     self.executor_lost(str(e))
-                # The last step's outputs go out while the executor runs the next one.
+                # Outputs go out while the executor runs the next step.
                 self.send_outputs()
         except Interrupted:  # SIGTERM while a step ran: its result no longer matters
             pass

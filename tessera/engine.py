@@ -1,7 +1,11 @@
 """In-process engine: one scheduler driving one model runner, plus detokenization.
 
 The loop reads like the serving processes do: ``add_request`` -> ``step`` (schedule,
-execute, update) -> per-request updates. Stop strings are matched on the detokenized
+execute, update) -> per-request updates. When the runner overlaps (the tensor path:
+its submit returns before the GPU is done), each step schedules and submits the next
+plan before it collects the one in flight, so the scheduler's bookkeeping and the
+next step's layout run on the host while the GPU works (scheduler.scheduler explains
+the pending tokens this leaves). Stop strings are matched on the detokenized
 text (``tokenizer_svc.text_stream``); a match aborts the request in the scheduler
 (freeing its blocks at once) and reports finish reason "stop".
 """
@@ -11,8 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from executor.model_runner import ModelRunner
-from executor.plan import TokenLogprobs
+from executor.model_runner import ModelRunner, Step
+from executor.plan import StepPlan, StepResult, TokenLogprobs
 from scheduler.config import SchedulerConfig
 from scheduler.request import Request, StopConditions
 from scheduler.scheduler import Scheduler
@@ -47,7 +51,11 @@ class SequenceState:
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, scheduler_config: SchedulerConfig, tokenizer: Tokenizer | None
+        self,
+        runner: ModelRunner,
+        scheduler_config: SchedulerConfig,
+        tokenizer: Tokenizer | None,
+        async_scheduling: bool = True,
     ) -> None:
         self.runner = runner
         self.scheduler = Scheduler(scheduler_config)
@@ -55,6 +63,10 @@ class Engine:
         self.config = scheduler_config
         self.eos_token_ids = runner.model_config.eos_token_ids
         self.sequences: dict[str, SequenceState] = {}
+        # Plan the next step while one runs: only where the runner's submit returns
+        # before the step is done. May be switched between steps (benchmarks).
+        self.pipelined = async_scheduling and runner.overlaps
+        self._in_flight: tuple[StepPlan, Step] | None = None  # submitted, not collected
 
     def add_sequence(
         self,
@@ -109,14 +121,24 @@ class Engine:
         return done
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[SequenceState]:
         """Run one step; return the sequences that changed (finished ones included)."""
+        if self._in_flight is None:
+            self._in_flight = self._submit_next()
+            if self._in_flight is None:
+                return []
+        plan, step = self._in_flight
+        # Pipelined: the next plan goes in while `step` runs on the device.
+        self._in_flight = self._submit_next() if self.pipelined else None
+        return self._update(plan, self.runner.collect(step))
+
+    def _submit_next(self) -> tuple[StepPlan, Step] | None:
         plan = self.scheduler.schedule()
-        if plan.is_empty and not plan.finished_request_ids:
-            return []
-        result = self.runner.execute(plan)
+        return None if plan.is_empty else (plan, self.runner.submit(plan))
+
+    def _update(self, plan: StepPlan, result: StepResult) -> list[SequenceState]:
         outputs = self.scheduler.update_from_result(plan, result)
         changed = []
         for out in outputs:

@@ -38,6 +38,7 @@ class LLM:
         dtype: str = "auto",
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        async_scheduling: bool = True,
         show_progress: bool = True,
     ) -> None:
         batched = max_num_batched_tokens or 2048
@@ -82,7 +83,9 @@ class LLM:
             max_model_len,
         )
         self.tokenizer = Tokenizer.load(self.runner.source)
-        self.engine = Engine(self.runner, self.scheduler_config, self.tokenizer)
+        self.engine = Engine(
+            self.runner, self.scheduler_config, self.tokenizer, async_scheduling=async_scheduling
+        )
         self._ids = itertools.count()
 
     @property

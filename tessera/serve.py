@@ -76,6 +76,8 @@ class ServeConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     policy: str = "fcfs"
+    # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
+    async_scheduling: bool = True
     max_waiting: int = 4096
     max_waiting_tokens: int = 1 << 20  # prompt tokens waiting in the scheduler, at most
     # Generate streams at once on one gRPC client connection; past it RESOURCE_EXHAUSTED.
@@ -145,6 +147,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         "--executor-address",
         f"ipc://{run_dir}/executor.sock",
     ]
+    if not config.async_scheduling:
+        engine_flags.append("--no-async-scheduling")
     if config.max_model_len is not None:
         engine_flags += ["--max-model-len", str(config.max_model_len)]
     if config.kv_cache_memory is not None:

@@ -577,13 +577,14 @@ def test_scheduler_loop_fails_the_requests_of_a_failed_step(ctx):
             self.mirror = MirrorExecutor(block_size=4)
             self.steps = 0
             self.socket = ctx.socket(zmq.PAIR)  # never readable: results are there at once
+            self.results: list[StepResult] = []  # of the plans in flight, oldest first
 
         def submit(self, plan: StepPlan) -> None:
-            self.plan = plan
+            self.results.append(self.mirror.execute(plan))  # runs in order, as one does
 
         def poll_result(self) -> StepResult:
             self.steps += 1
-            result = self.mirror.execute(self.plan)
+            result = self.results.pop(0)
             if self.steps == 3:
                 raise StepFailed("RuntimeError: the device fell over")
             return result

@@ -51,7 +51,10 @@ class Server:
         ]
         for k, v in flags.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TESSERA_LOG_LEVEL="WARNING", **(env or {}))
+        # The repository first, then whatever the caller's path had (site dirs added by
+        # PYTHONPATH, as on the GPU machine, must reach the children too).
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONPATH=path, TESSERA_LOG_LEVEL="WARNING", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tessera", "serve", *args], cwd=ROOT, env=env
         )

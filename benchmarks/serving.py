@@ -68,17 +68,31 @@ async def one_request(stub, prompt: list[int], max_tokens: int) -> dict:
     return {"start": t0, "stamps": stamps}
 
 
+# Client connections, requests spread round-robin: the gateway caps the streams open on
+# one connection (max_streams_per_connection, 256 by default), as a server should.
+NUM_CONNECTIONS = 4
+
+
 async def run_rate(target: str, work, rate: float, seed: int) -> dict:
     rng = random.Random(seed)
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pb_grpc.TesseraStub(ch)
+    # A local subchannel pool each: channels to one target would share one connection.
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(NUM_CONNECTIONS)
+    ]
+    try:
+        stubs = [pb_grpc.TesseraStub(ch) for ch in channels]
         tasks = []
         t_start = time.perf_counter()
-        for prompt, out_len in work:
+        for i, (prompt, out_len) in enumerate(work):
+            stub = stubs[i % len(stubs)]
             tasks.append(asyncio.create_task(one_request(stub, prompt, out_len)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
+    finally:
+        for ch in channels:
+            await ch.close()
     wall = time.perf_counter() - t_start
     tokens = sum(len(r["stamps"]) for r in results)
     assert tokens == sum(o for _, o in work), "every request must run to max_tokens"

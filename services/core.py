@@ -34,6 +34,7 @@ import enum
 import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -441,17 +442,26 @@ class Generation:
         self._num_streamed = 0  # tokens handed out, finished sequences or not
         self._rejected = False
         self._closed = False
+        # Outputs taken from the queue while coalescing that belong to the next delta.
+        self._carry: deque[engine_pb2.SequenceOutput | engine_pb2.Rejection] = deque()
+        # Without stop strings, a sequence's queued outputs merge into one delta: a
+        # client (or a gateway) that falls behind the engine gets fewer, larger messages
+        # instead of falling further behind. A stop string must see each step alone,
+        # so that no token after it is ever sent.
+        self._coalesce = not params.stop
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Deltas until every sequence has finished; RequestError if the engine refused it."""
         while self._pending:
-            item = await self._queue.get()
+            item = self._carry.popleft() if self._carry else await self._queue.get()
             if isinstance(item, engine_pb2.Rejection):
                 self._pending.clear()  # nothing of a rejected request was admitted
                 self._rejected = True
                 raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
             if item.request_id not in self._pending:
                 continue
+            if self._coalesce:
+                item = self._merge_queued(item)
             delta = self._delta(item)
             self._num_streamed += len(delta.token_ids)
             if delta.token_ids and self._first_token_at is None:
@@ -466,6 +476,32 @@ class Generation:
             if not self._pending:
                 delta.usage = Usage(len(self.prompt_token_ids), self._completion_tokens)
             yield delta
+
+    def _merge_queued(self, item: engine_pb2.SequenceOutput) -> engine_pb2.SequenceOutput:
+        """item with the outputs of its sequence queued right behind it appended."""
+        tokens: list[int] = []
+        logprobs: list[engine_pb2.TokenLogprob] = []
+        last = item
+        while not last.finished and not self._carry:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(nxt, engine_pb2.Rejection) or nxt.request_id != item.request_id:
+                self._carry.append(nxt)
+                break
+            tokens.extend(nxt.new_token_ids)
+            logprobs.extend(nxt.new_logprobs)
+            last = nxt
+        if last is item:
+            return item
+        merged = engine_pb2.SequenceOutput()
+        merged.CopyFrom(last)  # the newest state: finished, reason, counts
+        del merged.new_token_ids[:]
+        merged.new_token_ids.extend([*item.new_token_ids, *tokens])
+        del merged.new_logprobs[:]
+        merged.new_logprobs.extend([*item.new_logprobs, *logprobs])
+        return merged
 
     def close(self) -> None:
         """Abort what still runs and forget the request; safe to call more than once."""

@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8")
     ap.add_argument(
         "--hf-prompts",
         type=int,
@@ -253,6 +254,7 @@ def main() -> None:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graphs=not args.no_cuda_graphs,
+        kv_cache_dtype=args.kv_cache_dtype,
         show_progress=False,
     )
     result["tessera_startup_s"] = time.perf_counter() - t0

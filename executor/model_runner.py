@@ -128,6 +128,14 @@ class ModelRunner:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.use_triton = backend == "triton"
+        self.kv_dtype = self.dtype
+        if config.kv_cache_dtype == "fp8":
+            if not self.use_triton:
+                raise ValueError(
+                    "kv_cache_dtype fp8 needs the Triton attention backend "
+                    "(attention_backend triton, the default on CUDA)"
+                )
+            self.kv_dtype = torch.float8_e4m3fn
         self.attention = TritonAttentionBackend() if self.use_triton else TorchAttentionBackend()
         self.model = LlamaForCausalLM(
             mc,
@@ -143,8 +151,8 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(mc.num_hidden_layers)
         ]
@@ -167,18 +175,19 @@ class ModelRunner:
                 device=self.device,
             )
         logger.info(
-            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s",
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s) on %s",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block / 2**20,
+            str(self.kv_dtype).removeprefix("torch."),
             self.device,
         )
 
     @property
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return (
             2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
         )
@@ -206,8 +215,8 @@ class ModelRunner:
         shape = (blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
         caches = [
             (
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+                torch.empty(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(mc.num_hidden_layers)
         ]

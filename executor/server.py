@@ -100,6 +100,11 @@ class ExecutorServerConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (the model's dtype) | fp8 (float8 e4m3: twice the tokens "
+                  "per byte; Triton backend only)"},
+    )
     curve_secret_key_file: str | None = field(
         default=None,
         metadata={"help": "CURVE: this executor's key pair (NAME.key_secret); needed, with "
@@ -138,6 +143,7 @@ class ExecutorServerConfig:
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            kv_cache_dtype=self.kv_cache_dtype,
             show_progress=False,
         )
 

@@ -14,7 +14,9 @@ from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor, interpret
 
 __all__ = [
     "FLOAT_DTYPES",
+    "FP8_MAX",
     "INDEX_DTYPES",
+    "KV_DTYPES",
     "check_devices",
     "check_kv_caches",
     "check_out",
@@ -23,12 +25,17 @@ __all__ = [
 ]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The pool may also hold float8 (e4m3, no per-tensor scale, as vLLM's fp8 KV cache with
+# scale 1): half the bytes per token. Values are clamped to FP8_MAX when written and
+# widened to the query's dtype when read.
+KV_DTYPES = (*FLOAT_DTYPES, torch.float8_e4m3fn)
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """Validate the paged pool of one layer; returns (num_blocks, block_size, H_kv, D)."""
-    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, KV_DTYPES)
+    check_tensor("v_cache", v_cache, 4, KV_DTYPES)
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape"

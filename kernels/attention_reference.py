@@ -20,8 +20,14 @@ def write_kv_ref(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     h_kv, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, h_kv, d)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, h_kv, d)[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(-1, h_kv, d)[slots] = _to_cache(k[keep], k_cache.dtype)
+    v_cache.view(-1, h_kv, d)[slots] = _to_cache(v[keep], v_cache.dtype)
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:  # a float8 pool saturates at its largest value
+        return x.float().clamp(-448.0, 448.0).to(dtype)
+    return x.to(dtype)
 
 
 def gather_context(

@@ -197,6 +197,11 @@ class SchedulerServerConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (the model's dtype) | fp8 (float8 e4m3: twice the tokens "
+                  "per byte; Triton backend only)"},
+    )
     # security of the two sockets (executor.curve)
     curve_secret_key_file: str | None = field(
         default=None,
@@ -266,6 +271,7 @@ class SchedulerServerConfig:
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            kv_cache_dtype=self.kv_cache_dtype,
             # A child executor authenticates with the scheduler's own key pair.
             curve_secret_key_file=self.curve_secret_key_file,
             curve_server_key_file=self.curve_secret_key_file,

@@ -39,6 +39,7 @@ class LLM:
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
         async_scheduling: bool = True,
+        kv_cache_dtype: str = "auto",
         show_progress: bool = True,
     ) -> None:
         batched = max_num_batched_tokens or 2048
@@ -56,6 +57,7 @@ class LLM:
                 max_model_len=max_model_len,
                 attention_backend=attention_backend,
                 cuda_graphs=cuda_graphs,
+                kv_cache_dtype=kv_cache_dtype,
                 show_progress=show_progress,
             )
         )

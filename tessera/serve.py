@@ -75,6 +75,7 @@ class ServeConfig:
     max_model_len: int | None = None
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # auto | fp8 (executor/config.py)
     policy: str = "fcfs"
     # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
     async_scheduling: bool = True
@@ -136,6 +137,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         str(config.max_num_batched_tokens),
         "--gpu-memory-utilization",
         str(config.gpu_memory_utilization),
+        "--kv-cache-dtype",
+        config.kv_cache_dtype,
         "--policy",
         config.policy,
         "--max-waiting",

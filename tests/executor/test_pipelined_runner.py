@@ -72,7 +72,7 @@ SAMPLINGS = [
 
 def requests() -> list[Request]:
     out = []
-    for i in range(12):  # more prompt tokens than one step's budget: chunked prefills
+    for i in range(8):  # more prompt tokens than one step's budget: chunked prefills
         prompt = [(7 * i + 3 * j) % VOCAB for j in range(3 + 5 * i % 17)]
         stop = StopConditions(max_tokens=6 + i % 5, ignore_eos=True)
         out.append(Request(f"r{i}", prompt, SAMPLINGS[i % len(SAMPLINGS)], stop))
@@ -133,4 +133,4 @@ def test_pipelined_steps_equal_one_at_a_time(tiny_model, monkeypatch):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     # The reference itself is no constant: the sampled streams differ between requests.
-    assert len({tuple(t) for t, _ in one_at_a_time.values()}) > 6
+    assert len({tuple(t) for t, _ in one_at_a_time.values()}) > 5

@@ -79,6 +79,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
         (torch.bfloat16, torch.bfloat16, 16, 2, 64),
         (torch.float32, torch.bfloat16, 32, 8, 128),  # cast on store
         (torch.float16, torch.float32, 8, 3, 80),  # odd head count, non-power-of-2 D
+        (torch.bfloat16, torch.float8_e4m3fn, 16, 2, 64),  # the fp8 KV cache: bit-exact
+        (torch.float32, torch.float8_e4m3fn, 8, 3, 80),
     ],
 )
 def test_write_kv(gen, src_dtype, cache_dtype, block_size, num_kv_heads, head_size):
@@ -94,18 +96,42 @@ def test_write_kv(gen, src_dtype, cache_dtype, block_size, num_kv_heads, head_si
     k_cache, v_cache = randn(gen, *shape, dtype=cache_dtype), randn(gen, *shape, dtype=cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
 
+    if cache_dtype == torch.float8_e4m3fn:  # out of fp8's range: saturates, never NaN
+        k[0, 0, :2] = torch.tensor([1000.0, -3000.0], dtype=src_dtype, device=DEVICE)
     write_kv(k, v, k_cache, v_cache, slots)
     write_kv_ref(k, v, k_ref, v_ref, slots)
     # A copy is exact. The interpreter truncates fp32 -> bf16 where the GPU rounds to
     # nearest even, so a narrowing cast there may differ by one unit in the last place.
     narrowing = src_dtype.itemsize > cache_dtype.itemsize
-    rtol = 2.0**-7 if narrowing and not CUDA else 0.0
+    rtol = 2.0**-7 if narrowing and not CUDA and cache_dtype.itemsize > 1 else 0.0
+    if cache_dtype == torch.float8_e4m3fn:
+        written = k_cache.view(-1, num_kv_heads, head_size)[slots[0]].float()
+        assert written[0, :2].tolist() == [448.0, -448.0]
+        k_cache, k_ref = k_cache.float(), k_ref.float()
+        v_cache, v_ref = v_cache.float(), v_ref.float()
     for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
         torch.testing.assert_close(got, want, rtol=rtol, atol=0.0)
 
+    if cache_dtype == torch.float8_e4m3fn:
+        return
     k_cache.copy_(k_ref)
     write_kv(k, v, k_cache, v_cache, slots.to(torch.int32))  # int32 slots, same result
     torch.testing.assert_close(k_cache, k_ref, rtol=rtol, atol=0.0)
+
+
+def test_write_kv_into_fp8_saturates(gen):
+    """Values past float8's range are stored as +-448 (a plain cast would store NaN);
+    values it holds exactly are stored exactly."""
+    k = torch.tensor([[[1000.0, -3000.0, 448.0, 1.5, -0.25, 0.0, 96.0, 2.0**-9]]],
+                     device=DEVICE)  # [T=1, H_kv=1, D=8]
+    v = -k
+    k_cache = torch.zeros(2, 4, 1, 8, dtype=torch.float8_e4m3fn, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    write_kv(k, v, k_cache, v_cache, torch.tensor([5], device=DEVICE))
+    want = [448.0, -448.0, 448.0, 1.5, -0.25, 0.0, 96.0, 2.0**-9]
+    assert k_cache[1, 1, 0].float().tolist() == want
+    assert v_cache[1, 1, 0].float().tolist() == [-w for w in want]
+    assert not k_cache[0].float().any() and not k_cache[1, [0, 2, 3]].float().any()
 
 
 # ------------------------------------------------------------------------------ decode
@@ -120,6 +146,8 @@ DECODE_CASES = [
     pytest.param(torch.float16, torch.float16, 64, 16, 3, None, None, id="fp16-d64-bs16-g3-auto"),
     pytest.param(torch.float16, torch.float16, 96, 8, 2, 5, 32, id="fp16-d96-bs8-g2-s5"),
     pytest.param(torch.float32, torch.bfloat16, 128, 16, 3, 2, None, id="q32-kvbf16-d128-g3"),
+    pytest.param(torch.bfloat16, torch.float8_e4m3fn, 128, 16, 8, 2, None, id="bf16-kvfp8-g8-s2"),
+    pytest.param(torch.float32, torch.float8_e4m3fn, 64, 32, 3, 1, None, id="q32-kvfp8-d64-g3"),
 ]
 
 
@@ -214,6 +242,24 @@ def test_paged_prefill(gen, dtype, head_size, block_size, group, block_m, block_
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, context_lens, scale)
     assert_close(out, ref, dtype)
     assert not out[-3:].any(), "padding rows after the last sequence must be zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_prefill_over_an_fp8_pool(gen, dtype):
+    """K/V stored as float8 are widened to the query's dtype: the reference reads the
+    same float8 values, so the tolerance is the query dtype's."""
+    num_kv_heads, group, head_size = 2, 3, 64
+    seqs = [(0, 23), (31, 1), (40, 9)]  # a prompt, a decode, a chunk over a prefix
+    qsl, context_lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=0)
+    k_cache, v_cache, table = make_pool(gen, context_lens.tolist(), 16, num_kv_heads,
+                                        head_size, torch.float8_e4m3fn)
+    q = randn(gen, num_tokens, num_kv_heads * group, head_size, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, k_cache, v_cache, table, qsl, context_lens, head_size**-0.5,
+                            max_query_len=max_q, out=out)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, context_lens,
+                                      head_size**-0.5)
+    assert_close(out, ref, dtype)
 
 
 def test_prefill_matches_decode_for_single_tokens(gen):

@@ -16,6 +16,7 @@ from tessera import LLM, SamplingParams
 
 NUM_TOKENS = 32
 TIE_TOLERANCE = 1e-3
+FP8_TIE_TOLERANCE = 0.25  # nats: float8 K/V move logits far more than float32 paths
 
 _LONG = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -156,9 +157,43 @@ def test_triton_backend(prompts, reference):
         ref_tokens, ref_lp = reference[i]
         ours = res.outputs[0].token_ids
         assert len(ours) == num_tokens
-        for pos, (a, b) in enumerate(zip(ref_tokens, ours)):
+        for pos, (a, b) in enumerate(zip(ref_tokens[:num_tokens], ours, strict=True)):
             if a != b:
                 gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
                 assert gap < TIE_TOLERANCE, f"prompt {i}: token {pos} is {b}, HF says {a}"
                 break
     assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
+
+
+def test_fp8_kv_cache(prompts, reference):
+    """K/V stored as float8 (Triton backend; interpreted on the CPU): a quarter of the
+    float32 pool's bytes per token, and greedy tokens that follow Hugging Face until
+    a near-tie. fp8 rounding moves logits by a few hundredths, so the tie allowed is
+    wider than the float32 paths'."""
+    cuda = torch.cuda.is_available()
+    num_tokens = NUM_TOKENS if cuda else 6
+    picked = list(range(len(prompts))) if cuda else [3]
+    kwargs = dict(device="cuda" if cuda else "cpu", dtype="float32", attention_backend="triton",
+                  kv_cache_memory=1 << 26, show_progress=False)  # fmt: skip
+    llm = LLM("smollm2-135m-instruct", kv_cache_dtype="fp8", **kwargs)
+    assert llm.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    mc = llm.model_config  # one byte per element: a quarter of the float32 pool's
+    assert llm.runner.bytes_per_block == 2 * mc.num_hidden_layers * 16 * (
+        mc.num_key_value_heads * mc.head_dim
+    )
+    if not cuda:
+        assert llm.runner.num_blocks == (1 << 26) // llm.runner.bytes_per_block
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    results = llm.generate([prompts[i] for i in picked], params, use_tqdm=False)
+    for i, res in zip(picked, results, strict=True):
+        ref_tokens, ref_lp = reference[i]
+        ours = res.outputs[0].token_ids
+        assert len(ours) == num_tokens
+        for pos, (a, b) in enumerate(zip(ref_tokens[:num_tokens], ours, strict=True)):
+            if a != b:
+                gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
+                assert gap < FP8_TIE_TOLERANCE, f"prompt {i}: token {pos} is {b}, HF says {a}"
+                break
+    with pytest.raises(ValueError, match="fp8 needs attention_backend triton"):
+        LLM("smollm2-135m-instruct", kv_cache_dtype="fp8", attention_backend="torch",
+            device="cpu", show_progress=False)

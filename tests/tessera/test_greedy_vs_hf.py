@@ -136,6 +136,22 @@ def test_block_sizes(prompts, reference, block_size):
     assert_matches(reference, results, f"block size {block_size}")
 
 
+def assert_follows_reference(llm, prompts, reference, picked, num_tokens, tolerance) -> None:
+    """Greedy tokens of the picked prompts equal HF's up to the first difference, which
+    must be a near-tie of HF's (its logprobs of the two tokens within ``tolerance``)."""
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    results = llm.generate([prompts[i] for i in picked], params, use_tqdm=False)
+    for i, res in zip(picked, results, strict=True):
+        ref_tokens, ref_lp = reference[i]
+        ours = res.outputs[0].token_ids
+        assert len(ours) == num_tokens
+        for pos, (a, b) in enumerate(zip(ref_tokens[:num_tokens], ours, strict=True)):
+            if a != b:
+                gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
+                assert gap < tolerance, f"prompt {i}: token {pos} is {b}, HF says {a}"
+                break
+
+
 def test_triton_backend(prompts, reference):
     """The Triton kernels (interpreted on the CPU, native on CUDA) in float32: the same
     greedy tokens, prefill chunks over a cached prefix, decodes mixed in."""
@@ -151,17 +167,7 @@ def test_triton_backend(prompts, reference):
         max_num_batched_tokens=64 if cuda else 8,  # chunked: prefill over a cached prefix
         show_progress=False,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
-    results = llm.generate([prompts[i] for i in picked], params, use_tqdm=False)
-    for i, res in zip(picked, results, strict=True):
-        ref_tokens, ref_lp = reference[i]
-        ours = res.outputs[0].token_ids
-        assert len(ours) == num_tokens
-        for pos, (a, b) in enumerate(zip(ref_tokens[:num_tokens], ours, strict=True)):
-            if a != b:
-                gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
-                assert gap < TIE_TOLERANCE, f"prompt {i}: token {pos} is {b}, HF says {a}"
-                break
+    assert_follows_reference(llm, prompts, reference, picked, num_tokens, TIE_TOLERANCE)
     assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
 
 
@@ -183,17 +189,7 @@ def test_fp8_kv_cache(prompts, reference):
     )
     if not cuda:
         assert llm.runner.num_blocks == (1 << 26) // llm.runner.bytes_per_block
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
-    results = llm.generate([prompts[i] for i in picked], params, use_tqdm=False)
-    for i, res in zip(picked, results, strict=True):
-        ref_tokens, ref_lp = reference[i]
-        ours = res.outputs[0].token_ids
-        assert len(ours) == num_tokens
-        for pos, (a, b) in enumerate(zip(ref_tokens[:num_tokens], ours, strict=True)):
-            if a != b:
-                gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
-                assert gap < FP8_TIE_TOLERANCE, f"prompt {i}: token {pos} is {b}, HF says {a}"
-                break
+    assert_follows_reference(llm, prompts, reference, picked, num_tokens, FP8_TIE_TOLERANCE)
     with pytest.raises(ValueError, match="fp8 needs attention_backend triton"):
         LLM("smollm2-135m-instruct", kv_cache_dtype="fp8", attention_backend="torch",
             device="cpu", show_progress=False)

@@ -32,7 +32,13 @@ from executor.model import LlamaForCausalLM
 from executor.model_config import ModelConfig
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.registry import resolve_model
-from executor.sampler import Sampler, SamplingBatch, logprob_tensors, logprobs_to_host
+from executor.sampler import (
+    LogprobTensors,
+    Sampler,
+    SamplingBatch,
+    logprob_tensors,
+    logprobs_to_host,
+)
 from executor.transfer import to_device, to_host_async
 from executor.triton_backend import TritonAttentionBackend, layout_step
 from executor.weights import load_weights
@@ -88,7 +94,7 @@ class Step:
     # host memory as the step's last work, so collect() waits for this step only and
     # not for one submitted after it.
     host_tokens: torch.Tensor | None = None
-    host_logprobs: tuple | None = None
+    host_logprobs: LogprobTensors | None = None
     wanted: list[int | None] = field(default_factory=list)
     done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
     result: StepResult | None = None  # set once collected
@@ -263,10 +269,10 @@ class ModelRunner:
         if not sample_ids:
             step.result = StepResult()
             return step
-        self._sample_on_device(logits, step)
+        logprobs = self._sample_on_device(logits, step)
         step.host_tokens = to_host_async(step.tokens)
-        if step.host_logprobs is not None:
-            step.host_logprobs = tuple(to_host_async(t) for t in step.host_logprobs)
+        if logprobs is not None:
+            step.host_logprobs = tuple(to_host_async(t) for t in logprobs)
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
@@ -331,10 +337,11 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[request_id] = lp
 
-    def _sample_on_device(self, logits: torch.Tensor, step: Step) -> None:
-        """The Triton sampler (kernels.sampling): every row in batched device ops; the
-        tokens stay on the device until collect(). Seeded draws use Philox keyed by
-        (seed, tokens generated so far), so they differ from the CPU sampler's."""
+    def _sample_on_device(self, logits: torch.Tensor, step: Step) -> LogprobTensors | None:
+        """The Triton sampler (kernels.sampling): every row in batched device ops; sets
+        step.tokens (still on the device) and returns the logprob tensors, if any row
+        asked for logprobs. Seeded draws use Philox keyed by (seed, tokens generated
+        so far), so they differ from the CPU sampler's."""
         from kernels.sampling import SamplingTensors, sample, sample_with_logprobs
 
         states = step.states
@@ -349,10 +356,10 @@ class ModelRunner:
         step.wanted = [o.logprobs for o in options]
         if all(k is None for k in step.wanted):
             step.tokens = sample(logits, params)
-            return
+            return None
         step.tokens, logprobs = sample_with_logprobs(logits, params)
         # log_softmax of logprobs is the same logprobs: logprob_tensors takes either.
-        step.host_logprobs = logprob_tensors(logprobs, step.tokens, step.wanted)
+        return logprob_tensors(logprobs, step.tokens, step.wanted)
 
     def _scheduled(self, plan: StepPlan):
         """(request id, state, start, end) of every scheduled request, checked and advanced.

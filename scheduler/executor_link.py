@@ -2,8 +2,8 @@
 
     ExecutorLink.start()        spawn ``python -m executor`` (unless it is started elsewhere)
     ExecutorLink.poll_ready()   its ExecutorReady, once the model is loaded
-    submit(plan) ... collect()  a step, watched: a result, StepFailed, or ExecutorLost;
-                                up to two in flight (async scheduling), collected in order
+    submit(plan) ... poll_result()  a step, watched: a result, StepFailed, or ExecutorLost;
+                                    up to two in flight (async scheduling), answered in order
     ExecutorLink.kill()         SIGKILL and reap, before starting the next one
 
 The socket is a CURVE server when the scheduler has keys (``executor.curve``). It is
@@ -196,17 +196,12 @@ class ExecutorLink:
 
     # -- steps -------------------------------------------------------------------
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step; StepFailed if the executor reports an error."""
-        self.submit(plan)
-        return self.collect()
-
     @property
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
     def submit(self, plan: StepPlan) -> None:
-        """Send one step; each submit() is answered by one collect(), in order."""
+        """Send one step; poll_result() gives the results in the order of the submits."""
         step_id = self._next_step_id
         self._next_step_id += 1
         try:
@@ -223,14 +218,6 @@ class ExecutorLink:
         (the one queued behind it starts only when it ends)."""
         if self.step_timeout is not None:
             self._step_deadline = time.monotonic() + self.step_timeout
-
-    def collect(self) -> StepResult:
-        """Wait for the result of the oldest step in flight (see poll_result)."""
-        while (result := self.poll_result()) is None:
-            if self.stop.is_set():
-                raise Interrupted
-            self.socket.poll(int(_POLL_S * 1000))
-        return result
 
     def poll_result(self) -> StepResult | None:
         """The result of the oldest step in flight if it is there, else None.

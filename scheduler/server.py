@@ -66,7 +66,6 @@ import zmq
 from executor.curve import ServerKeys, check_link, check_pair
 from executor.plan import SamplingOptions, StepPlan, StepResult
 from executor.process import exit_with_parent, setup_logging
-from executor.registry import DEFAULT_MODEL
 from executor.server import ExecutorServerConfig
 from executor.wire import (
     WireError,
@@ -108,6 +107,20 @@ _RECOVERY_POLL_MS = 50  # how often a loop without an executor looks for a ready
 _STEP_POLL_MS = 200  # how often a wait on a step looks at the executor and its watchdog
 _MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
 _HEARTBEAT_TIMEOUT_S = (1.0, 3600.0)  # the range a gateway's heartbeat timeout is held to
+
+
+def _executor_field(name: str):
+    """The executor's setting of that name, with its default and help."""
+    executor_field = ExecutorServerConfig.__dataclass_fields__[name]
+    return field(default=executor_field.default, metadata=executor_field.metadata)
+
+
+# Settings the scheduler hands to the executor it starts (scheduling ones included).
+_PASSED_TO_EXECUTOR = (
+    "model", "device", "dtype", "block_size", "gpu_memory_utilization", "kv_cache_memory",
+    "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+    "attention_backend", "cuda_graphs", "kv_cache_dtype",
+)  # fmt: skip
 
 
 @dataclass(slots=True, frozen=True)
@@ -175,33 +188,16 @@ class SchedulerServerConfig:
             "ones); a request that would go past it is rejected as overloaded"
         },
     )
-    # the executor
-    model: str = field(
-        default=DEFAULT_MODEL,
-        metadata={"help": "model name, GGUF file, Hugging Face directory, or random:<shape>"},
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
-    gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "CUDA: share of device memory Tessera may use"}
-    )
-    kv_cache_memory: int | None = field(
-        default=None, metadata={"help": "CPU: bytes for the KV pool (default 2 GiB)"}
-    )
-    num_kv_blocks: int | None = field(
-        default=None, metadata={"help": "override the computed KV pool size"}
-    )
-    attention_backend: str = field(
-        default="auto", metadata={"help": "auto (triton on CUDA, torch on the CPU), torch, triton"}
-    )
-    cuda_graphs: bool = field(
-        default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
-    )
-    kv_cache_dtype: str = field(
-        default="auto",
-        metadata={"help": "auto (the model's dtype) | fp8 (float8 e4m3: twice the tokens "
-                  "per byte; Triton backend only)"},
-    )
+    # the executor: passed on to it, each declared once, in ExecutorServerConfig
+    model: str = _executor_field("model")
+    device: str = _executor_field("device")
+    dtype: str = _executor_field("dtype")
+    gpu_memory_utilization: float = _executor_field("gpu_memory_utilization")
+    kv_cache_memory: int | None = _executor_field("kv_cache_memory")
+    num_kv_blocks: int | None = _executor_field("num_kv_blocks")
+    attention_backend: str = _executor_field("attention_backend")
+    cuda_graphs: bool = _executor_field("cuda_graphs")
+    kv_cache_dtype: str = _executor_field("kv_cache_dtype")
     # security of the two sockets (executor.curve)
     curve_secret_key_file: str | None = field(
         default=None,
@@ -259,19 +255,7 @@ class SchedulerServerConfig:
     def executor_config(self, address: str) -> ExecutorServerConfig:
         return ExecutorServerConfig(
             executor_address=address,
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            block_size=self.block_size,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_memory=self.kv_cache_memory,
-            num_kv_blocks=self.num_kv_blocks,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len,
-            attention_backend=self.attention_backend,
-            cuda_graphs=self.cuda_graphs,
-            kv_cache_dtype=self.kv_cache_dtype,
+            **{name: getattr(self, name) for name in _PASSED_TO_EXECUTOR},
             # A child executor authenticates with the scheduler's own key pair.
             curve_secret_key_file=self.curve_secret_key_file,
             curve_server_key_file=self.curve_secret_key_file,

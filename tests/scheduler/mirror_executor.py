@@ -8,9 +8,11 @@ tables have room for them, and no block is in two tables.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import zmq
 
 from executor.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
 from scheduler import Scheduler
@@ -91,3 +93,23 @@ class MirrorExecutor:
             assert len(mirror.token_ids) == num_known + request.num_pending_tokens
             assert mirror.num_computed_tokens == request.num_computed_tokens
             assert mirror.block_ids == request.block_ids
+
+
+class InstantLink:
+    """The ExecutorLink interface that SchedulerServer uses, for tests: each plan runs on
+    a MirrorExecutor as it is submitted, and poll_result hands the results back oldest
+    first, as the real link does with two plans in flight."""
+
+    def __init__(self, ctx: zmq.Context, block_size: int) -> None:
+        self.mirror = MirrorExecutor(block_size)
+        self.socket = ctx.socket(zmq.PAIR)  # never readable: results are there at once
+        self.results: deque[StepResult] = deque()
+
+    def submit(self, plan: StepPlan) -> None:
+        self.results.append(self.mirror.execute(plan))
+
+    def poll_result(self) -> StepResult | None:
+        return self.results.popleft() if self.results else None
+
+    def check_alive(self) -> None:
+        pass

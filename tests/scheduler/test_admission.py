@@ -20,7 +20,8 @@ from executor.plan import SamplingOptions
 from executor.wire import sampling_to_pb
 from proto.tessera.v1 import engine_pb2 as pb
 from scheduler.server import SchedulerServer, SchedulerServerConfig
-from tests.scheduler.test_server_inputs import INFO, InstantExecutor
+from tests.scheduler.mirror_executor import InstantLink
+from tests.scheduler.test_server_inputs import INFO
 
 GW, OTHER = b"gw-a", b"gw-b"
 
@@ -35,7 +36,8 @@ def ctx() -> Iterator[zmq.Context]:
 def make_server(ctx: zmq.Context, **overrides) -> SchedulerServer:
     config = SchedulerServerConfig(block_size=INFO.block_size, **overrides)
     router = ctx.socket(zmq.ROUTER)
-    return SchedulerServer(config, INFO, InstantExecutor(ctx), router, threading.Event())
+    executor = InstantLink(ctx, INFO.block_size)
+    return SchedulerServer(config, INFO, executor, router, threading.Event())
 
 
 def seq(request_id: str, num_prompt_tokens: int = 3, max_tokens: int = 8) -> pb.AddSequence:

@@ -18,31 +18,12 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from executor.plan import StepPlan, StepResult
 from proto.tessera.v1 import engine_pb2 as pb
 from scheduler.server import SchedulerServer, SchedulerServerConfig
-from tests.scheduler.mirror_executor import MirrorExecutor
+from tests.scheduler.mirror_executor import InstantLink
 
 INFO = pb.EngineInfo(model="fake", max_model_len=48, vocab_size=11, block_size=4,
                      num_kv_blocks=16, eos_token_ids=[10])  # fmt: skip
-
-
-class InstantExecutor:
-    """The link's interface, answered at once by the mirror executor."""
-
-    def __init__(self, ctx: zmq.Context) -> None:
-        self.mirror = MirrorExecutor(block_size=INFO.block_size)
-        self.socket = ctx.socket(zmq.PAIR)  # never readable: results are there at once
-        self.result: StepResult | None = None
-
-    def submit(self, plan: StepPlan) -> None:
-        self.result = self.mirror.execute(plan)
-
-    def poll_result(self) -> StepResult | None:
-        return self.result
-
-    def check_alive(self) -> None:
-        pass
 
 
 _ids = st.sampled_from(["a", "b", "c", "", "é", "x" * 300])
@@ -154,7 +135,7 @@ class Failures(logging.Handler):
 def test_no_message_raises_out_of_the_loop(ctx, inputs):
     router = ctx.socket(zmq.ROUTER)  # nobody connected: replies fail, as to a gone gateway
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    executor = InstantExecutor(ctx)
+    executor = InstantLink(ctx, INFO.block_size)
     config = SchedulerServerConfig(block_size=INFO.block_size, max_waiting=8)
     server = SchedulerServer(config, INFO, executor, router, threading.Event())
     failures = Failures()

@@ -20,6 +20,17 @@ from tests.proctable import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 180.0
+# Text prompts the served tests generate from (the default model, greedy).
+PROMPTS = [
+    "The capital of France is",
+    "def quicksort(arr):",
+    "Once upon a time in a land far away, there lived",
+    "1 2 3 4 5 6",
+    "Write a list of five fruits:\n1.",
+    "The quick brown fox",
+    "Tessera is a serving engine that",
+    "In 1969, the first humans",
+]
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ from executor.server import FAIL_START_ENV
 from proto.tessera.v1 import generate_pb2 as pb
 from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tests.proctable import child_pids, cmdline, descendants, pid_alive, wait_gone
-from tests.services.launch import Server
+from tests.services.launch import PROMPTS, Server
 from tests.services_internal.test_engine_processes import Gateway
 
 NUM_STREAMS = 16
@@ -38,16 +38,6 @@ MAX_NUM_SEQS = 16
 SCHEDULER_TIMEOUT = 3.0  # the gateway's: a silent scheduler fails its streams after this
 HEARTBEAT_TIMEOUT = 3.0  # the scheduler's, for this gateway: a silent gateway's requests end
 UNAVAILABLE_WITHIN = 10.0  # seconds from a failure to the end of every open stream
-PROMPTS = [
-    "The capital of France is",
-    "def quicksort(arr):",
-    "Once upon a time in a land far away, there lived",
-    "1 2 3 4 5 6",
-    "Write a list of five fruits:\n1.",
-    "The quick brown fox",
-    "Tessera is a serving engine that",
-    "In 1969, the first humans",
-]
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -36,7 +36,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from executor.curve import is_local
-from executor.plan import StepPlan, StepResult
 from proto.tessera.v1 import engine_pb2
 from proto.tessera.v1 import generate_pb2 as pb
 from scheduler.request import MAX_CACHE_SALT_BYTES
@@ -46,7 +45,7 @@ from services.metrics import Metrics
 from services.openai_api import create_app
 from services.security import BearerToken
 from tests.proctable import descendants
-from tests.scheduler.mirror_executor import MirrorExecutor
+from tests.scheduler.mirror_executor import InstantLink
 from tests.services.launch import ROOT, Server, free_port
 
 KEY = "sec-key-4b1d"
@@ -451,22 +450,6 @@ class _CapturingEngine:
         pass
 
 
-class _InstantExecutor:
-    def __init__(self, ctx: zmq.Context) -> None:
-        self.mirror = MirrorExecutor(block_size=INFO.block_size)
-        self.socket = ctx.socket(zmq.PAIR)
-        self.result: StepResult | None = None
-
-    def submit(self, plan: StepPlan) -> None:
-        self.result = self.mirror.execute(plan)
-
-    def poll_result(self) -> StepResult | None:
-        return self.result
-
-    def check_alive(self) -> None:
-        pass
-
-
 def test_cache_salt_reaches_the_schedulers_request():
     """gateway core -> AddSequence -> the scheduler's Request, in process."""
     engine = _CapturingEngine()
@@ -483,7 +466,7 @@ def test_cache_salt_reaches_the_schedulers_request():
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    executor = _InstantExecutor(ctx)
+    executor = InstantLink(ctx, INFO.block_size)
     try:
         config = SchedulerServerConfig(block_size=INFO.block_size)
         sched = SchedulerServer(config, INFO, executor, router, threading.Event())

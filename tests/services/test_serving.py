@@ -16,7 +16,7 @@ from proto.tessera.v1 import generate_pb2 as pb
 from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera import LLM, SamplingParams
 from tests.proctable import cmdline, descendants, pid_alive
-from tests.services.launch import Server
+from tests.services.launch import PROMPTS, Server
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,6 @@ def collect(responses) -> tuple[list[int], str, list[pb.GenerateResponse]]:
     msgs = list(responses)
     ids = [t for m in msgs for t in m.token_ids]
     return ids, "".join(m.text for m in msgs), msgs
-
-
-PROMPTS = [
-    "The capital of France is",
-    "def quicksort(arr):",
-    "Once upon a time in a land far away, there lived",
-    "1 2 3 4 5 6",
-    "Write a list of five fruits:\n1.",
-    "The quick brown fox",
-    "Tessera is a serving engine that",
-    "In 1969, the first humans",
-]
 
 
 def test_stream_equals_offline_generate(server, offline):

@@ -570,27 +570,19 @@ def test_a_failing_step_fails_its_requests_and_the_executor_goes_on(reference):
 
 def test_scheduler_loop_fails_the_requests_of_a_failed_step(ctx):
     from scheduler.server import SchedulerServer, StepFailed
-    from tests.scheduler.mirror_executor import MirrorExecutor
+    from tests.scheduler.mirror_executor import InstantLink
 
-    class FlakyExecutor:
+    class FlakyExecutor(InstantLink):
         def __init__(self) -> None:
-            self.mirror = MirrorExecutor(block_size=4)
+            super().__init__(ctx, block_size=4)
             self.steps = 0
-            self.socket = ctx.socket(zmq.PAIR)  # never readable: results are there at once
-            self.results: list[StepResult] = []  # of the plans in flight, oldest first
-
-        def submit(self, plan: StepPlan) -> None:
-            self.results.append(self.mirror.execute(plan))  # runs in order, as one does
 
         def poll_result(self) -> StepResult:
             self.steps += 1
-            result = self.results.pop(0)
+            result = super().poll_result()
             if self.steps == 3:
                 raise StepFailed("RuntimeError: the device fell over")
             return result
-
-        def check_alive(self) -> None:
-            pass
 
     address = f"inproc://scheduler-{id(ctx)}"
     router = ctx.socket(zmq.ROUTER)

@@ -208,6 +208,9 @@ class ExecutorLink:
             # Without a peer a PAIR would block: a send that cannot go means it is gone.
             self.socket.send(encode(plan_to_pb(plan, step_id)), flags=zmq.NOBLOCK)
         except zmq.Again:
+            # The same loss as the one poll_result reports: say why when it is known
+            # (with two steps in flight a send can be the first to meet it).
+            self.check_alive()
             raise ExecutorLost("the executor is not connected") from None
         self._in_flight.append(step_id)
         if len(self._in_flight) == 1:

@@ -87,6 +87,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def onednn_linear_available(dtype: torch.dtype) -> bool:
+    """Whether this torch build can run a float32 matmul on oneDNN-packed weights here
+    (and gets the same numbers as F.linear on a small case)."""
+    if dtype != torch.float32:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(40, 72, generator=g)
+        x = torch.randn(5, 72, generator=g)
+        got = _packed_linear(x, pack_weight(w))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of a [out, in] weight: an opaque tensor that only
+    ``_packed_linear`` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+
+def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 class LlamaForCausalLM:
     """Weights plus a pure forward function; no autograd, no nn.Module machinery.
 
@@ -95,6 +120,12 @@ class LlamaForCausalLM:
     in Triton kernels: RMSNorm fused with the residual add, rotary in place on views
     of the qkv output, SiLU-and-multiply; otherwise in plain torch with Hugging Face's
     numerics.
+
+    On the CPU in float32 the weights are repacked once into oneDNN's blocked layout
+    and every matmul runs there (``pack_weight``): 1.4x F.linear's rate at 64 rows and
+    about 2x at 1 to 16 rows on a 2-core AVX-512 VM, where the stock path (MKL's
+    sgemm) is slow on small batches; the result is float32 all the same (relative
+    error ~1e-6 against float64, as F.linear's). A build without oneDNN keeps F.linear.
     """
 
     def __init__(
@@ -114,6 +145,13 @@ class LlamaForCausalLM:
         self.lm_head = tensors.get("lm_head.weight", self.embed)
         self.norm = tensors["model.norm.weight"]
         self.layers = [_Layer(tensors, i, config) for i in range(config.num_hidden_layers)]
+        self.linear = F.linear
+        if device.type == "cpu" and not fused_kernels and onednn_linear_available(self.embed.dtype):
+            self.linear = _packed_linear
+            self.lm_head = pack_weight(self.lm_head)  # a copy when tied: embed stays dense
+            for layer in self.layers:
+                for name in ("qkv_w", "o_w", "gate_up_w", "down_w"):
+                    setattr(layer, name, pack_weight(getattr(layer, name)))
         self.rotary = RotaryEmbedding(config, max_positions, device, tensors.get("rope_freqs"))
         c = config
         self.q_size = c.num_attention_heads * c.head_dim
@@ -142,15 +180,15 @@ class LlamaForCausalLM:
             q, k = self.rotary.apply(q, k, positions)
             self.attention.write_kv(k, v, k_cache, v_cache, meta)
             o = self.attention.forward(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-            h = h + F.linear(o.reshape(o.shape[0], -1), layer.o_w)
+            h = h + self.linear(o.reshape(o.shape[0], -1), layer.o_w)
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up_w).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down_w)
+            gate, up = self.linear(x, layer.gate_up_w).chunk(2, dim=-1)
+            h = h + self.linear(F.silu(gate) * up, layer.down_w)
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     def _qkv(self, x: torch.Tensor, layer: _Layer):
         c = self.config
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+        qkv = self.linear(x, layer.qkv_w, layer.qkv_b)
         q = qkv[:, : self.q_size].view(-1, c.num_attention_heads, c.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size]
         v = qkv[:, self.q_size + self.kv_size :]
@@ -185,7 +223,7 @@ class LlamaForCausalLM:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
-        return F.linear(hidden, self.lm_head)
+        return self.linear(hidden, self.lm_head)
 
 
 class _Layer:

@@ -1,0 +1,77 @@
+"""The CPU model's matmuls on oneDNN-packed weights, against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from executor.model import _packed_linear, onednn_linear_available, pack_weight
+
+pytestmark = pytest.mark.skipif(
+    not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 517])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_matmul_is_float32_accurate(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(960, 576, generator=g)
+    b = torch.randn(960, generator=g) if bias else None
+    x = torch.randn(rows, 576, generator=g)
+    got = _packed_linear(x, pack_weight(w), b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (rows, 960)
+    # float32 rounding over a 576-term dot product, not a lower-precision path
+    # (bf16 would be off by ~1e-2 relative).
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
+    from executor.model import LlamaForCausalLM
+    from executor.model_config import ModelConfig
+
+    c = ModelConfig(
+        architecture="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    g = torch.Generator().manual_seed(0)
+    p = "model.layers.0."
+    shapes = {
+        "model.embed_tokens.weight": (64, 32),
+        "model.norm.weight": (32,),
+        p + "input_layernorm.weight": (32,),
+        p + "post_attention_layernorm.weight": (32,),
+        p + "self_attn.q_proj.weight": (32, 32),
+        p + "self_attn.k_proj.weight": (16, 32),
+        p + "self_attn.v_proj.weight": (16, 32),
+        p + "self_attn.o_proj.weight": (32, 32),
+        p + "mlp.gate_proj.weight": (48, 32),
+        p + "mlp.up_proj.weight": (48, 32),
+        p + "mlp.down_proj.weight": (32, 48),
+    }
+    tensors = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+    embed = tensors["model.embed_tokens.weight"]
+    model = LlamaForCausalLM(c, tensors, torch.device("cpu"), 64)
+    assert model.linear is _packed_linear
+    assert model.layers[0].gate_up_w.is_mkldnn and model.lm_head.is_mkldnn
+    hidden = torch.randn(3, 32, generator=g)
+    # Tied weights: the embedding table stays a dense tensor, the head is a packed copy.
+    assert model.embed is embed and not model.embed.is_mkldnn
+    torch.testing.assert_close(
+        model.compute_logits(hidden).double(),
+        hidden.double() @ embed.double().T,
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor.attention import TorchAttentionBackend, build_attention_metadata
+from executor.attention import (
+    DECODE_GROUP_MAX_BLOCKS,
+    TorchAttentionBackend,
+    build_attention_metadata,
+)
 from kernels.attention_reference import paged_prefill_attention_ref
 
 
@@ -57,6 +61,9 @@ def test_mixed_step_matches_the_reference(block_size, h_kv, group, d):
     # The decodes really were split into groups padded to different widths.
     assert len(meta.decode_groups) >= 3
     assert sum(g.token_idx.numel() for g in meta.decode_groups) == 9
+    for g in meta.decode_groups:  # padded to its widest row, within the size limit
+        rows = g.token_idx.numel()
+        assert rows == 1 or g.block_ids.numel() <= DECODE_GROUP_MAX_BLOCKS
     got = TorchAttentionBackend().forward(q, k_cache, v_cache, meta, scale)
     want = _reference(q, k_cache, v_cache, tables, seqs, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -80,7 +80,7 @@ _MASK64 = (1 << 64) - 1
 # --- the draw -------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "split_columns", "num_splits"])
 def _draw_kernel(
     logits_ptr,
     stride_row,

@@ -437,6 +437,56 @@ def test_realistic_prefill(gen, dtype, head_size, group):
     assert_close(out, ref, dtype)
 
 
+def _compiled(kernel) -> int:
+    """How many variants of a Triton kernel have been compiled in this process."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@cuda_only
+def test_step_sizes_do_not_trigger_compiles(gen):
+    """Token counts, sequence counts, block-table widths and split counts change every
+    serving step; none of them may select a new compiled variant (Triton specialises
+    integers on == 1 and % 16 unless told not to)."""
+    from kernels.paged_attention import _decode_kernel, _prefill_kernel
+
+    h_kv, group, d, block_size, dtype = 4, 4, 128, 16, torch.bfloat16
+    seen = {}
+    # (cached, new) per sequence and the table's extra width: 1, 16 and 33 tokens;
+    # 1, 2 and 16 sequences; row strides 1..19.
+    for seqs, extra in [
+        ([(0, 33), (5, 16)], 0),
+        ([(0, 1)], 0),
+        ([(3, 16)] * 16, 3),
+        ([(40, 7), (0, 100), (17, 1)], 11),
+    ]:
+        qsl, lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=0)
+        k_cache, v_cache, table = make_pool(
+            gen, lens.tolist(), block_size, h_kv, d, dtype, extra_width=extra
+        )
+        q = randn(gen, num_tokens, h_kv * group, d, dtype=dtype)
+        out = torch.full_like(q, float("nan"))
+        paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, d**-0.5,
+                                max_query_len=max_q, out=out, block_m=64, block_n=64)
+        ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, d**-0.5)
+        assert_close(out, ref, dtype)
+        seen.setdefault("prefill", _compiled(_prefill_kernel))
+        assert _compiled(_prefill_kernel) == seen["prefill"], f"{seqs} compiled anew"
+    for batch, splits, extra in [(1, 2, 0), (16, 3, 5), (5, 16, 16), (33, 7, 1)]:
+        ctx = torch.randint(1, 700, (batch,), generator=gen, device=DEVICE).tolist()
+        k_cache, v_cache, table = make_pool(
+            gen, ctx, block_size, h_kv, d, dtype, extra_width=extra
+        )
+        q = randn(gen, batch, h_kv * group, d, dtype=dtype)
+        lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k_cache, v_cache, table, lens, d**-0.5, out=out,
+                               num_splits=splits)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, d**-0.5)
+        assert_close(out, ref, dtype)
+        seen.setdefault("decode", _compiled(_decode_kernel))
+        assert _compiled(_decode_kernel) == seen["decode"], f"batch {batch} compiled anew"
+
+
 @cuda_only
 def test_decode_and_write_kv_capture_in_cuda_graph(gen):
     """No host synchronisation: capture once, replay with new lengths and new K/V."""

@@ -181,7 +181,7 @@ def test_rotary_matches_reference_and_torch_path(
     v_before = qkv[:, q_size + kv_size :].clone()
     positions = torch.randint(0, max_pos, (num_tokens,), generator=gen, device="cpu").to(DEVICE)
     expected_q, expected_k = apply_rotary_ref(q, k, positions, cache)
-    torch_q, torch_k = rotary.apply(q, k, positions)
+    torch_q, torch_k = rotary.apply(q, k, *rotary.tables(positions, q.dtype))
 
     apply_rotary_(q, k, positions, cache)
 

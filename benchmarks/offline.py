@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import time
 from datetime import date
 
@@ -126,6 +127,13 @@ def main() -> None:
         help="static batch sizes to run Hugging Face at (each one is reported)",
     )
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of (Tessera, HF at each batch size), alternating which side goes "
+        "first; the ratio is of medians (a shared VM drifts by 10-20%% between runs)",
+    )
     p.add_argument("--json", default=None, help="write the result here as JSON")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -144,16 +152,40 @@ def main() -> None:
         "input_len": list(args.input_len),
         "output_len": list(args.output_len),
         "seed": args.seed,
-        "tessera": run_tessera(args, work),
     }
+    tessera_runs: list[dict] = []
+    hf_runs: dict[int, list[dict]] = {size: [] for size in args.hf_batch_size}
+
+    def hf_round() -> None:
+        for size in hf_runs if hf_model is not None else ():
+            one = argparse.Namespace(**{**vars(args), "hf_batch_size": size})
+            hf_runs[size].append(run_hf_static(one, work, hf_model))
+
+    for i in range(args.repeat):
+        if i % 2:
+            hf_round()
+        tessera_runs.append(run_tessera(args, work))
+        if not i % 2:
+            hf_round()
+    tessera_rate = statistics.median(r["tok_per_s"] for r in tessera_runs)
+    result["tessera"] = {
+        "output_tokens": tessera_runs[0]["output_tokens"],
+        "seconds": statistics.median(r["seconds"] for r in tessera_runs),
+        "tok_per_s": tessera_rate,
+    }
+    result["tessera_runs"] = [r["tok_per_s"] for r in tessera_runs]
     if hf_model is not None:
         result["hf_static"] = []
-        for size in args.hf_batch_size:
-            args_one = argparse.Namespace(**{**vars(args), "hf_batch_size": size})
-            run = run_hf_static(args_one, work, hf_model)
-            run["batch_size"] = size
-            run["tessera_speedup"] = result["tessera"]["tok_per_s"] / run["tok_per_s"]
-            result["hf_static"].append(run)
+        for size, runs in hf_runs.items():
+            rate = statistics.median(r["tok_per_s"] for r in runs)
+            result["hf_static"].append(
+                {
+                    "batch_size": size,
+                    "tok_per_s": rate,
+                    "runs": [r["tok_per_s"] for r in runs],
+                    "tessera_speedup": tessera_rate / rate,
+                }
+            )
         # against Hugging Face at its best batch size
         result["speedup"] = min(r["tessera_speedup"] for r in result["hf_static"])
     print(json.dumps(result, indent=2))

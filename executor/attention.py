@@ -55,6 +55,9 @@ class PrefillChunk:
     query_len: int
     context_len: int  # cached prefix + this chunk
     block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
+    # [query_len, context_len] bool, query i seeing keys up to its absolute position
+    # context_len - query_len + i; None without a cached prefix (plain causal).
+    mask: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -76,7 +79,7 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     """Lay out one step. ``context_lens[i]`` counts the tokens of sequence i once this
     step's tokens are written (cached prefix + this step's queries)."""
-    slot_chunks: list[torch.Tensor] = []
+    slots: list[int] = []
     decodes: list[tuple[int, int, list[int]]] = []  # (row, context length, blocks)
     prefills: list[PrefillChunk] = []
     start = 0
@@ -88,27 +91,31 @@ def build_attention_metadata(
                 f"{ctx_len} tokens at block size {block_size}"
             )
         blocks = table[:num_blocks]
-        slot_chunks.append(_slots(blocks, ctx_len - q_len, ctx_len, block_size))
+        slots.extend(
+            blocks[p // block_size] * block_size + p % block_size
+            for p in range(ctx_len - q_len, ctx_len)
+        )
         if q_len == 1:
             decodes.append((start, ctx_len, blocks))
         else:
             ids = torch.tensor(blocks, dtype=torch.int64, device=device)
-            prefills.append(PrefillChunk(start, q_len, ctx_len, ids))
+            prefills.append(
+                PrefillChunk(start, q_len, ctx_len, ids, _prefix_mask(q_len, ctx_len, device))
+            )
         start += q_len
-    slot_mapping = torch.cat(slot_chunks) if slot_chunks else torch.zeros(0, dtype=torch.int64)
     return AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         decode_groups=[_decode_group(g, block_size, device) for g in _group_by_length(decodes)],
         prefills=prefills,
         num_tokens=start,
     )
 
 
-def _slots(blocks: list[int], first: int, end: int, block_size: int) -> torch.Tensor:
-    """Slots of positions first..end-1 of a sequence with these blocks."""
-    pos = torch.arange(first, end, dtype=torch.int64)
-    table = torch.tensor(blocks, dtype=torch.int64)
-    return table[pos // block_size] * block_size + pos % block_size
+def _prefix_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
+    if ctx_len == q_len:
+        return None
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    return torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]
 
 
 def _group_by_length(decodes: list[tuple[int, int, list[int]]]):
@@ -133,11 +140,10 @@ def _decode_group(
     group: list[tuple[int, int, list[int]]], block_size: int, device: torch.device
 ) -> DecodeGroup:
     width = len(group[0][2])  # the longest first
-    block_ids = torch.zeros(len(group), width, dtype=torch.int64)
-    ctx_lens = torch.empty(len(group), dtype=torch.int64)
-    for i, (_, ctx_len, blocks) in enumerate(group):
-        block_ids[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        ctx_lens[i] = ctx_len
+    block_ids = torch.tensor(
+        [blocks + [0] * (width - len(blocks)) for _, _, blocks in group], dtype=torch.int64
+    )
+    ctx_lens = torch.tensor([ctx_len for _, ctx_len, _ in group], dtype=torch.int64)
     mask = None
     if int(ctx_lens.min()) < width * block_size:
         mask = torch.arange(width * block_size)[None, :] < ctx_lens[:, None]
@@ -186,21 +192,13 @@ class TorchAttentionBackend:
         h_kv = k_cache.shape[2]
         group_size = num_heads // h_kv
         out = torch.empty_like(q)
-
-        def gather(cache: torch.Tensor, block_ids: torch.Tensor, rows: int) -> torch.Tensor:
-            # [rows * blocks, B, H_kv, D] -> [rows, H_kv, blocks * B, D]. On a 2-D
-            # view: index_select over a 4-D tensor takes a generic path ~3x slower.
-            flat = cache.view(cache.shape[0], -1)
-            ctx = flat.index_select(0, block_ids).view(rows, -1, h_kv, d)
-            return ctx.transpose(1, 2).to(q.dtype)
-
         for group in meta.decode_groups:
             n = group.token_idx.numel()
             qd = q.index_select(0, group.token_idx).view(n, h_kv, group_size, d)
             od = F.scaled_dot_product_attention(
                 qd,
-                gather(k_cache, group.block_ids, n),
-                gather(v_cache, group.block_ids, n),
+                _gather(k_cache, group.block_ids, n, q.dtype),
+                _gather(v_cache, group.block_ids, n, q.dtype),
                 attn_mask=group.mask,
                 scale=scale,
             )  # [n, H_kv, G, D]
@@ -210,19 +208,27 @@ class TorchAttentionBackend:
             # 4-D throughout: torch's CPU flash kernel takes only 4-D inputs (3-D ones
             # fall back to its math path, ~10x slower).
             qp = q[start : start + q_len].transpose(0, 1)[None]  # [1, H, q, D]
-            kp = gather(k_cache, chunk.block_ids, 1)[:, :, :ctx_len]  # [1, H_kv, ctx, D]
-            vp = gather(v_cache, chunk.block_ids, 1)[:, :, :ctx_len]
-            gqa = group_size != 1
-            if ctx_len == q_len:
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa
-                )
-            else:
-                # Query i sits at absolute position ctx_len - q_len + i.
-                q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-                mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa
-                )
+            kp = _gather(k_cache, chunk.block_ids, 1, q.dtype)[:, :, :ctx_len]  # [1, H_kv, ctx, D]
+            vp = _gather(v_cache, chunk.block_ids, 1, q.dtype)[:, :, :ctx_len]
+            op = F.scaled_dot_product_attention(
+                qp,
+                kp,
+                vp,
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=scale,
+                enable_gqa=group_size != 1,
+            )
             out[start : start + q_len] = op[0].transpose(0, 1)
         return out
+
+
+def _gather(
+    cache: torch.Tensor, block_ids: torch.Tensor, rows: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Blocks of the pool, [rows * blocks, B, H_kv, D] -> [rows, H_kv, blocks * B, D].
+
+    On a 2-D view: index_select over the 4-D tensor takes a generic path ~3x slower."""
+    h_kv, d = cache.shape[2], cache.shape[3]
+    ctx = cache.view(cache.shape[0], -1).index_select(0, block_ids).view(rows, -1, h_kv, d)
+    return ctx.transpose(1, 2).to(dtype)

@@ -237,13 +237,16 @@ class ModelRunner:
         self.model.compute_logits(hidden[:num_rows]).float().log_softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        if self.use_triton and n > 17:
+        short = 17
+        if self.use_triton and n > short:
             # A short prompt takes the prefill kernel's small-tile variant (see
             # kernels.paged_attention._prefill_config): compile it now, not while the
             # first short request waits.
-            table = list(range(-(-17 // self.block_size)))
-            meta = self.attention.build_metadata([17], [17], [table], self.block_size, self.device)
-            self.model.forward(ids[:17], torch.arange(17, device=self.device), caches, meta)
+            table = list(range(-(-short // self.block_size)))
+            meta = self.attention.build_metadata(
+                [short], [short], [table], self.block_size, self.device
+            )
+            self.model.forward(ids[:short], torch.arange(short, device=self.device), caches, meta)
         del caches, hidden
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._attention_checks import FP8_MAX
+
 
 def write_kv_ref(
     k: torch.Tensor,  # [T, H_kv, D]
@@ -26,7 +28,7 @@ def write_kv_ref(
 
 def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float8_e4m3fn:  # a float8 pool saturates at its largest value
-        return x.float().clamp(-448.0, 448.0).to(dtype)
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
 
 

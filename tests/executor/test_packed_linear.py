@@ -29,11 +29,14 @@ def test_packed_matmul_is_float32_accurate(rows, bias):
 
 
 def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
-    from executor.model import LlamaForCausalLM
-    from executor.model_config import ModelConfig
+    from dataclasses import replace
 
-    c = ModelConfig(
-        architecture="llama",
+    from executor.model import LlamaForCausalLM
+    from executor.registry import random_config
+    from executor.weights.layout import expected_shapes
+
+    c = replace(
+        random_config("smollm2-135m"),  # tied embeddings
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -41,26 +44,10 @@ def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
     )
+    assert c.tie_word_embeddings
     g = torch.Generator().manual_seed(0)
-    p = "model.layers.0."
-    shapes = {
-        "model.embed_tokens.weight": (64, 32),
-        "model.norm.weight": (32,),
-        p + "input_layernorm.weight": (32,),
-        p + "post_attention_layernorm.weight": (32,),
-        p + "self_attn.q_proj.weight": (32, 32),
-        p + "self_attn.k_proj.weight": (16, 32),
-        p + "self_attn.v_proj.weight": (16, 32),
-        p + "self_attn.o_proj.weight": (32, 32),
-        p + "mlp.gate_proj.weight": (48, 32),
-        p + "mlp.up_proj.weight": (48, 32),
-        p + "mlp.down_proj.weight": (32, 48),
-    }
+    shapes = expected_shapes(c)
     tensors = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
     embed = tensors["model.embed_tokens.weight"]
     model = LlamaForCausalLM(c, tensors, torch.device("cpu"), 64)

@@ -20,6 +20,9 @@ calls ``scaled_dot_product_attention``:
   padded to the longest context in their call and masked, so decodes are sorted by
   context length and split into groups whose padding stays under
   ``DECODE_GROUP_SLACK`` and whose size stays under ``DECODE_GROUP_MAX_BLOCKS``.
+- With ``fused_decode`` (CPU, float32 pools, numba installed), decodes skip the
+  copy: ``executor.cpu_attention`` reads the blocks in place, every decode in one call
+  (no groups, no padding).
 - Prefill chunks run one sequence at a time with a causal mask offset by the number
   of tokens already in the cache (so chunked prefill and cached prefixes need
   nothing else).
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +54,15 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class PagedDecodes:
+    """Every decode of a step, for the fused CPU kernel (host arrays)."""
+
+    rows: np.ndarray  # [n] int64: rows of the flat batch
+    tables: np.ndarray  # [n, max_blocks] int32: block tables, padded with block 0
+    lens: np.ndarray  # [n] int32: context lengths
+
+
+@dataclass(slots=True)
 class PrefillChunk:
     start: int  # first query row in the flat batch
     query_len: int
@@ -68,6 +81,7 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
     num_tokens: int
+    paged_decodes: PagedDecodes | None = None  # instead of decode_groups, when fused
 
 
 def build_attention_metadata(
@@ -76,9 +90,11 @@ def build_attention_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    fused_decode: bool = False,
 ) -> AttentionMetadata:
     """Lay out one step. ``context_lens[i]`` counts the tokens of sequence i once this
-    step's tokens are written (cached prefix + this step's queries)."""
+    step's tokens are written (cached prefix + this step's queries). With
+    ``fused_decode`` the decodes go in ``paged_decodes`` instead of groups."""
     slots: list[int] = []
     decodes: list[tuple[int, int, list[int]]] = []  # (row, context length, blocks)
     prefills: list[PrefillChunk] = []
@@ -103,11 +119,27 @@ def build_attention_metadata(
                 PrefillChunk(start, q_len, ctx_len, ids, _prefix_mask(q_len, ctx_len, device))
             )
         start += q_len
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    if fused_decode:
+        return AttentionMetadata(slot_mapping, [], prefills, start, _paged_decodes(decodes))
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=slot_mapping,
         decode_groups=[_decode_group(g, block_size, device) for g in _group_by_length(decodes)],
         prefills=prefills,
         num_tokens=start,
+    )
+
+
+def _paged_decodes(decodes: list[tuple[int, int, list[int]]]) -> PagedDecodes | None:
+    if not decodes:
+        return None
+    width = max(len(blocks) for _, _, blocks in decodes)
+    return PagedDecodes(
+        rows=np.array([row for row, _, _ in decodes], dtype=np.int64),
+        tables=np.array(
+            [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes], dtype=np.int32
+        ),
+        lens=np.array([ctx_len for _, ctx_len, _ in decodes], dtype=np.int32),
     )
 
 
@@ -156,17 +188,25 @@ def _decode_group(
 
 
 class TorchAttentionBackend:
-    """Paged attention in plain torch (CPU, or any device for testing)."""
+    """Paged attention in plain torch (CPU, or any device for testing).
 
-    @staticmethod
+    ``fused_decode``: decodes through ``executor.cpu_attention`` (CPU float32 pools
+    only; the caller checks ``cpu_attention.available()``)."""
+
+    def __init__(self, fused_decode: bool = False) -> None:
+        self.fused_decode = fused_decode
+
     def build_metadata(
+        self,
         query_lens: list[int],
         context_lens: list[int],
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
     ) -> AttentionMetadata:
-        return build_attention_metadata(query_lens, context_lens, block_tables, block_size, device)
+        return build_attention_metadata(
+            query_lens, context_lens, block_tables, block_size, device, self.fused_decode
+        )
 
     def write_kv(
         self,
@@ -191,7 +231,15 @@ class TorchAttentionBackend:
         num_heads, d = q.shape[1], q.shape[2]
         h_kv = k_cache.shape[2]
         group_size = num_heads // h_kv
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.paged_decodes is not None:
+            from executor import cpu_attention
+
+            dec = meta.paged_decodes
+            q = q.contiguous()
+            cpu_attention.paged_decode(
+                q, k_cache, v_cache, dec.rows, dec.tables, dec.lens, scale, out
+            )
         for group in meta.decode_groups:
             n = group.token_idx.numel()
             qd = q.index_select(0, group.token_idx).view(n, h_kv, group_size, d)

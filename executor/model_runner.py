@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from executor import cpu_attention
 from executor.attention import TorchAttentionBackend
 from executor.config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
 from executor.model import LlamaForCausalLM
@@ -142,7 +143,18 @@ class ModelRunner:
                     "(attention_backend triton, the default on CUDA)"
                 )
             self.kv_dtype = torch.float8_e4m3fn
-        self.attention = TritonAttentionBackend() if self.use_triton else TorchAttentionBackend()
+        if self.use_triton:
+            self.attention = TritonAttentionBackend()
+        else:
+            # On the CPU with a float32 pool, decodes read the blocks in place (numba).
+            fused = (
+                self.device.type == "cpu"
+                and self.kv_dtype == torch.float32
+                and cpu_attention.available()
+            )
+            self.attention = TorchAttentionBackend(fused_decode=fused)
+            if fused:
+                cpu_attention.warm_up()
         self.model = LlamaForCausalLM(
             mc,
             loaded.tensors,

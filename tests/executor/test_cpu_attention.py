@@ -12,34 +12,19 @@ import pytest
 import torch
 
 from executor import cpu_attention
-from kernels.attention_reference import paged_prefill_attention_ref
+from tests.executor.test_torch_attention import _reference, _step
 
 
 def _case(seed, lens, block_size=16, h_kv=3, group=3, d=64, q_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in lens]
-    num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(perm[at : at + n])
-        at += n
-    k = torch.randn(num_blocks, block_size, h_kv, d, generator=g)
-    v = torch.randn(num_blocks, block_size, h_kv, d, generator=g)
-    q = torch.randn(len(lens), h_kv * group, d, generator=g) * q_scale
-    width = max(need)
-    table_np = np.zeros((len(lens), width), dtype=np.int32)
+    """Decodes of the given context lengths over a shuffled pool (test_torch_attention's
+    set-up), with numpy tables for the kernel and the float32 reference's output."""
+    seqs = [(1, n) for n in lens]
+    q, k, v, tables = _step(seed, block_size, h_kv, group, d, seqs)
+    q = q * q_scale
+    table_np = np.zeros((len(lens), max(len(t) for t in tables)), dtype=np.int32)
     for i, t in enumerate(tables):
         table_np[i, : len(t)] = t
-    want = paged_prefill_attention_ref(
-        q,
-        k,
-        v,
-        torch.from_numpy(table_np).long(),
-        torch.arange(len(lens) + 1),
-        torch.tensor(lens),
-        d**-0.5,
-    )
+    want = _reference(q, k, v, tables, seqs, d**-0.5)
     return q, k, v, table_np, np.array(lens, dtype=np.int32), want
 
 

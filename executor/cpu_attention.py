@@ -14,14 +14,11 @@ only on float32 pools; the torch path is the fallback wherever numba is missing.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 try:  # numba is optional: without it the torch path does all the work
     import numba
@@ -41,6 +38,9 @@ def available() -> bool:
 def _build():
     njit, prange = numba.njit, numba.prange
 
+    # fastmath lets the dot products and accumulations vectorise. It also lets LLVM
+    # assume no infinities, so the running max starts at -1e30, not -inf: every value
+    # stays finite for finite inputs.
     @njit(parallel=True, fastmath=True, boundscheck=False, error_model="numpy", cache=True)
     def paged_decode(q, k_pool, v_pool, rows, tables, lens, scale, out):  # pragma: no cover
         # q, out: [T, H, D]; k_pool, v_pool: [N, B, H_kv, D]; rows, lens: [n];
@@ -55,7 +55,7 @@ def _build():
             h = w - i * h_kv
             r = rows[i]
             length = lens[i]
-            m = np.full(g_size, -np.inf, dtype=np.float32)
+            m = np.full(g_size, -1e30, dtype=np.float32)  # exp(-1e30 - x) == 0
             total = np.zeros(g_size, dtype=np.float32)
             acc = np.zeros((g_size, d_head), dtype=np.float32)
             s = np.empty((g_size, bs), dtype=np.float32)
@@ -126,6 +126,17 @@ def paged_decode(
         raise ValueError(f"q heads {tuple(q.shape[1:])} do not fit KV heads {k_cache.shape}")
     if not (rows.shape[0] == tables.shape[0] == lens.shape[0]):
         raise ValueError("rows, tables and lens must have one entry per decode")
+    if (rows.dtype, tables.dtype, lens.dtype) != (np.int64, np.int32, np.int32) or tables.ndim != 2:
+        raise ValueError("rows must be int64, tables a 2-D int32 array, lens int32")
+    # The kernel runs without bounds checks: an index out of range would read (or, for
+    # rows, write) outside the tensors, so check every index here (microseconds).
+    if rows.size:
+        if not (0 <= rows.min() and rows.max() < q.shape[0]):
+            raise ValueError(f"decode rows outside the batch of {q.shape[0]} tokens")
+        if not (1 <= lens.min() and lens.max() <= tables.shape[1] * k_cache.shape[1]):
+            raise ValueError("context lengths must be >= 1 and fit the block tables")
+        if not (0 <= tables.min() and tables.max() < k_cache.shape[0]):
+            raise ValueError(f"block ids outside the pool of {k_cache.shape[0]} blocks")
     with _launch_lock:
         if _kernel is None:
             _kernel = _build()

@@ -70,6 +70,19 @@ def test_bad_inputs_are_refused():
         cpu_attention.paged_decode(q4, k, v, rows, tables, lens_np, 0.1, q4.clone())
     with pytest.raises(ValueError, match="one entry per decode"):
         cpu_attention.paged_decode(q, k, v, rows, tables, lens_np[:1], 0.1, out)
+    with pytest.raises(ValueError, match="int32"):
+        cpu_attention.paged_decode(q, k, v, rows, tables.astype(np.int64), lens_np, 0.1, out)
+    # The kernel has no bounds checks, so every index is checked before it runs.
+    with pytest.raises(ValueError, match="outside the batch"):
+        cpu_attention.paged_decode(q, k, v, rows + 1, tables, lens_np, 0.1, out)
+    with pytest.raises(ValueError, match="fit the block tables"):
+        cpu_attention.paged_decode(q, k, v, rows, tables, lens_np + 16, 0.1, out)
+    with pytest.raises(ValueError, match="fit the block tables"):
+        cpu_attention.paged_decode(q, k, v, rows, tables, lens_np * 0, 0.1, out)
+    bad = tables.copy()
+    bad[1, 0] = k.shape[0]
+    with pytest.raises(ValueError, match="outside the pool"):
+        cpu_attention.paged_decode(q, k, v, rows, bad, lens_np, 0.1, out)
 
 
 def test_the_cpu_engine_decodes_through_it():

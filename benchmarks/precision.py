@@ -48,10 +48,7 @@ def reference(device: str, num_tokens: int, num_prompts: int):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32)
     hf = hf.to(device).eval()
-    prompts = [tok(p, add_special_tokens=False).input_ids for p in greedy_test.PLAIN]
-    for conv in greedy_test.CHATS:
-        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        prompts.append(tok(text, add_special_tokens=False).input_ids)
+    prompts = greedy_test.encode_prompts(tok)
     seqs, ref = [], []
     with torch.inference_mode():
         for ids in prompts[:num_prompts]:

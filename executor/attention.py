@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from executor import cpu_attention
+
 # A decode group may hold at most this many times the key blocks its rows really have,
 # and at most this many blocks in all (a group's K/V copy, 3 MiB for SmolLM2, then stays
 # in cache for the attention call that reads it). Tuned on the 2-core VM at 8 to 64
@@ -136,11 +138,15 @@ def _paged_decodes(decodes: list[tuple[int, int, list[int]]]) -> PagedDecodes | 
     width = max(len(blocks) for _, _, blocks in decodes)
     return PagedDecodes(
         rows=np.array([row for row, _, _ in decodes], dtype=np.int64),
-        tables=np.array(
-            [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes], dtype=np.int32
-        ),
+        tables=np.array(_padded_tables(decodes, width), dtype=np.int32),
         lens=np.array([ctx_len for _, ctx_len, _ in decodes], dtype=np.int32),
     )
+
+
+def _padded_tables(decodes: list[tuple[int, int, list[int]]], width: int) -> list[list[int]]:
+    """The decodes' block tables as rows of ``width`` ids, padded with block 0 (never
+    read: the padding lies past each row's context length)."""
+    return [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes]
 
 
 def _prefix_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
@@ -172,9 +178,7 @@ def _decode_group(
     group: list[tuple[int, int, list[int]]], block_size: int, device: torch.device
 ) -> DecodeGroup:
     width = len(group[0][2])  # the longest first
-    block_ids = torch.tensor(
-        [blocks + [0] * (width - len(blocks)) for _, _, blocks in group], dtype=torch.int64
-    )
+    block_ids = torch.tensor(_padded_tables(group, width), dtype=torch.int64)
     ctx_lens = torch.tensor([ctx_len for _, ctx_len, _ in group], dtype=torch.int64)
     mask = None
     if int(ctx_lens.min()) < width * block_size:
@@ -233,8 +237,6 @@ class TorchAttentionBackend:
         group_size = num_heads // h_kv
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.paged_decodes is not None:
-            from executor import cpu_attention
-
             dec = meta.paged_decodes
             q = q.contiguous()
             cpu_attention.paged_decode(

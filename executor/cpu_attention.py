@@ -159,5 +159,5 @@ def warm_up() -> None:
     """Compile (or load from numba's disk cache) before the first request needs it."""
     q = torch.zeros(1, 1, 8)
     kv = torch.zeros(1, 1, 1, 8)
-    one = np.ones(1, dtype=np.int32)
-    paged_decode(q, kv, kv, np.zeros(1, dtype=np.int64), one[:, None] * 0, one, 1.0, q.clone())
+    rows, table, lens = np.zeros(1, np.int64), np.zeros((1, 1), np.int32), np.ones(1, np.int32)
+    paged_decode(q, kv, kv, rows, table, lens, 1.0, q.clone())

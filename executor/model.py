@@ -134,7 +134,7 @@ class LlamaForCausalLM:
 
     On the CPU in float32 the weights are repacked once into oneDNN's blocked layout
     and every matmul runs there (``pack_weight``): 1.4x F.linear's rate at 64 rows and
-    about 2x at 1 to 16 rows on a 2-core AVX-512 VM, where the stock path (MKL's
+    about 2x at 1 to 16 rows on the 2-core AMD EPYC development VM, where the stock path (MKL's
     sgemm) is slow on small batches; the result is float32 all the same (relative
     error ~1e-6 against float64, as F.linear's). A build without oneDNN keeps F.linear.
     """

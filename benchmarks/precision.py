@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
-import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def _greedy_test():
+    """The greedy test's prompts, loaded by path: the repository root is never put on
+    sys.path (its folders would shadow installed packages such as Hugging Face's kernels)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "tessera", "test_greedy_vs_hf.py")
+    spec = importlib.util.spec_from_file_location("greedy_vs_hf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 PATHS = {
     "float32 triton": dict(dtype="float32", attention_backend="triton"),
@@ -39,8 +47,7 @@ def reference(device: str, num_tokens: int, num_prompts: int):
     """Teacher-forced sequences and HF float32's next-token logprobs after each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tests.tessera.test_greedy_vs_hf as greedy_test
-    from executor.registry import smollm2_gguf_path
+    from tessera.executor.registry import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     d = tempfile.mkdtemp()
@@ -48,7 +55,7 @@ def reference(device: str, num_tokens: int, num_prompts: int):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32)
     hf = hf.to(device).eval()
-    prompts = greedy_test.encode_prompts(tok)
+    prompts = _greedy_test().encode_prompts(tok)
     seqs, ref = [], []
     with torch.inference_mode():
         for ids in prompts[:num_prompts]:

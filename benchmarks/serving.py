@@ -31,10 +31,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
+from tessera.proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def workload(args) -> list[tuple[list[int], int]]:
@@ -118,10 +117,9 @@ def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONPATH=path, TESSERA_LOG_LEVEL="WARNING")
+    env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING")
     # gRPC only: the HTTP port stays off so a second run cannot collide on 8000.
-    cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port), "--http-port", "0"]
+    cmd = [sys.executable, "-P", "-m", "tessera", "serve", "--port", str(port), "--http-port", "0"]
     cmd += ["--model", args.model, "--device", args.device]
     if args.model.startswith("random:"):
         cmd += ["--num-tokenizers", "0"]  # random weights: token ids in and out

@@ -44,10 +44,9 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
+from tessera.proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -105,7 +104,7 @@ def role(pid: int) -> str:
         line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return "gone"
-    return next((r for r in ROLES if f"-m {r}" in line), "other")
+    return next((r for r in ROLES if f"-m tessera.{r} " in line + " "), "other")
 
 
 def rss_mib(launcher: int) -> dict[str, float]:
@@ -130,10 +129,10 @@ def executor_pid(launcher: int) -> int | None:
 
 def start_server(args, run_dir: str, log) -> tuple[subprocess.Popen, str, str]:
     port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "tessera", "serve", "--model", args.model, "--device", "cpu",
+    cmd = [sys.executable, "-P", "-m", "tessera", "serve", "--model", args.model, "--device", "cpu",
            "--port", str(port), "--http-port", str(http_port), "--num-tokenizers", "2",
            "--run-dir", run_dir, "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TESSERA_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "TESSERA_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 300

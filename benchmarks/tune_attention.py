@@ -14,16 +14,12 @@ import argparse
 import functools
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import benchmarks.bench_kernels as bk  # noqa: E402
 from benchmarks.bench_kernels import Timer, shuffled_pool  # noqa: E402
-from kernels import paged_attention as pa  # noqa: E402
+from tessera.kernels import paged_attention as pa  # noqa: E402
 
 DECODE_SHAPES = ((64, 2048), (8, 8192), (256, 1024), (1, 32768))
 PREFILL_TOKENS = (1024, 4096)

@@ -8,8 +8,8 @@ import sys
 
 import grpc
 
-from proto.tessera.v1 import generate_pb2 as pb
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 
 
 def main() -> None:

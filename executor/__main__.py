@@ -1,4 +1,4 @@
-"""``python -m executor --executor-address ipc://... --model ...``: one executor process.
+"""``python -m tessera.executor --executor-address ipc://... --model ...``: one executor process.
 
 Normally started by the scheduler, which passes every setting as a flag. Each flag
 ``--max-num-seqs`` may also come from ``TESSERA_MAX_NUM_SEQS`` (flag > env > default).
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from executor.cli_args import add_config_args, config_from_args
-from executor.server import ExecutorServerConfig, run_executor
+from tessera.executor.cli_args import add_config_args, config_from_args
+from tessera.executor.server import ExecutorServerConfig, run_executor
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m executor", description="Tessera executor: runs step plans on a device"
+        prog="python -m tessera.executor", description="Tessera executor: runs step plans on a device"
     )
     add_config_args(parser, ExecutorServerConfig)
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from executor import cpu_attention
+from tessera.executor import cpu_attention
 
 # A decode group may hold at most this many times the key blocks its rows really have,
 # and at most this many blocks in all (a group's K/V copy, 3 MiB for SmolLM2, then stays

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from executor.transfer import to_device
-from executor.triton_backend import TritonAttentionMetadata
+from tessera.executor.transfer import to_device
+from tessera.executor.triton_backend import TritonAttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from executor.attention import TorchAttentionBackend
-from executor.model_config import ModelConfig
+from tessera.executor.attention import TorchAttentionBackend
+from tessera.executor.model_config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -168,7 +168,7 @@ class LlamaForCausalLM:
         self.q_size = c.num_attention_heads * c.head_dim
         self.kv_size = c.num_key_value_heads * c.head_dim
         if fused_kernels:
-            from kernels.rotary import build_cos_sin_cache
+            from tessera.kernels.rotary import build_cos_sin_cache
 
             inv_freq = rope_inv_freq(c, tensors.get("rope_freqs"))
             self.cos_sin = build_cos_sin_cache(inv_freq, max_positions, device)
@@ -211,10 +211,10 @@ class LlamaForCausalLM:
         )
 
     def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        from kernels.activation import silu_and_mul
-        from kernels.norm import fused_add_rms_norm
-        from kernels.norm import rms_norm as rms_norm_kernel
-        from kernels.rotary import apply_rotary_
+        from tessera.kernels.activation import silu_and_mul
+        from tessera.kernels.norm import fused_add_rms_norm
+        from tessera.kernels.norm import rms_norm as rms_norm_kernel
+        from tessera.kernels.rotary import apply_rotary_
 
         c = self.config
         eps = c.rms_norm_eps

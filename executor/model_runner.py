@@ -26,23 +26,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from executor import cpu_attention
-from executor.attention import TorchAttentionBackend
-from executor.config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
-from executor.model import LlamaForCausalLM
-from executor.model_config import ModelConfig
-from executor.plan import SamplingOptions, StepPlan, StepResult
-from executor.registry import resolve_model
-from executor.sampler import (
+from tessera.executor import cpu_attention
+from tessera.executor.attention import TorchAttentionBackend
+from tessera.executor.config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
+from tessera.executor.model import LlamaForCausalLM
+from tessera.executor.model_config import ModelConfig
+from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
+from tessera.executor.registry import resolve_model
+from tessera.executor.sampler import (
     LogprobTensors,
     Sampler,
     SamplingBatch,
     logprob_tensors,
     logprobs_to_host,
 )
-from executor.transfer import to_device, to_host_async
-from executor.triton_backend import TritonAttentionBackend, layout_step
-from executor.weights import load_weights
+from tessera.executor.transfer import to_device, to_host_async
+from tessera.executor.triton_backend import TritonAttentionBackend, layout_step
+from tessera.executor.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_len // self.block_size)
         self.graphs = None
         if self.use_triton and self.device.type == "cuda" and config.cuda_graphs:
-            from executor.cuda_graphs import DecodeGraphs
+            from tessera.executor.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
                 self.model,
@@ -364,7 +364,7 @@ class ModelRunner:
         step.tokens (still on the device) and returns the logprob tensors, if any row
         asked for logprobs. Seeded draws use Philox keyed by (seed, tokens generated
         so far), so they differ from the CPU sampler's."""
-        from kernels.sampling import SamplingTensors, sample, sample_with_logprobs
+        from tessera.kernels.sampling import SamplingTensors, sample, sample_with_logprobs
 
         states = step.states
         options = [s.sampling for s in states]

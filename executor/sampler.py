@@ -34,8 +34,8 @@ from itertools import chain
 
 import torch
 
-from executor.plan import SamplingOptions, TokenLogprobs
-from executor.transfer import to_device
+from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.executor.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15

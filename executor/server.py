@@ -50,15 +50,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 import zmq
 
-from executor.config import ExecutorConfig
-from executor.curve import check_link, check_pair, client_keys
-from executor.process import exit_with_parent, setup_logging
-from executor.registry import DEFAULT_MODEL
-from executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
-from proto.tessera.v1 import engine_pb2
+from tessera.executor.config import ExecutorConfig
+from tessera.executor.curve import check_link, check_pair, client_keys
+from tessera.executor.process import exit_with_parent, setup_logging
+from tessera.executor.registry import DEFAULT_MODEL
+from tessera.executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
+from tessera.proto.tessera.v1 import engine_pb2
 
 if TYPE_CHECKING:
-    from executor.model_runner import ModelRunner, Step
+    from tessera.executor.model_runner import ModelRunner, Step
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ def run_executor(config: ExecutorServerConfig) -> int:
         if keys is not None:
             keys.secure(to_scheduler, config.executor_address)
         to_scheduler.connect(config.executor_address)
-        from executor.model_runner import ModelRunner  # torch: imported in this process only
+        from tessera.executor.model_runner import (
+            ModelRunner,  # torch: imported in this process only
+        )
 
         runner = ModelRunner(config.runner_config)
         executor = Executor(runner, to_scheduler, config.max_model_len)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from executor.transfer import to_device
+from tessera.executor.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -114,7 +114,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: TritonAttentionMetadata,
     ) -> None:
-        from kernels.kv_cache import write_kv
+        from tessera.kernels.kv_cache import write_kv
 
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
@@ -126,7 +126,7 @@ class TritonAttentionBackend:
         meta: TritonAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
-        from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+        from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
         if meta.decode_only:
             return paged_decode_attention(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from executor.plan import (
+from tessera.executor.plan import (
     CachedRequestData,
     NewRequestData,
     SamplingOptions,
@@ -32,10 +32,10 @@ from executor.plan import (
     StepResult,
     TokenLogprobs,
 )
-from proto.tessera.v1 import engine_pb2
+from tessera.proto.tessera.v1 import engine_pb2
 
 if TYPE_CHECKING:  # the scheduler's type; executor modules do not import scheduler/
-    from scheduler.request import StopConditions
+    from tessera.scheduler.request import StopConditions
 
 M = TypeVar("M", bound=Message)
 
@@ -140,7 +140,7 @@ def stop_from_pb(
 
     Raises ValueError (from StopConditions) if the limits contradict each other.
     """
-    from scheduler.request import StopConditions  # only the scheduler side calls this
+    from tessera.scheduler.request import StopConditions  # only the scheduler side calls this
 
     max_tokens = pb.max_tokens
     if max_tokens == 0 and default_max_tokens is not None:

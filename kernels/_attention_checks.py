@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor, interpreted
+from tessera.kernels._checks import FLOAT_DTYPES, check_devices, check_tensor, interpreted
 
 __all__ = [
     "FLOAT_DTYPES",

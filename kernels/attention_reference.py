@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._attention_checks import FP8_MAX
+from tessera.kernels._attention_checks import FP8_MAX
 
 
 def write_kv_ref(

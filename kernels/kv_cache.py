@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._attention_checks import (
+from tessera.kernels._attention_checks import (
     FLOAT_DTYPES,
     FP8_MAX,
     INDEX_DTYPES,

@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_devices, check_out, check_tensor, num_warps_for
+from tessera.kernels._checks import (
+    FLOAT_DTYPES,
+    check_devices,
+    check_out,
+    check_tensor,
+    num_warps_for,
+)
 
 MAX_HIDDEN = 65536  # one row lives in registers
 

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._attention_checks import (
+from tessera.kernels._attention_checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_devices,

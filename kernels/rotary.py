@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
+from tessera.kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
 
 _MAX_TILE = 2048  # elements of one half-tile: keeps registers modest
 

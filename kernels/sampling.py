@@ -67,9 +67,9 @@ import torch
 import triton
 import triton.language as tl
 
-from executor.plan import SamplingOptions
-from executor.transfer import to_device
-from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
+from tessera.executor.plan import SamplingOptions
+from tessera.executor.transfer import to_device
+from tessera.kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
 
 _MAX_BLOCK = 1024  # columns a draw program holds at once
 _MAX_SPLIT_COLUMNS = 16384  # columns one draw program scans, at most

@@ -1,4 +1,4 @@
-"""``python -m scheduler --model ... --gateway-address ipc://...``: one engine.
+"""``python -m tessera.scheduler --model ... --gateway-address ipc://...``: one engine.
 
 Starts the scheduler process, which starts its executor child. Every flag
 ``--max-num-seqs`` may also come from ``TESSERA_MAX_NUM_SEQS`` (flag > env > default).
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from executor.cli_args import add_config_args, config_from_args
-from scheduler.server import SchedulerServerConfig, run_scheduler
+from tessera.executor.cli_args import add_config_args, config_from_args
+from tessera.scheduler.server import SchedulerServerConfig, run_scheduler
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m scheduler",
+        prog="python -m tessera.scheduler",
         description="Tessera scheduler: batches the gateways' requests onto its executor",
     )
     add_config_args(parser, SchedulerServerConfig)

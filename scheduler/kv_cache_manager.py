@@ -11,8 +11,8 @@ before the next one is taken.
 
 from __future__ import annotations
 
-from scheduler.block_pool import BlockPool
-from scheduler.request import Request
+from tessera.scheduler.block_pool import BlockPool
+from tessera.scheduler.request import Request
 
 
 class KVCacheManager:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from executor.plan import TokenLogprobs
+from tessera.executor.plan import TokenLogprobs
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from scheduler.request import Request
+from tessera.scheduler.request import Request
 
 
 class SchedulingPolicy(Protocol):

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from proto.tessera.v1 import engine_pb2
-from scheduler.executor_link import ExecutorError
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.scheduler.executor_link import ExecutorError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from executor.plan import SamplingOptions, TokenLogprobs
+from tessera.executor.plan import SamplingOptions, TokenLogprobs
 
 MAX_CACHE_SALT_BYTES = 256
 

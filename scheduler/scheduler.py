@@ -34,19 +34,19 @@ from bisect import insort
 from collections import Counter
 from collections.abc import Iterable
 
-from executor.plan import (
+from tessera.executor.plan import (
     CachedRequestData,
     NewRequestData,
     StepPlan,
     StepResult,
     TokenLogprobs,
 )
-from scheduler.block_pool import BlockPool
-from scheduler.config import SchedulerConfig
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.outputs import RequestOutput
-from scheduler.policy import make_policy
-from scheduler.request import Request, RequestStatus
+from tessera.scheduler.block_pool import BlockPool
+from tessera.scheduler.config import SchedulerConfig
+from tessera.scheduler.kv_cache_manager import KVCacheManager
+from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.policy import make_policy
+from tessera.scheduler.request import Request, RequestStatus
 
 # Tokens of one request that steps in flight may sample before the scheduler sees
 # them: one per plan in flight, and the loop keeps at most two in flight (one running,

@@ -5,7 +5,7 @@
 
 The scheduler binds a ROUTER for the gateways (``gateway_address``) and a PAIR for its
 executor (``executor_address``, a private ``ipc://`` path by default), then starts the
-executor as its child process (``python -m executor``), which exits with it. It waits
+executor as its child process (``python -m tessera.executor``), which exits with it. It waits
 for ``ExecutorReady`` and sizes its block pool from it. Then the loop:
 
     recv_requests -> finish_step -> process_result -> schedule -> start_step -> send_outputs
@@ -63,11 +63,11 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from executor.curve import ServerKeys, check_link, check_pair
-from executor.plan import SamplingOptions, StepPlan, StepResult
-from executor.process import exit_with_parent, setup_logging
-from executor.server import ExecutorServerConfig
-from executor.wire import (
+from tessera.executor.curve import ServerKeys, check_link, check_pair
+from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
+from tessera.executor.process import exit_with_parent, setup_logging
+from tessera.executor.server import ExecutorServerConfig
+from tessera.executor.wire import (
     WireError,
     decode,
     encode,
@@ -75,9 +75,9 @@ from executor.wire import (
     sampling_from_pb,
     stop_from_pb,
 )
-from proto.tessera.v1 import engine_pb2
-from scheduler.config import SchedulerConfig
-from scheduler.executor_link import (
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.scheduler.config import SchedulerConfig
+from tessera.scheduler.executor_link import (
     ExecutorError,
     ExecutorLink,
     ExecutorLost,
@@ -85,10 +85,10 @@ from scheduler.executor_link import (
     StepFailed,
     bind,
 )
-from scheduler.outputs import RequestOutput
-from scheduler.recovery import EngineState, Recovery
-from scheduler.request import Request, check_cache_salt
-from scheduler.scheduler import Scheduler
+from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.recovery import EngineState, Recovery
+from tessera.scheduler.request import Request, check_cache_salt
+from tessera.scheduler.scheduler import Scheduler
 
 __all__ = [
     "ExecutorError",

@@ -1,11 +1,11 @@
-"""``python -m services``: run one gateway process (flags or TESSERA_* variables)."""
+"""``python -m tessera.services``: run one gateway process (flags or TESSERA_* variables)."""
 
 import argparse
 
-from executor.cli_args import add_config_args, config_from_args
-from services.gateway import GatewayConfig, run_gateway
+from tessera.executor.cli_args import add_config_args, config_from_args
+from tessera.services.gateway import GatewayConfig, run_gateway
 
-parser = argparse.ArgumentParser(prog="python -m services", description="Tessera gRPC gateway")
+parser = argparse.ArgumentParser(prog="python -m tessera.services", description="Tessera gRPC gateway")
 add_config_args(parser, GatewayConfig)
 args = parser.parse_args()
 try:

@@ -39,16 +39,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from executor.plan import SamplingOptions, TokenLogprobs
-from executor.wire import logprobs_from_pb, sampling_to_pb
-from proto.tessera.v1 import engine_pb2
-from scheduler.request import check_cache_salt
-from services.engine_client import EngineClient, EngineUnavailable
-from services.metrics import Metrics
+from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.executor.wire import logprobs_from_pb, sampling_to_pb
+from tessera.proto.tessera.v1 import engine_pb2
 from tessera.sampling_params import SamplingParams
-from tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable
-from tokenizer_svc.text_stream import TextStream
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.scheduler.request import check_cache_salt
+from tessera.services.engine_client import EngineClient, EngineUnavailable
+from tessera.services.metrics import Metrics
+from tessera.tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable
+from tessera.tokenizer_svc.text_stream import TextStream
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16

@@ -32,8 +32,8 @@ import zmq
 import zmq.asyncio
 from google.protobuf.message import DecodeError
 
-from executor.curve import ClientKeys
-from proto.tessera.v1 import engine_pb2
+from tessera.executor.curve import ClientKeys
+from tessera.proto.tessera.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 

@@ -38,13 +38,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from executor.curve import check_link, check_pair, client_keys
-from executor.plan import TokenLogprobs
-from executor.process import exit_with_parent, install_uvloop, setup_logging
-from executor.registry import resolve_model
-from proto.guard import DecodeGuard
-from proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
-from services.core import (
+from tessera.executor.curve import check_link, check_pair, client_keys
+from tessera.executor.plan import TokenLogprobs
+from tessera.executor.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.executor.registry import resolve_model
+from tessera.proto.guard import DecodeGuard
+from tessera.proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
+from tessera.sampling_params import SamplingParams
+from tessera.services.core import (
     ChatPrompt,
     Delta,
     ErrorKind,
@@ -56,13 +57,12 @@ from services.core import (
     TokenPrompt,
     sampling_params,
 )
-from services.engine_client import EngineClient, EngineUnavailable
-from services.metrics import Metrics
-from services.openai_api import HttpServer, create_app
-from services.security import HEALTH_SERVICE_PREFIX, BearerToken, TlsFiles
-from tessera.sampling_params import SamplingParams
-from tokenizer_svc.client import TokenizerClient
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.services.engine_client import EngineClient, EngineUnavailable
+from tessera.services.metrics import Metrics
+from tessera.services.openai_api import HttpServer, create_app
+from tessera.services.security import HEALTH_SERVICE_PREFIX, BearerToken, TlsFiles
+from tessera.tokenizer_svc.client import TokenizerClient
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

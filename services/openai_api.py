@@ -39,9 +39,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from executor.plan import TokenLogprobs
-from proto.tessera.v1 import engine_pb2
-from services.core import (
+from tessera.executor.plan import TokenLogprobs
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.services.core import (
     Delta,
     ErrorKind,
     Generation,
@@ -51,8 +51,8 @@ from services.core import (
     TextPrompt,
     TokenPrompt,
 )
-from services.metrics import CONTENT_TYPE, Metrics
-from services.openai_protocol import (
+from tessera.services.metrics import CONTENT_TYPE, Metrics
+from tessera.services.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     TokenSpeller,
@@ -61,7 +61,7 @@ from services.openai_protocol import (
     error_body,
     usage_body,
 )
-from services.security import OPEN_HTTP_PATHS, BearerToken
+from tessera.services.security import OPEN_HTTP_PATHS, BearerToken
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from executor.plan import TokenLogprobs
-from services.core import (
+from tessera.executor.plan import TokenLogprobs
+from tessera.sampling_params import SamplingParams
+from tessera.services.core import (
     ChatPrompt,
     ErrorKind,
     GenerationRequest,
@@ -27,8 +28,7 @@ from services.core import (
     TokenPrompt,
     sampling_params,
 )
-from tessera.sampling_params import SamplingParams
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 MAX_PROMPTS = 64  # prompts in one completions request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

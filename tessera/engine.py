@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from executor.model_runner import ModelRunner, Step
-from executor.plan import StepPlan, StepResult, TokenLogprobs
-from scheduler.config import SchedulerConfig
-from scheduler.request import Request, StopConditions
-from scheduler.scheduler import Scheduler
+from tessera.executor.model_runner import ModelRunner, Step
+from tessera.executor.plan import StepPlan, StepResult, TokenLogprobs
 from tessera.sampling_params import SamplingParams
-from tokenizer_svc.text_stream import TextStream
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.scheduler.config import SchedulerConfig
+from tessera.scheduler.request import Request, StopConditions
+from tessera.scheduler.scheduler import Scheduler
+from tessera.tokenizer_svc.text_stream import TextStream
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from executor.config import ExecutorConfig
-from executor.model_runner import ModelRunner
-from scheduler.config import SchedulerConfig
 from tessera.engine import Engine, SequenceState
+from tessera.executor.config import ExecutorConfig
+from tessera.executor.model_runner import ModelRunner
 from tessera.outputs import CompletionOutput, RequestOutput
 from tessera.sampling_params import SamplingParams
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.scheduler.config import SchedulerConfig
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from executor.plan import SamplingOptions
+from tessera.executor.plan import SamplingOptions
 
 MAX_LOGPROBS = 20
 

@@ -33,8 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from executor.cli_args import env_name
-from executor.process import setup_logging
+from tessera.executor.cli_args import env_name
+from tessera.executor.process import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ MAX_RESTARTS = 5
 
 
 def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[str]]]:
-    py = [sys.executable, "-m"]
+    py = [sys.executable, "-P", "-m"]
     tok_addrs = [f"unix:{run_dir}/tokenizer-{i}.sock" for i in range(config.num_tokenizers)]
     sched_addr = f"ipc://{run_dir}/scheduler.sock"
     engine_flags = [
@@ -157,16 +157,16 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
     if config.kv_cache_memory is not None:
         engine_flags += ["--kv-cache-memory", str(config.kv_cache_memory)]
     commands = [
-        (f"tokenizer-{i}", py + ["tokenizer_svc", "--model", config.model, "--address", addr])
+        (f"tokenizer-{i}", py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])
         for i, addr in enumerate(tok_addrs)
     ]
-    commands.append(("scheduler", py + ["scheduler"] + engine_flags))
+    commands.append(("scheduler", py + ["tessera.scheduler"] + engine_flags))
     commands.append(
         (
             "gateway",
             py
             + [
-                "services",
+                "tessera.services",
                 "--model",
                 config.model,
                 "--host",

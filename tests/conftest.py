@@ -6,13 +6,18 @@ it dequantizes and un-permutes the same file independently of our loader.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from tests.proctable import cmdline, descendants, pid_alive
 
 # Triton kernels (kernels/) run natively on a CUDA device and under Triton's interpreter
 # elsewhere. triton.jit reads TRITON_INTERPRET when a kernel module is imported, so it
@@ -85,3 +90,22 @@ def hf_dir(tmp_path_factory, plain_reference, hf_tokenizer) -> Path:
     plain_reference.save_pretrained(directory)
     hf_tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """Fails the run if a process a test started outlives the session (a server tree left
+    running after pytest exits once held ports and memory for most of an hour); whatever
+    is found is killed, so the next run starts clean."""
+    yield
+    deadline = time.monotonic() + 15.0
+    while True:
+        left = [pid for pid in descendants(os.getpid()) if pid_alive(pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    found = {pid: cmdline(pid) for pid in left}
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not found, f"processes left by the tests: {found}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from executor.cli_args import add_config_args, config_from_args
+from tessera.executor.cli_args import add_config_args, config_from_args
 from tessera.serve import ServeConfig, child_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def module_flags(module: str) -> set[str]:
     out = subprocess.run(
-        [sys.executable, "-m", *module.split(), "--help"],
+        [sys.executable, "-P", "-m", *module.split(), "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -37,13 +37,14 @@ def compose() -> dict:
 
 
 def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
-    launched = {cmd[2] for _, cmd in child_commands(ServeConfig(), "/run")}
-    assert launched == {"tokenizer_svc", "scheduler", "services"}
+    launched = {cmd[cmd.index("-m") + 1] for _, cmd in child_commands(ServeConfig(), "/run")}
+    assert launched == {"tessera.tokenizer_svc", "tessera.scheduler", "tessera.services"}
     services = compose["services"]
     run = {name: svc["command"] for name, svc in services.items()}
     # compose runs the executor as its own service (the launcher's scheduler starts
     # it), and makes the ZeroMQ links' CURVE keys once
-    assert {cmd[0] for cmd in run.values()} == launched | {"executor", "executor.curve"}
+    assert {cmd[0] for cmd in run.values()} == (
+        launched | {"tessera.executor", "tessera.executor.curve"})
     assert "--no-start-executor" in run["scheduler"]
     assert run["executor"][run["executor"].index("--executor-address") + 1] == (
         run["scheduler"][run["scheduler"].index("--executor-address") + 1].replace(
@@ -57,9 +58,9 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
 def test_compose_links_beyond_loopback_have_curve_keys(compose):
     """Every engine command builds its config: the ZeroMQ links bound or reached on the
     compose network carry CURVE keys, all of them made by the keys service."""
-    from executor.server import ExecutorServerConfig
-    from scheduler.server import SchedulerServerConfig
-    from services.gateway import GatewayConfig
+    from tessera.executor.server import ExecutorServerConfig
+    from tessera.scheduler.server import SchedulerServerConfig
+    from tessera.services.gateway import GatewayConfig
 
     services = compose["services"]
     made = services["keys"]["command"]

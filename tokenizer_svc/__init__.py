@@ -3,8 +3,8 @@
 Stateless over Hugging Face `tokenizers`; imports no torch.
 """
 
-from tokenizer_svc.chat_template import ChatTemplateError
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.tokenizer_svc.chat_template import ChatTemplateError
+from tessera.tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer"]

@@ -1,4 +1,4 @@
-"""`python -m tokenizer_svc`: run one tokenizer replica.
+"""`python -m tessera.tokenizer_svc`: run one tokenizer replica.
 
 Every setting is a flag or an environment variable; a flag on the command line wins
 over the variable, which wins over the default:
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizer_svc.server import TokenizerServerConfig, run_tokenizer_server
+from tessera.tokenizer_svc.server import TokenizerServerConfig, run_tokenizer_server
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,7 +98,7 @@ TOKENIZER_FLAGS = (
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tokenizer_svc", description="Run one Tessera tokenizer replica."
+        prog="python -m tessera.tokenizer_svc", description="Run one Tessera tokenizer replica."
     )
     add_env_flags(parser, TOKENIZER_FLAGS, os.environ if environ is None else environ)
     args = parser.parse_args(argv)

@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
-from proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from tokenizer_svc.server import (
+from tessera.proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tessera.tokenizer_svc.server import (
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
     ChatInput,

@@ -17,7 +17,7 @@ that complete it arrive. When text goes out, the n tokens become the next p.
 
 from __future__ import annotations
 
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 # Prompt tokens kept as context for the first output token, as vLLM and TGI do.
 _PROMPT_CONTEXT = 5

@@ -29,12 +29,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from executor.process import exit_with_parent, install_uvloop, setup_logging
-from executor.registry import DEFAULT_MODEL, resolve_model
-from proto.guard import DecodeGuard
-from proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tokenizer_svc.chat_template import ChatTemplateError
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.executor.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.executor.registry import DEFAULT_MODEL, resolve_model
+from tessera.proto.guard import DecodeGuard
+from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tessera.tokenizer_svc.chat_template import ChatTemplateError
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

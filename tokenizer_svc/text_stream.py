@@ -13,8 +13,8 @@ several tokens never leaks to the client:
 
 from __future__ import annotations
 
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 
 class TextStream:

@@ -14,9 +14,9 @@ from typing import Any
 
 import tokenizers
 
-from executor.registry import ModelSource
-from tokenizer_svc.chat_template import ChatTemplateError, render_chat_template
-from tokenizer_svc.gguf_vocab import build_tokenizer, read_tokenizer_metadata
+from tessera.executor.registry import ModelSource
+from tessera.tokenizer_svc.chat_template import ChatTemplateError, render_chat_template
+from tessera.tokenizer_svc.gguf_vocab import build_tokenizer, read_tokenizer_metadata
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _GGUF_SPECIAL_IDS = {

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from executor.registry import ModelSource
-from executor.weights.gguf import load_gguf
-from executor.weights.hf import load_hf
-from executor.weights.layout import ROPE_FREQS, LoadedModel, expected_shapes, num_parameters
-from executor.weights.random import load_random
+from tessera.executor.registry import ModelSource
+from tessera.executor.weights.gguf import load_gguf
+from tessera.executor.weights.hf import load_hf
+from tessera.executor.weights.layout import ROPE_FREQS, LoadedModel, expected_shapes, num_parameters
+from tessera.executor.weights.random import load_random
 
 __all__ = ["ROPE_FREQS", "LoadedModel", "expected_shapes", "load_weights", "num_parameters"]
 

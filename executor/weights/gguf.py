@@ -18,9 +18,9 @@ import torch
 from gguf import GGUFReader, ReaderTensor
 from tqdm import tqdm
 
-from executor.model_config import ModelConfig
-from executor.weights.dequant import dequantize
-from executor.weights.layout import ROPE_FREQS, LoadedModel, check_tensors
+from tessera.executor.model_config import ModelConfig
+from tessera.executor.weights.dequant import dequantize
+from tessera.executor.weights.layout import ROPE_FREQS, LoadedModel, check_tensors
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 _REQUIRED = object()

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from executor.model_config import ModelConfig
-from executor.weights.layout import LoadedModel, check_tensors
+from tessera.executor.model_config import ModelConfig
+from tessera.executor.weights.layout import LoadedModel, check_tensors
 
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

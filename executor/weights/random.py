@@ -13,8 +13,8 @@ import zlib
 import torch
 from tqdm import tqdm
 
-from executor.registry import random_config
-from executor.weights.layout import LoadedModel, expected_shapes
+from tessera.executor.registry import random_config
+from tessera.executor.weights.layout import LoadedModel, expected_shapes
 
 INIT_STD = 0.02  # the std transformers initializes these models with; keeps activations finite
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from executor import cpu_attention
+from tessera.executor import cpu_attention
 from tests.executor.test_torch_attention import _reference, _step
 
 
@@ -86,8 +86,8 @@ def test_bad_inputs_are_refused():
 
 
 def test_the_cpu_engine_decodes_through_it():
-    from executor.config import ExecutorConfig
-    from executor.model_runner import ModelRunner
+    from tessera.executor.config import ExecutorConfig
+    from tessera.executor.model_runner import ModelRunner
 
     runner = ModelRunner(ExecutorConfig(model="random:smollm2-135m", device="cpu", num_kv_blocks=8))
     assert runner.attention.fused_decode

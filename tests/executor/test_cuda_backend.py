@@ -94,7 +94,7 @@ def test_served_with_async_scheduling_matches_in_process(tmp_path):
     Eight concurrent greedy streams must match the in-process engine's tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from proto.tessera.v1 import generate_pb2 as pb
+    from tessera.proto.tessera.v1 import generate_pb2 as pb
     from tests.services.launch import Server
 
     ref = _run("float32", "triton", graphs=True)

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from executor.plan import NewRequestData, SamplingOptions, StepPlan, StepResult
-from executor.server import Executor
-from executor.wire import decode, encode, plan_to_pb
-from proto.tessera.v1 import engine_pb2
+from tessera.executor.plan import NewRequestData, SamplingOptions, StepPlan, StepResult
+from tessera.executor.server import Executor
+from tessera.executor.wire import decode, encode, plan_to_pb
+from tessera.proto.tessera.v1 import engine_pb2
 
 
 class FakeRunner:

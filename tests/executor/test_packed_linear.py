@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executor.model import _packed_linear, onednn_linear_available, pack_weight
+from tessera.executor.model import _packed_linear, onednn_linear_available, pack_weight
 
 pytestmark = pytest.mark.skipif(
     not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
@@ -31,9 +31,9 @@ def test_packed_matmul_is_float32_accurate(rows, bias):
 def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
     from dataclasses import replace
 
-    from executor.model import LlamaForCausalLM
-    from executor.registry import random_config
-    from executor.weights.layout import expected_shapes
+    from tessera.executor.model import LlamaForCausalLM
+    from tessera.executor.registry import random_config
+    from tessera.executor.weights.layout import expected_shapes
 
     c = replace(
         random_config("smollm2-135m"),  # tied embeddings

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from executor.config import ExecutorConfig
-from executor.model_runner import ModelRunner
-from executor.plan import SamplingOptions
-from scheduler import Request, Scheduler, SchedulerConfig, StopConditions
+from tessera.executor.config import ExecutorConfig
+from tessera.executor.model_runner import ModelRunner
+from tessera.executor.plan import SamplingOptions
+from tessera.scheduler import Request, Scheduler, SchedulerConfig, StopConditions
 
 CUDA = torch.cuda.is_available()
 VOCAB = 96

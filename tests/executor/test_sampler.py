@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from executor.plan import SamplingOptions, TokenLogprobs
-from executor.sampler import Sampler, SamplingBatch, process_logits, stream_seed
+from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.executor.sampler import Sampler, SamplingBatch, process_logits, stream_seed
 
 NEG_INF = float("-inf")
 

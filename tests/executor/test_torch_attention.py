@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor.attention import (
+from tessera.executor.attention import (
     DECODE_GROUP_MAX_BLOCKS,
     TorchAttentionBackend,
     build_attention_metadata,
 )
-from kernels.attention_reference import paged_prefill_attention_ref
+from tessera.kernels.attention_reference import paged_prefill_attention_ref
 
 
 def _step(seed: int, block_size: int, h_kv: int, group: int, d: int, seqs):

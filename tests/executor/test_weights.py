@@ -15,12 +15,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from executor.model_config import ModelConfig
-from executor.registry import RANDOM_SHAPES, random_config, resolve_model, smollm2_gguf_path
-from executor.weights import ROPE_FREQS, expected_shapes, load_weights, num_parameters
-from executor.weights.dequant import DEQUANTIZERS, UnsupportedTensorType, dequantize
-from executor.weights.gguf import _unpermute_rotary
-from executor.weights.random import _random_tensor
+from tessera.executor.model_config import ModelConfig
+from tessera.executor.registry import RANDOM_SHAPES, random_config, resolve_model, smollm2_gguf_path
+from tessera.executor.weights import ROPE_FREQS, expected_shapes, load_weights, num_parameters
+from tessera.executor.weights.dequant import DEQUANTIZERS, UnsupportedTensorType, dequantize
+from tessera.executor.weights.gguf import _unpermute_rotary
+from tessera.executor.weights.random import _random_tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 
@@ -263,7 +263,7 @@ def test_hf_unknown_architecture_is_named(tmp_path: Path, hf_dir: Path):
 
 
 def test_hf_rope_settings_old_and_transformers5_layouts(tmp_path: Path):
-    from executor.weights.hf import hf_config
+    from tessera.executor.weights.hf import hf_config
 
     llama3 = {
         "rope_type": "llama3",
@@ -291,7 +291,7 @@ def test_hf_rope_settings_old_and_transformers5_layouts(tmp_path: Path):
 
 
 def test_hf_qwen2_has_attention_bias_and_mistral_sliding_window_is_refused(tmp_path: Path):
-    from executor.weights.hf import hf_config
+    from tessera.executor.weights.hf import hf_config
 
     qwen = hf_config(_write_config(tmp_path / "q", architectures=["Qwen2ForCausalLM"]), "q")
     assert qwen.architecture == "qwen2" and qwen.attention_bias

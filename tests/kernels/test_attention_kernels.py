@@ -16,13 +16,13 @@ import zlib
 import pytest
 import torch
 
-from kernels.attention_reference import (
+from tessera.kernels.attention_reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     write_kv_ref,
 )
-from kernels.kv_cache import write_kv
-from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from tessera.kernels.kv_cache import write_kv
+from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -447,7 +447,7 @@ def test_step_sizes_do_not_trigger_compiles(gen):
     """Token counts, sequence counts, block-table widths and split counts change every
     serving step; none of them may select a new compiled variant (Triton specialises
     integers on == 1 and % 16 unless told not to)."""
-    from kernels.paged_attention import _decode_kernel, _prefill_kernel
+    from tessera.kernels.paged_attention import _decode_kernel, _prefill_kernel
 
     h_kv, group, d, block_size, dtype = 4, 4, 128, 16, torch.bfloat16
     seen = {}
@@ -529,7 +529,7 @@ def test_decode_and_write_kv_capture_in_cuda_graph(gen):
 
 def test_int64_pool_offsets(gen, monkeypatch):
     """The 64-bit offset path (pools past 2**31 elements) computes the same thing."""
-    import kernels.paged_attention as pa
+    import tessera.kernels.paged_attention as pa
 
     ctx = [45, 1]
     k_cache, v_cache, table = make_pool(gen, ctx, 16, 2, 64, torch.float32)

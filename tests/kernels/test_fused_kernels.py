@@ -17,15 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executor import sampler as torch_sampler
-from executor.model import RotaryEmbedding, rope_inv_freq
-from executor.model import rms_norm as model_rms_norm
-from executor.model_config import ModelConfig
-from executor.plan import SamplingOptions
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.rotary import apply_rotary_, apply_rotary_ref, build_cos_sin_cache
-from kernels.sampling import (
+from tessera.executor import sampler as torch_sampler
+from tessera.executor.model import RotaryEmbedding, rope_inv_freq
+from tessera.executor.model import rms_norm as model_rms_norm
+from tessera.executor.model_config import ModelConfig
+from tessera.executor.plan import SamplingOptions
+from tessera.kernels.activation import silu_and_mul, silu_and_mul_ref
+from tessera.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from tessera.kernels.rotary import apply_rotary_, apply_rotary_ref, build_cos_sin_cache
+from tessera.kernels.sampling import (
     SamplingTensors,
     draw,
     keep_threshold,

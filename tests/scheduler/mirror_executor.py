@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from executor.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
-from scheduler import Scheduler
+from tessera.executor.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
+from tessera.scheduler import Scheduler
 
 # (request_id, all token ids so far) -> the next token
 Sampler = Callable[[str, list[int]], int]

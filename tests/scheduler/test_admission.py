@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from executor.plan import SamplingOptions
-from executor.wire import sampling_to_pb
-from proto.tessera.v1 import engine_pb2 as pb
-from scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.executor.plan import SamplingOptions
+from tessera.executor.wire import sampling_to_pb
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
 from tests.scheduler.mirror_executor import InstantLink
 from tests.scheduler.test_server_inputs import INFO
 

@@ -16,8 +16,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from executor.plan import SamplingOptions
-from scheduler import BlockPool, KVCacheManager, Request, StopConditions
+from tessera.executor.plan import SamplingOptions
+from tessera.scheduler import BlockPool, KVCacheManager, Request, StopConditions
 
 
 def make_request(request_id: str = "r") -> Request:

@@ -3,9 +3,9 @@ against a scripted executor link and a hand-moved clock."""
 
 from __future__ import annotations
 
-from proto.tessera.v1 import engine_pb2
-from scheduler.executor_link import ExecutorError
-from scheduler.recovery import EngineState, Recovery
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.scheduler.executor_link import ExecutorError
+from tessera.scheduler.recovery import EngineState, Recovery
 
 INFO = engine_pb2.EngineInfo(model="m", max_model_len=64, vocab_size=11, block_size=4,
                              num_kv_blocks=8)  # fmt: skip

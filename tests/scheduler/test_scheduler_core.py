@@ -7,8 +7,14 @@ import sys
 
 import pytest
 
-from executor.plan import NewRequestData, SamplingOptions, StepPlan, StepResult, TokenLogprobs
-from scheduler import (
+from tessera.executor.plan import (
+    NewRequestData,
+    SamplingOptions,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
+from tessera.scheduler import (
     Request,
     RequestOutput,
     RequestRejected,

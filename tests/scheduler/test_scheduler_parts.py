@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from executor.plan import SamplingOptions, TokenLogprobs
-from scheduler import (
+from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.scheduler import (
     FCFSPolicy,
     PriorityPolicy,
     Request,

@@ -13,8 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from executor.plan import SamplingOptions, StepPlan, StepResult
-from scheduler import (
+from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
+from tessera.scheduler import (
     Request,
     RequestOutput,
     RequestRejected,

@@ -18,8 +18,8 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.tessera.v1 import engine_pb2 as pb
-from scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
 from tests.scheduler.mirror_executor import InstantLink
 
 INFO = pb.EngineInfo(model="fake", max_model_len=48, vocab_size=11, block_size=4,
@@ -139,7 +139,7 @@ def test_no_message_raises_out_of_the_loop(ctx, inputs):
     config = SchedulerServerConfig(block_size=INFO.block_size, max_waiting=8)
     server = SchedulerServer(config, INFO, executor, router, threading.Event())
     failures = Failures()
-    logger = logging.getLogger("scheduler.server")
+    logger = logging.getLogger("tessera.scheduler.server")
     logger.addHandler(failures)
     try:
         for gateway, data, num_steps in inputs:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tests.proctable import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,17 +62,21 @@ class Server:
         ]
         for k, v in flags.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
-        # The repository first, then whatever the caller's path had (site dirs added by
-        # PYTHONPATH, as on the GPU machine, must reach the children too).
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = dict(os.environ, PYTHONPATH=path, TESSERA_LOG_LEVEL="WARNING", **(env or {}))
+        # The package is installed (editable in .venv): the repository itself is never put
+        # on the path, where its folders would shadow packages of the same names.
+        env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tessera", "serve", *args], cwd=ROOT, env=env
+            [sys.executable, "-P", "-m", "tessera", "serve", *args], cwd=ROOT, env=env
         )
         self.target = f"127.0.0.1:{self.port}"
         self.credentials = grpc.ssl_channel_credentials(tls_ca) if tls_ca else None
         self.http_url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.http_port}"
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            # the caller gets no Server to stop: leave no process tree behind
+            self.stop()
+            raise
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:

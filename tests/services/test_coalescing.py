@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from proto.tessera.v1 import engine_pb2
-from services.core import Generation
+from tessera.proto.tessera.v1 import engine_pb2
 from tessera.sampling_params import SamplingParams
+from tessera.services.core import Generation
 
 
 def output(rid: str, token: int, finished: bool = False) -> engine_pb2.SequenceOutput:

@@ -17,8 +17,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from proto.tessera.v1 import engine_pb2 as pb
-from services.engine_client import EngineClient, EngineUnavailable
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+from tessera.services.engine_client import EngineClient, EngineUnavailable
 
 PULSE = 0.05
 SCHEDULER_TIMEOUT = 1.0

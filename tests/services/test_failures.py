@@ -26,9 +26,9 @@ import pytest
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from executor.server import FAIL_START_ENV
-from proto.tessera.v1 import generate_pb2 as pb
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from tessera.executor.server import FAIL_START_ENV
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tests.proctable import child_pids, cmdline, descendants, pid_alive, wait_gone
 from tests.services.launch import PROMPTS, Server
 from tests.services_internal.test_engine_processes import Gateway
@@ -172,7 +172,7 @@ def roles(server: Server) -> dict[str, list[int]]:
     for pid in descendants(server.proc.pid):
         line = cmdline(pid)
         names = ("tokenizer_svc", "scheduler", "executor", "services")
-        role = next((r for r in names if f"-m {r}" in line), line)
+        role = next((r for r in names if f"-m tessera.{r} " in line + " "), line)
         found.setdefault(role, []).append(pid)
     return {role: sorted(pids) for role, pids in found.items()}
 

@@ -30,13 +30,13 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.guard import DecodeGuard
-from proto.tessera.v1 import generate_pb2 as pb
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
-from proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.core import MAX_LOGIT_BIAS_TOKENS, MAX_N, MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from tessera.proto.guard import DecodeGuard
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tessera.services.core import MAX_LOGIT_BIAS_TOKENS, MAX_N, MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from tessera.tokenizer_svc.server import TokenizerServicer, load_tokenizer
 from tests.services.launch import Server
-from tokenizer_svc.server import TokenizerServicer, load_tokenizer
 
 MODEL = "smollm2-135m-instruct"
 VOCAB = 49152
@@ -407,7 +407,7 @@ def test_the_tokenizer_service_logs_what_it_refuses(caplog):
             finally:
                 await server.stop(0)
 
-    with caplog.at_level(logging.WARNING, logger="proto.guard"):
+    with caplog.at_level(logging.WARNING, logger="tessera.proto.guard"):
         asyncio.run(main())
     assert "rejected an undecodable request to /tessera.internal.v1.TokenizerService/Tokenize" in (
         caplog.text

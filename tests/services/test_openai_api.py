@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2 as pb
 from tests.services.launch import Server
 
 KEY = "test-key-7f3a"

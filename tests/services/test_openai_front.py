@@ -12,11 +12,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from proto.tessera.v1 import engine_pb2
-from services.core import ServingCore
-from services.engine_client import EngineUnavailable
-from services.metrics import Metrics
-from services.openai_api import create_app
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.services.core import ServingCore
+from tessera.services.engine_client import EngineUnavailable
+from tessera.services.metrics import Metrics
+from tessera.services.openai_api import create_app
 
 INFO = engine_pb2.EngineInfo(
     model="fake", max_model_len=64, vocab_size=100, block_size=16, num_kv_blocks=8,

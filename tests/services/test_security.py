@@ -35,15 +35,15 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from executor.curve import is_local
-from proto.tessera.v1 import engine_pb2
-from proto.tessera.v1 import generate_pb2 as pb
-from scheduler.request import MAX_CACHE_SALT_BYTES
-from scheduler.server import SchedulerServer, SchedulerServerConfig
-from services.core import GenerationRequest, ServingCore, TokenPrompt, sampling_params
-from services.metrics import Metrics
-from services.openai_api import create_app
-from services.security import BearerToken
+from tessera.executor.curve import is_local
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.scheduler.request import MAX_CACHE_SALT_BYTES
+from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.services.core import GenerationRequest, ServingCore, TokenPrompt, sampling_params
+from tessera.services.metrics import Metrics
+from tessera.services.openai_api import create_app
+from tessera.services.security import BearerToken
 from tests.proctable import descendants
 from tests.scheduler.mirror_executor import InstantLink
 from tests.services.launch import ROOT, Server, free_port
@@ -193,14 +193,14 @@ def mtls_gateway(server, pki):
     port, http_port = free_port(), free_port()
     tokenizers = ",".join(f"unix:{server.run_dir}/tokenizer-{i}.sock" for i in range(2))
     cmd = [
-        sys.executable, "-m", "services", "--model", MODEL,
+        sys.executable, "-P", "-m", "tessera.services", "--model", MODEL,
         "--port", str(port), "--http-port", str(http_port),
         "--scheduler-address", f"ipc://{server.run_dir}/scheduler.sock",
         "--tokenizer-addresses", tokenizers, "--grace-seconds", "5",
         "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
         "--tls-client-ca-file", str(pki.ca),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TESSERA_LOG_LEVEL="WARNING")
+    env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING")
     env.pop("TESSERA_API_KEY", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     gw = Gateway(proc, f"127.0.0.1:{port}", f"https://127.0.0.1:{http_port}")
@@ -352,7 +352,7 @@ def test_grpc_over_tls_and_not_in_plaintext(server, pki):
 
 
 def pb_stub(channel: grpc.Channel):
-    from proto.tessera.v1 import generate_pb2_grpc
+    from tessera.proto.tessera.v1 import generate_pb2_grpc
 
     return generate_pb2_grpc.TesseraStub(channel)
 
@@ -390,12 +390,12 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(mtls_gateway, 
 
 
 def test_bad_tls_files_stop_the_gateway_with_a_message(pki, tmp_path):
-    cmd = [sys.executable, "-m", "services", "--tls-cert-file", str(pki.server_cert),
+    cmd = [sys.executable, "-P", "-m", "tessera.services", "--tls-cert-file", str(pki.server_cert),
            "--tls-key-file", str(pki.client_key), "--scheduler-address", "ipc:///nonexistent"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       env=dict(os.environ))
     assert r.returncode != 0 and "cannot use the TLS certificate" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "services", "--tls-client-ca-file", str(pki.ca)],
+    r = subprocess.run([sys.executable, "-P", "-m", "tessera.services", "--tls-client-ca-file", str(pki.ca)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs tls_cert_file" in r.stderr
 

@@ -12,9 +12,9 @@ import time
 import grpc
 import pytest
 
-from proto.tessera.v1 import generate_pb2 as pb
-from proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera import LLM, SamplingParams
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tests.proctable import cmdline, descendants, pid_alive
 from tests.services.launch import PROMPTS, Server
 

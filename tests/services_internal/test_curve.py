@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import zmq
 
-from executor.curve import ClientKeys, ServerKeys, is_local, load_key_pair, write_key_pair
-from executor.plan import StepResult
-from executor.server import ExecutorServerConfig
-from executor.wire import decode, encode, plan_from_pb, result_to_pb
-from proto.tessera.v1 import engine_pb2 as pb
-from scheduler.server import SchedulerServerConfig
-from services.engine_client import EngineClient, EngineUnavailable
-from services.gateway import GatewayConfig
+from tessera.executor.curve import ClientKeys, ServerKeys, is_local, load_key_pair, write_key_pair
+from tessera.executor.plan import StepResult
+from tessera.executor.server import ExecutorServerConfig
+from tessera.executor.wire import decode, encode, plan_from_pb, result_to_pb
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+from tessera.scheduler.server import SchedulerServerConfig
+from tessera.services.engine_client import EngineClient, EngineUnavailable
+from tessera.services.gateway import GatewayConfig
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = pb.EngineInfo(model="fake", max_model_len=64, vocab_size=100, block_size=16,
@@ -153,13 +153,13 @@ def engine(keys, tmp_path_factory):
     executor_address = f"tcp://127.0.0.1:{free_port()}"
     log = tmp_path_factory.mktemp("curve-log") / "scheduler.log"
     cmd = [
-        sys.executable, "-m", "scheduler", "--no-start-executor",
+        sys.executable, "-P", "-m", "tessera.scheduler", "--no-start-executor",
         "--gateway-address", gateway_address, "--executor-address", executor_address,
         "--curve-secret-key-file", str(root / "server" / "scheduler.key_secret"),
         "--curve-authorized-keys", str(root / "clients"),
         "--block-size", "16", "--executor-start-timeout", "60",
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO), TESSERA_LOG_LEVEL="INFO")
+    env = dict(os.environ, TESSERA_LOG_LEVEL="INFO")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     ctx = zmq.Context()

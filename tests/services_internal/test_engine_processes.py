@@ -27,8 +27,8 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from executor.cli_args import add_config_args, config_from_args, config_to_argv, env_name
-from executor.plan import (
+from tessera.executor.cli_args import add_config_args, config_from_args, config_to_argv, env_name
+from tessera.executor.plan import (
     CachedRequestData,
     NewRequestData,
     SamplingOptions,
@@ -36,8 +36,8 @@ from executor.plan import (
     StepResult,
     TokenLogprobs,
 )
-from executor.server import ExecutorServerConfig
-from executor.wire import (
+from tessera.executor.server import ExecutorServerConfig
+from tessera.executor.wire import (
     WireError,
     decode,
     encode,
@@ -52,9 +52,9 @@ from executor.wire import (
     stop_from_pb,
     stop_to_pb,
 )
-from proto.tessera.v1 import engine_pb2 as pb
-from scheduler.request import StopConditions
-from scheduler.server import SchedulerServerConfig
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+from tessera.scheduler.request import StopConditions
+from tessera.scheduler.server import SchedulerServerConfig
 from tests.proctable import child_pids, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,7 +231,7 @@ def start_engine(directory: Path, *flags: str) -> Engine:
     log_path = directory / "engine.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "--gateway-address", address, *flags],
+            [sys.executable, "-P", "-m", "tessera.scheduler", "--gateway-address", address, *flags],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -549,7 +549,7 @@ def test_garbage_and_pickles_are_ignored_and_logged(engine, ctx, gateway, tmp_pa
 
 
 def test_a_failing_step_fails_its_requests_and_the_executor_goes_on(reference):
-    from executor.server import Executor
+    from tessera.executor.server import Executor
 
     executor = Executor(reference.runner, to_scheduler=None)
     bad = StepPlan(
@@ -569,7 +569,7 @@ def test_a_failing_step_fails_its_requests_and_the_executor_goes_on(reference):
 
 
 def test_scheduler_loop_fails_the_requests_of_a_failed_step(ctx):
-    from scheduler.server import SchedulerServer, StepFailed
+    from tessera.scheduler.server import SchedulerServer, StepFailed
     from tests.scheduler.mirror_executor import InstantLink
 
     class FlakyExecutor(InstantLink):
@@ -826,8 +826,7 @@ def test_an_executor_started_elsewhere_connects_and_serves(tmp_path, ctx, refere
     executor = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "executor",
+            "-P", "-m", "tessera.executor",
             "--executor-address",
             executor_address,
             "--model",

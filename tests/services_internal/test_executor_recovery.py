@@ -26,10 +26,17 @@ from pathlib import Path
 import pytest
 import zmq
 
-from executor.plan import NewRequestData, SamplingOptions, StepPlan
-from executor.server import FAIL_START_ENV
-from executor.wire import decode, encode, plan_from_pb, plan_to_pb, result_to_pb, sampling_to_pb
-from proto.tessera.v1 import engine_pb2 as pb
+from tessera.executor.plan import NewRequestData, SamplingOptions, StepPlan
+from tessera.executor.server import FAIL_START_ENV
+from tessera.executor.wire import (
+    decode,
+    encode,
+    plan_from_pb,
+    plan_to_pb,
+    result_to_pb,
+    sampling_to_pb,
+)
+from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tests.proctable import child_pids, descendants, pid_alive, wait_gone
 from tests.scheduler.mirror_executor import MirrorExecutor, sample_from_context
 from tests.services_internal.test_engine_processes import Engine, Gateway, Received
@@ -57,7 +64,7 @@ def start_engine(directory: Path, *flags: str, env: dict[str, str] | None = None
     log_path = directory / "engine.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "--gateway-address", address, *flags],
+            [sys.executable, "-P", "-m", "tessera.scheduler", "--gateway-address", address, *flags],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -248,7 +255,7 @@ FAKE_INFO = pb.EngineInfo(model="fake", max_model_len=64, vocab_size=11, block_s
 
 
 class FakeExecutor(threading.Thread):
-    """Connects like ``python -m executor --executor-address``, then runs plans by the
+    """Connects like ``python -m tessera.executor --executor-address``, then runs plans by the
     mirror rule (tokens from tests/scheduler/mirror_executor.py). It can misbehave: a
     pickle before its ExecutorReady, a pickle for the result of step ``pickle_at``, or
     vanish (close its socket unanswered) at step ``vanish_at``."""
@@ -379,7 +386,7 @@ def test_pickles_on_the_executors_socket_are_rejected_and_logged(tmp_path, ctx):
     log_path = tmp_path / "executor.log"
     with open(log_path, "wb") as log:
         executor = subprocess.Popen(
-            [sys.executable, "-m", "executor", "--executor-address", address, "--model", MODEL,
+            [sys.executable, "-P", "-m", "tessera.executor", "--executor-address", address, "--model", MODEL,
              "--device", "cpu", "--num-kv-blocks", "8"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},

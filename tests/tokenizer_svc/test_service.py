@@ -1,4 +1,4 @@
-"""The tokenizer service as real processes: replicas started with `python -m tokenizer_svc`,
+"""The tokenizer service as real processes: replicas started with `python -m tessera.tokenizer_svc`,
 reached through the generated stubs and `TokenizerClient`, compared with the in-process
 `Tokenizer` and transformers' tokenizer of the same GGUF (the outside reference)."""
 
@@ -25,19 +25,24 @@ import tokenizers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from executor.registry import resolve_model
-from proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from tests.proctable import pid_alive
-from tokenizer_svc import Tokenizer
-from tokenizer_svc.__main__ import TOKENIZER_FLAGS, add_env_flags
-from tokenizer_svc.client import (
+from tessera.executor.registry import resolve_model
+from tessera.proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tessera.tokenizer_svc import Tokenizer
+from tessera.tokenizer_svc.__main__ import TOKENIZER_FLAGS, add_env_flags
+from tessera.tokenizer_svc.client import (
     ChatInput,
     TextInput,
     TokenizerClient,
     TokenizerInputError,
     TokenizerUnavailable,
 )
-from tokenizer_svc.server import SERVICE_NAME, ChatTurn, TokenizerServerConfig, tokenize_inputs
+from tessera.tokenizer_svc.server import (
+    SERVICE_NAME,
+    ChatTurn,
+    TokenizerServerConfig,
+    tokenize_inputs,
+)
+from tests.proctable import pid_alive
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 
@@ -104,7 +109,7 @@ class Fleet:
         env: Mapping[str, str] = {},
         grace_seconds: float = 2.0,
     ) -> Replica:
-        args = [sys.executable, "-m", "tokenizer_svc", "--grace-seconds", str(grace_seconds)]
+        args = [sys.executable, "-P", "-m", "tessera.tokenizer_svc", "--grace-seconds", str(grace_seconds)]
         args += ["--address", address] if address is not None else []
         args += ["--model", model] if model is not None else []
         resolved = address or env["TESSERA_TOKENIZER_ADDRESS"]
@@ -457,7 +462,7 @@ def test_replica_exits_when_its_parent_dies(fleet: Fleet, strict_model: Path):
     address = fleet.unix_address("orphan")
     launcher = (
         "import subprocess, sys\n"
-        f"child = subprocess.Popen([sys.executable, '-m', 'tokenizer_svc', '--address', "
+        f"child = subprocess.Popen([sys.executable, '-P', '-m', 'tessera.tokenizer_svc', '--address', "
         f"{address!r}, '--model', {str(strict_model)!r}])\n"
         "print(child.pid, flush=True)\n"
         "child.wait()\n"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from executor.registry import resolve_model
-from tokenizer_svc.text_stream import TextStream
-from tokenizer_svc.tokenizer import Tokenizer
+from tessera.executor.registry import resolve_model
+from tessera.tokenizer_svc.text_stream import TextStream
+from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 CORPUS = [
     "Hello world\n\nBye now. Ça va? 日本語のテキスト 🙂 and more text.",

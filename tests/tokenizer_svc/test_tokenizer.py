@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
-from executor.registry import resolve_model, smollm2_gguf_path
-from tokenizer_svc import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from tessera.executor.registry import resolve_model, smollm2_gguf_path
+from tessera.tokenizer_svc import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 

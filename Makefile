@@ -52,8 +52,13 @@ HTTP_PORT ?= 8000
 serve: install
 	$(PY) -m tessera serve --model $(MODEL) --port $(PORT) --http-port $(HTTP_PORT)
 
+# Everything (CI runs this); test-fast skips the tests marked slow (real processes,
+# whole-model runs) for the inner loop.
 test: install
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=15 tests
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

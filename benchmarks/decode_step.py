@@ -60,7 +60,7 @@ def kv_bytes_per_token(runner) -> int:
 
 
 def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
-    from tessera.executor.plan import NewRequestData, SamplingOptions, StepPlan
+    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
 
     bs = runner.block_size
     per = -(-(ctx + steps + 8) // bs)

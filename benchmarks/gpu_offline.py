@@ -47,7 +47,7 @@ def mixed_workload(n: int, vocab: int, seed: int, inp=(32, 1024), out=(16, 512))
 def hf_model_for(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from tessera.executor.registry import RANDOM_SHAPES, resolve_model
+    from tessera.common.registry import RANDOM_SHAPES, resolve_model
 
     if name.startswith("random:"):
         mc = RANDOM_SHAPES[name.split(":", 1)[1]]
@@ -201,7 +201,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
 
-    from tessera.executor.registry import RANDOM_SHAPES
+    from tessera.common.registry import RANDOM_SHAPES
 
     vocab = (
         RANDOM_SHAPES[args.model.split(":", 1)[1]].vocab_size

@@ -87,7 +87,7 @@ def run_hf_static(args, work, model) -> dict:
 def load_hf_model(args):
     from transformers import AutoModelForCausalLM
 
-    from tessera.executor.registry import resolve_model
+    from tessera.common.registry import resolve_model
 
     src = resolve_model(args.model)
     dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)

@@ -47,7 +47,7 @@ def reference(device: str, num_tokens: int, num_prompts: int):
     """Teacher-forced sequences and HF float32's next-token logprobs after each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tessera.executor.registry import smollm2_gguf_path
+    from tessera.common.registry import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     d = tempfile.mkdtemp()

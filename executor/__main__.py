@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tessera.executor.cli_args import add_config_args, config_from_args
-from tessera.executor.server import ExecutorServerConfig, run_executor
+from tessera.common.cli_args import add_config_args, config_from_args
+from tessera.common.executor_config import ExecutorServerConfig
+from tessera.executor.server import run_executor
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tessera.executor", description="Tessera executor: runs step plans on a device"
+        prog="python -m tessera.executor",
+        description="Tessera executor: runs step plans on a device",
     )
     add_config_args(parser, ExecutorServerConfig)
     args = parser.parse_args(argv)

@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tessera.common.model_config import ModelConfig
 from tessera.executor.attention import TorchAttentionBackend
-from tessera.executor.model_config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

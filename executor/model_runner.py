@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tessera.common.executor_config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
+from tessera.common.model_config import ModelConfig
+from tessera.common.plan import SamplingOptions, StepPlan, StepResult
+from tessera.common.registry import resolve_model
 from tessera.executor import cpu_attention
 from tessera.executor.attention import TorchAttentionBackend
-from tessera.executor.config import DEFAULT_CPU_KV_CACHE_MEMORY, ExecutorConfig
 from tessera.executor.model import LlamaForCausalLM
-from tessera.executor.model_config import ModelConfig
-from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
-from tessera.executor.registry import resolve_model
 from tessera.executor.sampler import (
     LogprobTensors,
     Sampler,
@@ -364,11 +364,12 @@ class ModelRunner:
         step.tokens (still on the device) and returns the logprob tensors, if any row
         asked for logprobs. Seeded draws use Philox keyed by (seed, tokens generated
         so far), so they differ from the CPU sampler's."""
-        from tessera.kernels.sampling import SamplingTensors, sample, sample_with_logprobs
+        from tessera.executor.sampling_batch import sampling_tensors
+        from tessera.kernels.sampling import sample, sample_with_logprobs
 
         states = step.states
         options = [s.sampling for s in states]
-        params = SamplingTensors.from_options(
+        params = sampling_tensors(
             options,
             [len(s.output_token_ids) + len(s.pending) for s in states],
             self.device,

@@ -34,7 +34,7 @@ from itertools import chain
 
 import torch
 
-from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.common.plan import SamplingOptions, TokenLogprobs
 from tessera.executor.transfer import to_device
 
 _MASK64 = (1 << 64) - 1

@@ -35,7 +35,7 @@ that exists, the executor exits with code 1 at start-up, so tests can make a res
 fail (and then succeed, once the file is gone).
 
 Importing this module does not import torch (the model runner is imported when the
-executor starts), so the scheduler can build an ExecutorServerConfig from it.
+executor starts); its process config, ExecutorServerConfig, lives in tessera.common.
 """
 
 from __future__ import annotations
@@ -44,17 +44,16 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 import zmq
 
-from tessera.executor.config import ExecutorConfig
-from tessera.executor.curve import check_link, check_pair, client_keys
-from tessera.executor.process import exit_with_parent, setup_logging
-from tessera.executor.registry import DEFAULT_MODEL
-from tessera.executor.wire import WireError, decode, encode, plan_from_pb, result_to_pb
+from tessera.common.curve import client_keys
+from tessera.common.executor_config import ExecutorServerConfig
+from tessera.common.process import exit_with_parent, setup_logging
+from tessera.common.wire import WireError, decode, encode, plan_from_pb, result_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 
 if TYPE_CHECKING:
@@ -63,89 +62,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FAIL_START_ENV = "TESSERA_TEST_EXECUTOR_FAIL_START"  # a test hook: see the docstring
-
-
-@dataclass(slots=True, frozen=True)
-class ExecutorServerConfig:
-    executor_address: str = field(
-        metadata={"help": "ZeroMQ address of the scheduler's PAIR socket to connect to"}
-    )
-    model: str = field(
-        default=DEFAULT_MODEL,
-        metadata={"help": "model name, GGUF file, Hugging Face directory, or random:<shape>"},
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
-    gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "CUDA: share of device memory Tessera may use"}
-    )
-    kv_cache_memory: int | None = field(
-        default=None, metadata={"help": "CPU: bytes for the KV pool (default 2 GiB)"}
-    )
-    num_kv_blocks: int | None = field(
-        default=None, metadata={"help": "override the computed KV pool size"}
-    )
-    max_num_batched_tokens: int = field(
-        default=2048, metadata={"help": "tokens in the largest step (for profiling)"}
-    )
-    max_num_seqs: int = field(default=256, metadata={"help": "requests in the largest step"})
-    max_model_len: int | None = field(
-        default=None,
-        metadata={"help": "context of one request; default min(model context, KV pool tokens)"},
-    )
-    attention_backend: str = field(
-        default="auto", metadata={"help": "auto (triton on CUDA, torch on the CPU), torch, triton"}
-    )
-    cuda_graphs: bool = field(
-        default=True, metadata={"help": "CUDA: replay captured graphs for decode steps"}
-    )
-    kv_cache_dtype: str = field(
-        default="auto",
-        metadata={"help": "auto (the model's dtype) | fp8 (float8 e4m3: twice the tokens "
-                  "per byte; Triton backend only)"},
-    )
-    curve_secret_key_file: str | None = field(
-        default=None,
-        metadata={"help": "CURVE: this executor's key pair (NAME.key_secret); needed, with "
-                  "curve_server_key_file, when executor_address is beyond loopback"},
-    )
-    curve_server_key_file: str | None = field(
-        default=None, metadata={"help": "CURVE: the scheduler's public key (NAME.key)"}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.executor_address:
-            raise ValueError("executor_address must name the scheduler's socket")
-        has_keys = check_pair(
-            self.curve_secret_key_file, self.curve_server_key_file,
-            "curve_secret_key_file and curve_server_key_file",
-        )
-        check_link(
-            self.executor_address, has_keys, "--curve-secret-key-file and --curve-server-key-file"
-        )
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        self.runner_config  # noqa: B018 - validates the model runner's fields once, here
-
-    @property
-    def runner_config(self) -> ExecutorConfig:
-        return ExecutorConfig(
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            block_size=self.block_size,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_memory=self.kv_cache_memory,
-            num_kv_blocks=self.num_kv_blocks,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len,
-            attention_backend=self.attention_backend,
-            cuda_graphs=self.cuda_graphs,
-            kv_cache_dtype=self.kv_cache_dtype,
-            show_progress=False,
-        )
 
 
 def run_executor(config: ExecutorServerConfig) -> int:

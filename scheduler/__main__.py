@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tessera.executor.cli_args import add_config_args, config_from_args
-from tessera.scheduler.server import SchedulerServerConfig, run_scheduler
+from tessera.common.cli_args import add_config_args, config_from_args
+from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.server import run_scheduler
 
 
 def main(argv: list[str] | None = None) -> int:

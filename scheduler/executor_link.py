@@ -1,6 +1,6 @@
 """The scheduler's end of one executor: its PAIR socket and (usually) its child process.
 
-    ExecutorLink.start()        spawn ``python -m tessera.executor`` (unless it is started elsewhere)
+    ExecutorLink.start()        spawn ``python -m tessera.executor`` (unless started elsewhere)
     ExecutorLink.poll_ready()   its ExecutorReady, once the model is loaded
     submit(plan) ... poll_result()  a step, watched: a result, StepFailed, or ExecutorLost;
                                     up to two in flight (async scheduling), answered in order
@@ -32,19 +32,16 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tessera.executor.cli_args import config_to_argv
-from tessera.executor.curve import ServerKeys
-from tessera.executor.plan import StepPlan, StepResult
-from tessera.executor.wire import WireError, decode, encode, plan_to_pb, result_from_pb
+from tessera.common.cli_args import config_to_argv
+from tessera.common.curve import ServerKeys
+from tessera.common.plan import StepPlan, StepResult
+from tessera.common.wire import WireError, decode, encode, plan_to_pb, result_from_pb
 from tessera.proto.tessera.v1 import engine_pb2
-
-if TYPE_CHECKING:
-    from tessera.scheduler.server import SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +123,8 @@ class ExecutorLink:
             )
         # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
         self.process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "tessera.executor", *config_to_argv(config)], start_new_session=True
+            [sys.executable, "-P", "-m", "tessera.executor", *config_to_argv(config)],
+            start_new_session=True,
         )
         logger.info("started executor pid %d on %s", self.process.pid, self.address)
 

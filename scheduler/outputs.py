@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tessera.executor.plan import TokenLogprobs
+from tessera.common.plan import TokenLogprobs
 
 
 @dataclass(slots=True)

@@ -34,7 +34,7 @@ from bisect import insort
 from collections import Counter
 from collections.abc import Iterable
 
-from tessera.executor.plan import (
+from tessera.common.plan import (
     CachedRequestData,
     NewRequestData,
     StepPlan,

@@ -59,15 +59,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
-from tessera.executor.curve import ServerKeys, check_link, check_pair
-from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
-from tessera.executor.process import exit_with_parent, setup_logging
-from tessera.executor.server import ExecutorServerConfig
-from tessera.executor.wire import (
+from tessera.common.curve import ServerKeys
+from tessera.common.plan import SamplingOptions, StepPlan, StepResult, check_cache_salt
+from tessera.common.process import exit_with_parent, setup_logging
+from tessera.common.wire import (
     WireError,
     decode,
     encode,
@@ -76,7 +75,7 @@ from tessera.executor.wire import (
     stop_from_pb,
 )
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.scheduler.config import SchedulerConfig
+from tessera.scheduler.config import SchedulerServerConfig
 from tessera.scheduler.executor_link import (
     ExecutorError,
     ExecutorLink,
@@ -87,189 +86,24 @@ from tessera.scheduler.executor_link import (
 )
 from tessera.scheduler.outputs import RequestOutput
 from tessera.scheduler.recovery import EngineState, Recovery
-from tessera.scheduler.request import Request, check_cache_salt
+from tessera.scheduler.request import Request
 from tessera.scheduler.scheduler import Scheduler
 
 __all__ = [
     "ExecutorError",
     "ExecutorLost",
     "SchedulerServer",
-    "SchedulerServerConfig",
     "StepFailed",
     "run_scheduler",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GATEWAY_ADDRESS = "ipc:///tmp/tessera-scheduler.sock"
 _IDLE_POLL_MS = 200  # how often an idle loop looks at SIGTERM and the executor
 _RECOVERY_POLL_MS = 50  # how often a loop without an executor looks for a ready one
 _STEP_POLL_MS = 200  # how often a wait on a step looks at the executor and its watchdog
 _MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
 _HEARTBEAT_TIMEOUT_S = (1.0, 3600.0)  # the range a gateway's heartbeat timeout is held to
-
-
-def _executor_field(name: str):
-    """The executor's setting of that name, with its default and help."""
-    executor_field = ExecutorServerConfig.__dataclass_fields__[name]
-    return field(default=executor_field.default, metadata=executor_field.metadata)
-
-
-# Settings the scheduler hands to the executor it starts (scheduling ones included).
-_PASSED_TO_EXECUTOR = (
-    "model", "device", "dtype", "block_size", "gpu_memory_utilization", "kv_cache_memory",
-    "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-    "attention_backend", "cuda_graphs", "kv_cache_dtype",
-)  # fmt: skip
-
-
-@dataclass(slots=True, frozen=True)
-class SchedulerServerConfig:
-    # sockets
-    gateway_address: str = field(
-        default=DEFAULT_GATEWAY_ADDRESS,
-        metadata={"help": "ZeroMQ address the gateways' DEALERs connect to (ROUTER binds)"},
-    )
-    executor_address: str = field(
-        default="", metadata={"help": "the executor's PAIR socket; empty: a private ipc path"}
-    )
-    start_executor: bool = field(
-        default=True,
-        metadata={
-            "help": "start the executor as a child process; with --no-start-executor, "
-            "wait for one started elsewhere to connect to executor_address "
-            "(one container per stage)"
-        },
-    )
-    executor_start_timeout: float = field(
-        default=600.0,
-        metadata={"help": "seconds an executor (first or restarted) may take to load"},
-    )
-    step_timeout: float | None = field(
-        default=120.0,
-        metadata={
-            "help": "seconds one step may run before the executor is deemed hung, killed "
-            "and restarted (generous: a first CUDA step may compile kernels); none: no "
-            "watchdog"
-        },
-    )
-    max_executor_restarts: int = field(
-        default=3,
-        metadata={
-            "help": "executors started in a row, each lost before completing a step, "
-            "before the engine gives up and fails open requests as unavailable (it "
-            "keeps trying, with backoff)"
-        },
-    )
-    # scheduling
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
-    max_num_seqs: int = field(default=256, metadata={"help": "requests running at once"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step"})
-    max_model_len: int | None = field(
-        default=None,
-        metadata={"help": "prompt + output tokens; default min(model context, KV pool)"},
-    )
-    policy: str = field(default="fcfs", metadata={"help": "fcfs | priority"})
-    async_scheduling: bool = field(
-        default=True,
-        metadata={
-            "help": "schedule step N+1 while step N runs, so the executor never waits "
-            "for the scheduler (a request that stops on EOS costs one wasted decode "
-            "row); --no-async-scheduling: one step at a time"
-        },
-    )
-    max_waiting: int = field(
-        default=4096, metadata={"help": "waiting sequences; more are rejected as overloaded"}
-    )
-    max_waiting_tokens: int = field(
-        default=1 << 20,
-        metadata={
-            "help": "tokens of the waiting sequences (prompt, plus output of preempted "
-            "ones); a request that would go past it is rejected as overloaded"
-        },
-    )
-    # the executor: passed on to it, each declared once, in ExecutorServerConfig
-    model: str = _executor_field("model")
-    device: str = _executor_field("device")
-    dtype: str = _executor_field("dtype")
-    gpu_memory_utilization: float = _executor_field("gpu_memory_utilization")
-    kv_cache_memory: int | None = _executor_field("kv_cache_memory")
-    num_kv_blocks: int | None = _executor_field("num_kv_blocks")
-    attention_backend: str = _executor_field("attention_backend")
-    cuda_graphs: bool = _executor_field("cuda_graphs")
-    kv_cache_dtype: str = _executor_field("kv_cache_dtype")
-    # security of the two sockets (executor.curve)
-    curve_secret_key_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "CURVE: this scheduler's key pair (NAME.key_secret); needed, with "
-            "curve_authorized_keys, when a socket binds beyond loopback"
-        },
-    )
-    curve_authorized_keys: str | None = field(
-        default=None,
-        metadata={
-            "help": "CURVE: a directory of the public keys (*.key) of the gateways and "
-            "executors allowed to connect"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if not self.gateway_address:
-            raise ValueError("gateway_address must not be empty")
-        has_keys = check_pair(
-            self.curve_secret_key_file,
-            self.curve_authorized_keys,
-            "curve_secret_key_file and curve_authorized_keys",
-        )
-        flags = "--curve-secret-key-file and --curve-authorized-keys"
-        check_link(self.gateway_address, has_keys, flags)
-        if self.executor_address:
-            check_link(self.executor_address, has_keys, flags)
-        if self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
-        if self.max_waiting_tokens < 1:
-            raise ValueError(f"max_waiting_tokens must be >= 1, got {self.max_waiting_tokens}")
-        if not self.executor_start_timeout > 0:
-            raise ValueError(
-                f"executor_start_timeout must be > 0 seconds, got {self.executor_start_timeout}"
-            )
-        if self.step_timeout is not None and not self.step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 seconds (or none), got {self.step_timeout}")
-        if self.max_executor_restarts < 0:
-            raise ValueError(
-                f"max_executor_restarts must be >= 0, got {self.max_executor_restarts}"
-            )
-        # The knobs the two configs own, checked once here, where the user set them
-        # (the pool size comes from the executor later).
-        SchedulerConfig(
-            num_blocks=1,
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len or 2,
-            policy=self.policy,
-        )
-        self.executor_config(self.executor_address or "ipc://unused")
-
-    def executor_config(self, address: str) -> ExecutorServerConfig:
-        return ExecutorServerConfig(
-            executor_address=address,
-            **{name: getattr(self, name) for name in _PASSED_TO_EXECUTOR},
-            # A child executor authenticates with the scheduler's own key pair.
-            curve_secret_key_file=self.curve_secret_key_file,
-            curve_server_key_file=self.curve_secret_key_file,
-        )
-
-    def scheduler_config(self, info: engine_pb2.EngineInfo) -> SchedulerConfig:
-        return SchedulerConfig(
-            num_blocks=info.num_kv_blocks,
-            block_size=info.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=info.max_model_len,
-            policy=self.policy,
-        )
 
 
 def run_scheduler(config: SchedulerServerConfig) -> int:

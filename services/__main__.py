@@ -2,10 +2,12 @@
 
 import argparse
 
-from tessera.executor.cli_args import add_config_args, config_from_args
+from tessera.common.cli_args import add_config_args, config_from_args
 from tessera.services.gateway import GatewayConfig, run_gateway
 
-parser = argparse.ArgumentParser(prog="python -m tessera.services", description="Tessera gRPC gateway")
+parser = argparse.ArgumentParser(
+    prog="python -m tessera.services", description="Tessera gRPC gateway"
+)
 add_config_args(parser, GatewayConfig)
 args = parser.parse_args()
 try:

@@ -39,11 +39,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tessera.executor.plan import SamplingOptions, TokenLogprobs
-from tessera.executor.wire import logprobs_from_pb, sampling_to_pb
+from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
+from tessera.common.sampling_params import SamplingParams
+from tessera.common.wire import logprobs_from_pb, sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.sampling_params import SamplingParams
-from tessera.scheduler.request import check_cache_salt
 from tessera.services.engine_client import EngineClient, EngineUnavailable
 from tessera.services.metrics import Metrics
 from tessera.tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable

@@ -32,7 +32,7 @@ import zmq
 import zmq.asyncio
 from google.protobuf.message import DecodeError
 
-from tessera.executor.curve import ClientKeys
+from tessera.common.curve import ClientKeys
 from tessera.proto.tessera.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)

@@ -38,13 +38,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.executor.curve import check_link, check_pair, client_keys
-from tessera.executor.plan import TokenLogprobs
-from tessera.executor.process import exit_with_parent, install_uvloop, setup_logging
-from tessera.executor.registry import resolve_model
+from tessera.common.curve import check_link, check_pair, client_keys
+from tessera.common.plan import TokenLogprobs
+from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.registry import resolve_model
+from tessera.common.sampling_params import SamplingParams
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
-from tessera.sampling_params import SamplingParams
 from tessera.services.core import (
     ChatPrompt,
     Delta,

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tessera.executor.plan import TokenLogprobs
+from tessera.common.plan import TokenLogprobs
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.core import (
     Delta,

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tessera.executor.plan import TokenLogprobs
-from tessera.sampling_params import SamplingParams
+from tessera.common.plan import TokenLogprobs
+from tessera.common.sampling_params import SamplingParams
 from tessera.services.core import (
     ChatPrompt,
     ErrorKind,

@@ -1,7 +1,7 @@
 """Tessera: an LLM serving engine. ``from tessera import LLM, SamplingParams``."""
 
+from tessera.common.sampling_params import SamplingParams
 from tessera.outputs import CompletionOutput, RequestOutput
-from tessera.sampling_params import SamplingParams
 
 
 def __getattr__(name: str):

@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         _add_engine_args(p)
         _add_sampling_args(p)
     serve = sub.add_parser("serve", help="run the gRPC server (all processes, one machine)")
-    from tessera.executor.cli_args import add_config_args
+    from tessera.common.cli_args import add_config_args
     from tessera.serve import ServeConfig
 
     add_config_args(serve, ServeConfig)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from tessera.executor.cli_args import config_from_args
+        from tessera.common.cli_args import config_from_args
         from tessera.serve import run_serve
 
         return run_serve(config_from_args(ServeConfig, args))

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from tessera.common.plan import StepPlan, StepResult, StopConditions, TokenLogprobs
+from tessera.common.sampling_params import SamplingParams
 from tessera.executor.model_runner import ModelRunner, Step
-from tessera.executor.plan import StepPlan, StepResult, TokenLogprobs
-from tessera.sampling_params import SamplingParams
 from tessera.scheduler.config import SchedulerConfig
-from tessera.scheduler.request import Request, StopConditions
+from tessera.scheduler.request import Request
 from tessera.scheduler.scheduler import Scheduler
 from tessera.tokenizer_svc.text_stream import TextStream
 from tessera.tokenizer_svc.tokenizer import Tokenizer

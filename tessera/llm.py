@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from tessera.common.executor_config import ExecutorConfig
+from tessera.common.sampling_params import SamplingParams
 from tessera.engine import Engine, SequenceState
-from tessera.executor.config import ExecutorConfig
 from tessera.executor.model_runner import ModelRunner
 from tessera.outputs import CompletionOutput, RequestOutput
-from tessera.sampling_params import SamplingParams
 from tessera.scheduler.config import SchedulerConfig
 from tessera.tokenizer_svc.tokenizer import Tokenizer
 

@@ -33,8 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tessera.executor.cli_args import env_name
-from tessera.executor.process import setup_logging
+from tessera.common.cli_args import env_name
+from tessera.common.process import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
     if config.kv_cache_memory is not None:
         engine_flags += ["--kv-cache-memory", str(config.kv_cache_memory)]
     commands = [
-        (f"tokenizer-{i}", py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])
+        (f"tokenizer-{i}",
+         py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])
         for i, addr in enumerate(tok_addrs)
     ]
     commands.append(("scheduler", py + ["tessera.scheduler"] + engine_flags))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tessera.executor.cli_args import add_config_args, config_from_args
+from tessera.common.cli_args import add_config_args, config_from_args
 from tessera.serve import ServeConfig, child_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
     # compose runs the executor as its own service (the launcher's scheduler starts
     # it), and makes the ZeroMQ links' CURVE keys once
     assert {cmd[0] for cmd in run.values()} == (
-        launched | {"tessera.executor", "tessera.executor.curve"})
+        launched | {"tessera.executor", "tessera.common.curve"})
     assert "--no-start-executor" in run["scheduler"]
     assert run["executor"][run["executor"].index("--executor-address") + 1] == (
         run["scheduler"][run["scheduler"].index("--executor-address") + 1].replace(
@@ -58,8 +58,8 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
 def test_compose_links_beyond_loopback_have_curve_keys(compose):
     """Every engine command builds its config: the ZeroMQ links bound or reached on the
     compose network carry CURVE keys, all of them made by the keys service."""
-    from tessera.executor.server import ExecutorServerConfig
-    from tessera.scheduler.server import SchedulerServerConfig
+    from tessera.common.executor_config import ExecutorServerConfig
+    from tessera.scheduler.config import SchedulerServerConfig
     from tessera.services.gateway import GatewayConfig
 
     services = compose["services"]

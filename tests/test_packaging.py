@@ -44,7 +44,7 @@ PROBE = textwrap.dedent(
         spec = importlib.util.find_spec(name)
         bare[name] = spec.origin if spec else None
 
-    from tessera.executor.registry import smollm2_gguf_path
+    from tessera.common.registry import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -29,8 +29,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.executor.process import exit_with_parent, install_uvloop, setup_logging
-from tessera.executor.registry import DEFAULT_MODEL, resolve_model
+from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.registry import DEFAULT_MODEL, resolve_model
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tessera.tokenizer_svc.chat_template import ChatTemplateError

@@ -14,7 +14,7 @@ from typing import Any
 
 import tokenizers
 
-from tessera.executor.registry import ModelSource
+from tessera.common.registry import ModelSource
 from tessera.tokenizer_svc.chat_template import ChatTemplateError, render_chat_template
 from tessera.tokenizer_svc.gguf_vocab import build_tokenizer, read_tokenizer_metadata
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.executor.registry import ModelSource
+from tessera.common.registry import ModelSource
 from tessera.executor.weights.gguf import load_gguf
 from tessera.executor.weights.hf import load_hf
 from tessera.executor.weights.layout import ROPE_FREQS, LoadedModel, expected_shapes, num_parameters

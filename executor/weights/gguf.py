@@ -18,7 +18,7 @@ import torch
 from gguf import GGUFReader, ReaderTensor
 from tqdm import tqdm
 
-from tessera.executor.model_config import ModelConfig
+from tessera.common.model_config import ModelConfig
 from tessera.executor.weights.dequant import dequantize
 from tessera.executor.weights.layout import ROPE_FREQS, LoadedModel, check_tensors
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from tessera.executor.model_config import ModelConfig
+from tessera.common.model_config import ModelConfig
 from tessera.executor.weights.layout import LoadedModel, check_tensors
 
 HF_ARCHITECTURES = {

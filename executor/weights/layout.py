@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.executor.model_config import ModelConfig
+from tessera.common.model_config import ModelConfig
 
 # Per-frequency divisors of the rotary inverse frequencies, shipped by Llama 3 GGUFs
 # instead of rope-scaling metadata: the model uses inv_freq / rope_freqs.

@@ -13,7 +13,7 @@ import zlib
 import torch
 from tqdm import tqdm
 
-from tessera.executor.registry import random_config
+from tessera.common.registry import random_config
 from tessera.executor.weights.layout import LoadedModel, expected_shapes
 
 INIT_STD = 0.02  # the std transformers initializes these models with; keeps activations finite

@@ -86,7 +86,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_the_cpu_engine_decodes_through_it():
-    from tessera.executor.config import ExecutorConfig
+    from tessera.common.executor_config import ExecutorConfig
     from tessera.executor.model_runner import ModelRunner
 
     runner = ModelRunner(ExecutorConfig(model="random:smollm2-135m", device="cpu", num_kv_blocks=8))

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from tessera.executor.plan import NewRequestData, SamplingOptions, StepPlan, StepResult
+from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan, StepResult
+from tessera.common.wire import decode, encode, plan_to_pb
 from tessera.executor.server import Executor
-from tessera.executor.wire import decode, encode, plan_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 
 

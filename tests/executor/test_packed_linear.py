@@ -31,8 +31,8 @@ def test_packed_matmul_is_float32_accurate(rows, bias):
 def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
     from dataclasses import replace
 
+    from tessera.common.registry import random_config
     from tessera.executor.model import LlamaForCausalLM
-    from tessera.executor.registry import random_config
     from tessera.executor.weights.layout import expected_shapes
 
     c = replace(

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tessera.executor.config import ExecutorConfig
+from tessera.common.executor_config import ExecutorConfig
+from tessera.common.plan import SamplingOptions
 from tessera.executor.model_runner import ModelRunner
-from tessera.executor.plan import SamplingOptions
 from tessera.scheduler import Request, Scheduler, SchedulerConfig, StopConditions
 
 CUDA = torch.cuda.is_available()

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.common.plan import SamplingOptions, TokenLogprobs
 from tessera.executor.sampler import Sampler, SamplingBatch, process_logits, stream_seed
 
 NEG_INF = float("-inf")

@@ -15,8 +15,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from tessera.executor.model_config import ModelConfig
-from tessera.executor.registry import RANDOM_SHAPES, random_config, resolve_model, smollm2_gguf_path
+from tessera.common.model_config import ModelConfig
+from tessera.common.registry import RANDOM_SHAPES, random_config, resolve_model, smollm2_gguf_path
 from tessera.executor.weights import ROPE_FREQS, expected_shapes, load_weights, num_parameters
 from tessera.executor.weights.dequant import DEQUANTIZERS, UnsupportedTensorType, dequantize
 from tessera.executor.weights.gguf import _unpermute_rotary

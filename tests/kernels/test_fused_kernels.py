@@ -17,11 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tessera.common.model_config import ModelConfig
+from tessera.common.plan import SamplingOptions
 from tessera.executor import sampler as torch_sampler
 from tessera.executor.model import RotaryEmbedding, rope_inv_freq
 from tessera.executor.model import rms_norm as model_rms_norm
-from tessera.executor.model_config import ModelConfig
-from tessera.executor.plan import SamplingOptions
+from tessera.executor.sampling_batch import sampling_tensors
 from tessera.kernels.activation import silu_and_mul, silu_and_mul_ref
 from tessera.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from tessera.kernels.rotary import apply_rotary_, apply_rotary_ref, build_cos_sin_cache
@@ -265,7 +266,7 @@ def tensors(
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
 ) -> SamplingTensors:
-    return SamplingTensors.from_options(
+    return sampling_tensors(
         options,
         counters if counters is not None else [0] * len(options),
         DEVICE,
@@ -477,7 +478,7 @@ def test_neutral_switches_change_nothing(gen) -> None:
     assert torch.equal(sample(logits, everything), sample(logits, params))
 
 
-def test_from_options_sets_the_switches() -> None:
+def test_sampling_tensors_sets_the_switches() -> None:
     greedy = SamplingOptions(temperature=0.0, top_p=0.5)  # greedy rows filter nothing
     p = tensors([greedy, greedy])
     assert p.all_greedy and not p.do_top_k_top_p and not p.do_min_p and not p.do_penalties
@@ -485,7 +486,7 @@ def test_from_options_sets_the_switches() -> None:
     assert not p.all_greedy and p.do_top_k_top_p and p.max_top_k == 20
     p = tensors([SamplingOptions(top_k=20), SamplingOptions(top_p=0.5, min_p=0.1)])
     assert p.max_top_k == 0 and p.do_min_p  # top-p alone needs the full sort
-    p = SamplingTensors.from_options(
+    p = sampling_tensors(
         [SamplingOptions(seed=-1), SamplingOptions(seed=1 << 64)], torch.tensor([5, 6]), DEVICE
     )
     assert p.seeds.tolist() == [-1, 0] and p.counters.tolist() == [5, 6]
@@ -512,7 +513,7 @@ def test_sampling_rejects_bad_arguments() -> None:
         lambda: tensors([SamplingOptions(top_k=-2)]),
         lambda: tensors([SamplingOptions(repetition_penalty=1.2)]),  # no token lists
         lambda: tensors(options, counters=[0]),  # counter count
-        lambda: SamplingTensors.from_options(
+        lambda: sampling_tensors(
             [SamplingOptions(logit_bias=((10, 1.0),))], [0], DEVICE, vocab_size=10
         ),
     ]

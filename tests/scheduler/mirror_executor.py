@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from tessera.executor.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
+from tessera.common.plan import SamplingOptions, StepPlan, StepResult, TokenLogprobs
 from tessera.scheduler import Scheduler
 
 # (request_id, all token ids so far) -> the next token

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from tessera.executor.plan import SamplingOptions
-from tessera.executor.wire import sampling_to_pb
+from tessera.common.plan import SamplingOptions
+from tessera.common.wire import sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2 as pb
-from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.server import SchedulerServer
 from tests.scheduler.mirror_executor import InstantLink
 from tests.scheduler.test_server_inputs import INFO
 

@@ -8,7 +8,7 @@ preemption is dropped even when the request was re-admitted in the meantime.
 
 from __future__ import annotations
 
-from tessera.executor.plan import StepResult
+from tessera.common.plan import StepResult
 from tessera.scheduler import RequestStatus
 from tests.scheduler.mirror_executor import MirrorExecutor
 from tests.scheduler.test_scheduler_core import (

@@ -16,7 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tessera.executor.plan import SamplingOptions
+from tessera.common.plan import SamplingOptions
 from tessera.scheduler import BlockPool, KVCacheManager, Request, StopConditions
 
 

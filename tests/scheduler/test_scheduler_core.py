@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tessera.executor.plan import (
+from tessera.common.plan import (
     NewRequestData,
     SamplingOptions,
     StepPlan,

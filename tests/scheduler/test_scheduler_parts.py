@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tessera.executor.plan import SamplingOptions, TokenLogprobs
+from tessera.common.plan import SamplingOptions, TokenLogprobs
 from tessera.scheduler import (
     FCFSPolicy,
     PriorityPolicy,

@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tessera.executor.plan import SamplingOptions, StepPlan, StepResult
+from tessera.common.plan import SamplingOptions, StepPlan, StepResult
 from tessera.scheduler import (
     Request,
     RequestOutput,

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tessera.proto.tessera.v1 import engine_pb2 as pb
-from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.server import SchedulerServer
 from tests.scheduler.mirror_executor import InstantLink
 
 INFO = pb.EngineInfo(model="fake", max_model_len=48, vocab_size=11, block_size=4,

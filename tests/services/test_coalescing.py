@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from tessera.common.sampling_params import SamplingParams
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.sampling_params import SamplingParams
 from tessera.services.core import Generation
 
 

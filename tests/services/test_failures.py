@@ -33,6 +33,9 @@ from tests.proctable import child_pids, cmdline, descendants, pid_alive, wait_go
 from tests.services.launch import PROMPTS, Server
 from tests.services_internal.test_engine_processes import Gateway
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 NUM_STREAMS = 16
 MAX_NUM_SEQS = 16
 SCHEDULER_TIMEOUT = 3.0  # the gateway's: a silent scheduler fails its streams after this

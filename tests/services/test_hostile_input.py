@@ -38,6 +38,9 @@ from tessera.services.core import MAX_LOGIT_BIAS_TOKENS, MAX_N, MAX_STOP_LENGTH,
 from tessera.tokenizer_svc.server import TokenizerServicer, load_tokenizer
 from tests.services.launch import Server
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 MODEL = "smollm2-135m-instruct"
 VOCAB = 49152
 STREAMS_PER_CONNECTION = 4

@@ -18,6 +18,9 @@ import pytest
 from tessera.proto.tessera.v1 import generate_pb2 as pb
 from tests.services.launch import Server
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 KEY = "test-key-7f3a"
 MODEL = "smollm2-135m-instruct"
 MAX_OPEN = 4  # the gateway's max_open_requests, small enough to reach in a test

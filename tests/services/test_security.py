@@ -35,11 +35,12 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tessera.executor.curve import is_local
+from tessera.common.curve import is_local
+from tessera.common.plan import MAX_CACHE_SALT_BYTES
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.proto.tessera.v1 import generate_pb2 as pb
-from tessera.scheduler.request import MAX_CACHE_SALT_BYTES
-from tessera.scheduler.server import SchedulerServer, SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.server import SchedulerServer
 from tessera.services.core import GenerationRequest, ServingCore, TokenPrompt, sampling_params
 from tessera.services.metrics import Metrics
 from tessera.services.openai_api import create_app
@@ -47,6 +48,9 @@ from tessera.services.security import BearerToken
 from tests.proctable import descendants
 from tests.scheduler.mirror_executor import InstantLink
 from tests.services.launch import ROOT, Server, free_port
+
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
 
 KEY = "sec-key-4b1d"
 MODEL = "smollm2-135m-instruct"
@@ -395,7 +399,8 @@ def test_bad_tls_files_stop_the_gateway_with_a_message(pki, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ))
     assert r.returncode != 0 and "cannot use the TLS certificate" in r.stderr
-    r = subprocess.run([sys.executable, "-P", "-m", "tessera.services", "--tls-client-ca-file", str(pki.ca)],
+    r = subprocess.run([sys.executable, "-P", "-m", "tessera.services",
+                        "--tls-client-ca-file", str(pki.ca)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs tls_cert_file" in r.stderr
 

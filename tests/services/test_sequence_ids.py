@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tessera.sampling_params import SamplingParams
+from tessera.common.sampling_params import SamplingParams
 from tessera.services.core import GenerationRequest, ServingCore, TokenPrompt
 from tests.services.test_openai_front import INFO, FakeEngine
 

@@ -18,6 +18,9 @@ from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tests.proctable import cmdline, descendants, pid_alive
 from tests.services.launch import PROMPTS, Server
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -20,14 +20,17 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tessera.executor.curve import ClientKeys, ServerKeys, is_local, load_key_pair, write_key_pair
-from tessera.executor.plan import StepResult
-from tessera.executor.server import ExecutorServerConfig
-from tessera.executor.wire import decode, encode, plan_from_pb, result_to_pb
+from tessera.common.curve import ClientKeys, ServerKeys, is_local, load_key_pair, write_key_pair
+from tessera.common.executor_config import ExecutorServerConfig
+from tessera.common.plan import StepResult
+from tessera.common.wire import decode, encode, plan_from_pb, result_to_pb
 from tessera.proto.tessera.v1 import engine_pb2 as pb
-from tessera.scheduler.server import SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
 from tessera.services.engine_client import EngineClient, EngineUnavailable
 from tessera.services.gateway import GatewayConfig
+
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = pb.EngineInfo(model="fake", max_model_len=64, vocab_size=100, block_size=16,

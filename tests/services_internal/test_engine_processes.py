@@ -27,17 +27,18 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tessera.executor.cli_args import add_config_args, config_from_args, config_to_argv, env_name
-from tessera.executor.plan import (
+from tessera.common.cli_args import add_config_args, config_from_args, config_to_argv, env_name
+from tessera.common.executor_config import ExecutorServerConfig
+from tessera.common.plan import (
     CachedRequestData,
     NewRequestData,
     SamplingOptions,
     StepPlan,
     StepResult,
+    StopConditions,
     TokenLogprobs,
 )
-from tessera.executor.server import ExecutorServerConfig
-from tessera.executor.wire import (
+from tessera.common.wire import (
     WireError,
     decode,
     encode,
@@ -53,9 +54,11 @@ from tessera.executor.wire import (
     stop_to_pb,
 )
 from tessera.proto.tessera.v1 import engine_pb2 as pb
-from tessera.scheduler.request import StopConditions
-from tessera.scheduler.server import SchedulerServerConfig
+from tessera.scheduler.config import SchedulerServerConfig
 from tests.proctable import child_pids, wait_gone
+
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"

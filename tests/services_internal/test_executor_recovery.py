@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tessera.executor.plan import NewRequestData, SamplingOptions, StepPlan
-from tessera.executor.server import FAIL_START_ENV
-from tessera.executor.wire import (
+from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
+from tessera.common.wire import (
     decode,
     encode,
     plan_from_pb,
@@ -36,10 +35,14 @@ from tessera.executor.wire import (
     result_to_pb,
     sampling_to_pb,
 )
+from tessera.executor.server import FAIL_START_ENV
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tests.proctable import child_pids, descendants, pid_alive, wait_gone
 from tests.scheduler.mirror_executor import MirrorExecutor, sample_from_context
 from tests.services_internal.test_engine_processes import Engine, Gateway, Received
+
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "random:smollm2-135m"  # deterministic weights; greedy needs nothing more
@@ -386,8 +389,8 @@ def test_pickles_on_the_executors_socket_are_rejected_and_logged(tmp_path, ctx):
     log_path = tmp_path / "executor.log"
     with open(log_path, "wb") as log:
         executor = subprocess.Popen(
-            [sys.executable, "-P", "-m", "tessera.executor", "--executor-address", address, "--model", MODEL,
-             "--device", "cpu", "--num-kv-blocks", "8"],
+            [sys.executable, "-P", "-m", "tessera.executor", "--executor-address", address,
+             "--model", MODEL, "--device", "cpu", "--num-kv-blocks", "8"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip

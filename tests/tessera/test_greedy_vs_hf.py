@@ -14,6 +14,9 @@ import torch
 
 from tessera import LLM, SamplingParams
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 NUM_TOKENS = 32
 TIE_TOLERANCE = 1e-3
 # nats: float8 K/V (no scales) move logprobs far more than float32 paths. Teacher-forced

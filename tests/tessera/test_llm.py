@@ -62,8 +62,8 @@ def test_logprobs_equal_transformers(llm, hf_model):
 
 
 def test_gguf_and_hf_directory_give_the_same_logits(llm, hf_dir):
+    from tessera.common.executor_config import ExecutorConfig
     from tessera.executor.attention import build_attention_metadata
-    from tessera.executor.config import ExecutorConfig
     from tessera.executor.model_runner import ModelRunner
 
     hf_runner = ModelRunner(
@@ -79,7 +79,7 @@ def test_gguf_and_hf_directory_give_the_same_logits(llm, hf_dir):
         logits.append(runner.model.compute_logits(hidden))
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
     # and the HF directory's tokenizer.json agrees with the GGUF-built tokenizer
-    from tessera.executor.registry import resolve_model
+    from tessera.common.registry import resolve_model
     from tessera.tokenizer_svc.tokenizer import Tokenizer
 
     assert Tokenizer.load(resolve_model(str(hf_dir))).encode("Paged attention") == (

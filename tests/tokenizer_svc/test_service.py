@@ -25,7 +25,7 @@ import tokenizers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tessera.executor.registry import resolve_model
+from tessera.common.registry import resolve_model
 from tessera.proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tessera.tokenizer_svc import Tokenizer
 from tessera.tokenizer_svc.__main__ import TOKENIZER_FLAGS, add_env_flags
@@ -75,6 +75,9 @@ STRICT_TEMPLATE = (
     "assistant') }}{% endif %}{% endfor %}"
 )
 
+# Real processes or whole-model runs: make test-fast leaves these to make test.
+pytestmark = pytest.mark.slow
+
 
 # --- processes -----------------------------------------------------------------------------
 
@@ -109,7 +112,8 @@ class Fleet:
         env: Mapping[str, str] = {},
         grace_seconds: float = 2.0,
     ) -> Replica:
-        args = [sys.executable, "-P", "-m", "tessera.tokenizer_svc", "--grace-seconds", str(grace_seconds)]
+        args = [sys.executable, "-P", "-m", "tessera.tokenizer_svc",
+                "--grace-seconds", str(grace_seconds)]
         args += ["--address", address] if address is not None else []
         args += ["--model", model] if model is not None else []
         resolved = address or env["TESSERA_TOKENIZER_ADDRESS"]
@@ -462,7 +466,8 @@ def test_replica_exits_when_its_parent_dies(fleet: Fleet, strict_model: Path):
     address = fleet.unix_address("orphan")
     launcher = (
         "import subprocess, sys\n"
-        f"child = subprocess.Popen([sys.executable, '-P', '-m', 'tessera.tokenizer_svc', '--address', "
+        "child = subprocess.Popen([sys.executable, '-P', '-m', 'tessera.tokenizer_svc', "
+        f"'--address', "
         f"{address!r}, '--model', {str(strict_model)!r}])\n"
         "print(child.pid, flush=True)\n"
         "child.wait()\n"

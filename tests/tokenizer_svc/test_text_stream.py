@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.executor.registry import resolve_model
+from tessera.common.registry import resolve_model
 from tessera.tokenizer_svc.text_stream import TextStream
 from tessera.tokenizer_svc.tokenizer import Tokenizer
 

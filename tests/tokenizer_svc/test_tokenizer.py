@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
-from tessera.executor.registry import resolve_model, smollm2_gguf_path
+from tessera.common.registry import resolve_model, smollm2_gguf_path
 from tessera.tokenizer_svc import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download

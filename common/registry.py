@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tessera.executor.model_config import ModelConfig
+from tessera.common.model_config import ModelConfig
 
 SourceKind = Literal["gguf", "hf", "random"]
 

@@ -22,6 +22,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_CACHE_SALT_BYTES = 256
+
+
+def check_cache_salt(salt: str) -> str:
+    """The salt, or ValueError if it is too long to be a key's part."""
+    size = len(salt.encode())
+    if size > MAX_CACHE_SALT_BYTES:
+        raise ValueError(
+            f"cache_salt must be at most {MAX_CACHE_SALT_BYTES} bytes (UTF-8), got {size}"
+        )
+    return salt
+
+
+@dataclass(slots=True, frozen=True)
+class StopConditions:
+    """When a request finishes. The scheduler checks these after every token."""
+
+    max_tokens: int  # output tokens at most
+    min_tokens: int = 0  # EOS and stop ids do not stop a request before this many
+    stop_token_ids: tuple[int, ...] = ()  # stop even when ignore_eos is set
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingOptions:

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from tessera.executor.plan import (
+from tessera.common.plan import (
     CachedRequestData,
     NewRequestData,
     SamplingOptions,
     StepPlan,
     StepResult,
+    StopConditions,
     TokenLogprobs,
 )
 from tessera.proto.tessera.v1 import engine_pb2
-
-if TYPE_CHECKING:  # the scheduler's type; executor modules do not import scheduler/
-    from tessera.scheduler.request import StopConditions
 
 M = TypeVar("M", bound=Message)
 
@@ -140,8 +138,6 @@ def stop_from_pb(
 
     Raises ValueError (from StopConditions) if the limits contradict each other.
     """
-    from tessera.scheduler.request import StopConditions  # only the scheduler side calls this
-
     max_tokens = pb.max_tokens
     if max_tokens == 0 and default_max_tokens is not None:
         max_tokens = default_max_tokens

@@ -24,7 +24,7 @@ itself authenticates with the scheduler's own pair, which the server always acce
 Keys are ZeroMQ certificate files: ``NAME.key`` holds the public key, ``NAME.key_secret``
 the pair (written 0600). Make them with
 
-    python -m tessera.executor.curve KEY_DIR scheduler gateway executor
+    python -m tessera.common.curve KEY_DIR scheduler gateway executor
 
 and give the scheduler ``scheduler.key_secret`` plus a directory of the clients'
 ``*.key`` files, and each client its own ``*.key_secret`` plus ``scheduler.key``.
@@ -80,7 +80,7 @@ def check_link(address: str, has_keys: bool, flags: str) -> None:
     if not has_keys and not is_local(address):
         raise ValueError(
             f"{address} can be reached from other machines, so its ZeroMQ link needs "
-            f"CURVE keys: set {flags} (make keys with `python -m tessera.executor.curve DIR "
+            f"CURVE keys: set {flags} (make keys with `python -m tessera.common.curve DIR "
             "NAME...`), or use an ipc:// path or a loopback address"
         )
 
@@ -237,7 +237,7 @@ def write_key_pair(directory: str, name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tessera.executor.curve",
+        prog="python -m tessera.common.curve",
         description="write CURVE key pairs for Tessera's ZeroMQ links (existing ones are kept)",
     )
     parser.add_argument("directory", help="where NAME.key and NAME.key_secret go")

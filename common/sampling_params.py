@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tessera.executor.plan import SamplingOptions
+from tessera.common.plan import SamplingOptions
 
 MAX_LOGPROBS = 20
 

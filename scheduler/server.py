@@ -46,16 +46,18 @@ Exit codes: 0 on SIGTERM or parent death (after ending what is open and stopping
 executor; the executor also exits on its own when the scheduler dies), 1 if the first
 executor fails to start, or on a bug in the loop.
 
+The process is in three parts: this module (the process and its loop), sessions.py
+(which gateway owns which request, the outbox, heartbeats) and messages.py (gateway
+messages to requests and outputs back, checked); its config is in config.py.
+
 No torch here, nor through imports: the executor is another process.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -64,15 +66,11 @@ from dataclasses import dataclass
 import zmq
 
 from tessera.common.curve import ServerKeys
-from tessera.common.plan import SamplingOptions, StepPlan, StepResult, check_cache_salt
+from tessera.common.plan import StepPlan, StepResult
 from tessera.common.process import exit_with_parent, setup_logging
 from tessera.common.wire import (
     WireError,
     decode,
-    encode,
-    logprobs_to_pb,
-    sampling_from_pb,
-    stop_from_pb,
 )
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.scheduler.config import SchedulerServerConfig
@@ -84,10 +82,11 @@ from tessera.scheduler.executor_link import (
     StepFailed,
     bind,
 )
+from tessera.scheduler.messages import request_from_pb
 from tessera.scheduler.outputs import RequestOutput
 from tessera.scheduler.recovery import EngineState, Recovery
-from tessera.scheduler.request import Request
 from tessera.scheduler.scheduler import Scheduler
+from tessera.scheduler.sessions import GatewaySessions
 
 __all__ = [
     "ExecutorError",
@@ -103,7 +102,6 @@ _IDLE_POLL_MS = 200  # how often an idle loop looks at SIGTERM and the executor
 _RECOVERY_POLL_MS = 50  # how often a loop without an executor looks for a ready one
 _STEP_POLL_MS = 200  # how often a wait on a step looks at the executor and its watchdog
 _MAX_MESSAGES_PER_STEP = 1024  # gateway messages read between two steps, at most
-_HEARTBEAT_TIMEOUT_S = (1.0, 3600.0)  # the range a gateway's heartbeat timeout is held to
 
 
 def run_scheduler(config: SchedulerServerConfig) -> int:
@@ -173,17 +171,14 @@ class SchedulerServer:
             executor, config.executor_start_timeout, config.max_executor_restarts
         )
         self.gateways = gateways  # ROUTER: GatewayMessage in, EngineOutputs out
+        self.sessions = GatewaySessions(gateways)
         self.poller = zmq.Poller()  # while a step runs: its result, or a gateway message
         self.poller.register(executor.socket, zmq.POLLIN)
         self.poller.register(gateways, zmq.POLLIN)
         self.stop = stop
         self.scheduler = Scheduler(config.scheduler_config(info))
         self.counters = Counters()
-        self.owners: dict[str, bytes] = {}  # request id -> identity of its gateway
-        self.outbox: dict[bytes, engine_pb2.EngineOutputs] = {}
         self.instance_id = uuid.uuid4().hex  # tells the gateways this process from the next
-        # Gateways that send heartbeats: identity -> (timeout, when it was last heard).
-        self.watched: dict[bytes, tuple[float, float]] = {}
         self._stalled = False  # the last schedule() had nothing to run
         self._waiting_tokens: int | None = None  # within one recv_requests; None: recount
 
@@ -301,8 +296,7 @@ class SchedulerServer:
             self.emit(output)
 
     def send_outputs(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for gateway, outputs in outbox.items():
+        for gateway, outputs in self.sessions.take_outbox().items():
             self.send(gateway, outputs)
 
     # -- a lost executor -------------------------------------------------------------
@@ -332,8 +326,7 @@ class SchedulerServer:
     # -- gateway messages ----------------------------------------------------------
 
     def handle_message(self, frames: list[bytes]) -> None:
-        if frames[0] in self.watched:  # any message at all is a sign of life
-            self.watched[frames[0]] = (self.watched[frames[0]][0], time.monotonic())
+        self.sessions.heard_from(frames[0])
         if len(frames) != 2:
             self._bad_message(frames[0], f"{len(frames) - 1} frames instead of 1")
             return
@@ -369,7 +362,7 @@ class SchedulerServer:
             self.reject(gateway, request_ids, "unavailable", self.unavailable_message())
             return
         try:
-            requests = [self._request_from_pb(seq) for seq in sequences]
+            requests = [request_from_pb(seq, self.info) for seq in sequences]
             if len(set(request_ids)) != len(request_ids):
                 raise ValueError(f"request ids {request_ids} repeat within one AddRequests")
             for request in requests:
@@ -414,18 +407,18 @@ class SchedulerServer:
         self._waiting_tokens = waiting_tokens + num_tokens
         for request in requests:
             self.scheduler.add_request(request)
-            self.owners[request.request_id] = gateway
+            self.sessions.own(request.request_id, gateway)
             self.counters.num_requests_added += 1
             self.counters.num_prompt_tokens += request.num_prompt_tokens
 
     def abort_requests(self, gateway: bytes, request_ids: Iterable[str]) -> None:
         """Abort the given requests of this gateway (others' and unknown ids are skipped)."""
-        mine = [rid for rid in request_ids if self.owners.get(rid) == gateway]
+        mine = [rid for rid in request_ids if self.sessions.owners.get(rid) == gateway]
         for output in self.scheduler.abort_requests(mine):
             self.emit(output)
 
     def reply_status(self, gateway: bytes, query_id: int) -> None:
-        pending = self.outbox.pop(gateway, None)
+        pending = self.sessions.outbox.pop(gateway, None)
         if pending is not None:  # keep the order the gateway would expect
             self.send(gateway, pending)
         reply = engine_pb2.StatusReply(
@@ -441,11 +434,7 @@ class SchedulerServer:
 
     def watch_gateway(self, gateway: bytes, timeout_ms: int) -> None:
         """Heartbeats from this gateway: abort its requests once it is silent that long."""
-        if timeout_ms == 0:
-            self.watched.pop(gateway, None)
-            return
-        low, high = _HEARTBEAT_TIMEOUT_S
-        self.watched[gateway] = (min(max(timeout_ms / 1000, low), high), time.monotonic())
+        self.sessions.watch(gateway, timeout_ms)
 
     def expire_gateways(self) -> None:
         """Forget the watched gateways that fell silent: dead, hung, or cut off.
@@ -454,35 +443,26 @@ class SchedulerServer:
         waiting: a gateway that was only slow then ends its streams instead of waiting
         for outputs that will never come; to a dead one the send just fails.
         """
-        now = time.monotonic()
-        for gateway, (timeout, last_heard) in list(self.watched.items()):
-            if now - last_heard <= timeout:
-                continue
-            request_ids = [rid for rid, owner in self.owners.items() if owner == gateway]
+        for gateway, silence, timeout in self.sessions.silent():
+            request_ids = self.sessions.requests_of(gateway)
             logger.warning(
                 "gateway %r sent nothing for %.1fs (its heartbeat timeout is %gs): "
                 "ending its %d requests",
-                gateway, now - last_heard, timeout, len(request_ids),
+                gateway, silence, timeout, len(request_ids),
             )  # fmt: skip
-            del self.watched[gateway]
             self.fail_requests(
-                request_ids, f"the gateway was silent for {now - last_heard:.1f}s",
-                kind="unavailable",
-            )  # fmt: skip
-            outputs = self.outbox.pop(gateway, None)
+                request_ids, f"the gateway was silent for {silence:.1f}s", kind="unavailable"
+            )
+            outputs = self.sessions.outbox.pop(gateway, None)
             if outputs is not None:
-                try:
-                    self.gateways.send_multipart([gateway, encode(outputs)], flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # gone indeed
+                self.sessions.send(gateway, outputs, quiet=True)  # gone, most likely
 
     def forget_gateway(self, gateway: bytes) -> None:
         """The gateway is gone: abort its requests, send it nothing more."""
-        self.watched.pop(gateway, None)
-        request_ids = [rid for rid, owner in self.owners.items() if owner == gateway]
+        request_ids = self.sessions.requests_of(gateway)
         for output in self.scheduler.abort_requests(request_ids):
             self.emit(output)
-        self.outbox.pop(gateway, None)
+        self.sessions.drop(gateway)
         if request_ids:
             logger.info("gateway %r left: aborted %d requests", gateway, len(request_ids))
 
@@ -494,24 +474,15 @@ class SchedulerServer:
         ``error`` and its ``kind`` ("internal" or "unavailable") mark a failed request.
         """
         if output.finished:
-            gateway = self.owners.pop(output.request_id, None)
             self._count_finish(output.finish_reason, error)
-        else:
-            gateway = self.owners.get(output.request_id)
-        if gateway is None:
-            return
-        pb = _output_to_pb(output, error, kind)
-        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).outputs.append(pb)
+        self.sessions.route(output, error, kind)
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
         # Overload and unavailability come in floods; the state change was logged.
         log = logger.debug if kind in ("overloaded", "unavailable") else logger.info
         log("rejected %d sequences (%s): %s", len(request_ids), kind, message)
         self.counters.num_requests_rejected += len(request_ids)
-        rejected = [
-            engine_pb2.Rejection(request_id=rid, kind=kind, message=message) for rid in request_ids
-        ]
-        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).rejected.extend(rejected)
+        self.sessions.reject(gateway, request_ids, kind, message)
 
     def fail_requests(self, request_ids: Iterable[str], error: str, kind: str) -> None:
         """End these requests with finish reason "error"; their blocks are free at once."""
@@ -520,14 +491,11 @@ class SchedulerServer:
 
     def fail_all(self, error: str, kind: str) -> None:
         """End every open request with finish reason "error", and send that now."""
-        self.fail_requests(list(self.owners), error, kind)
+        self.fail_requests(list(self.sessions.owners), error, kind)
         self.send_outputs()
 
     def send(self, gateway: bytes, outputs: engine_pb2.EngineOutputs) -> None:
-        try:
-            self.gateways.send_multipart([gateway, encode(outputs)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
-            logger.warning("gateway %r cannot be reached (%s)", gateway, e.strerror)
+        if not self.sessions.send(gateway, outputs):
             self.forget_gateway(gateway)
 
     # -- state -----------------------------------------------------------------------
@@ -564,36 +532,6 @@ class SchedulerServer:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _request_from_pb(self, seq: engine_pb2.AddSequence) -> Request:
-        """The domain request, or ValueError saying what is wrong with it."""
-        request_id = seq.request_id
-        if not request_id:
-            raise ValueError("a sequence has no request_id")
-        vocab = self.info.vocab_size
-        prompt = list(seq.prompt_token_ids)
-        bad = [t for t in prompt if t >= vocab]
-        if bad:
-            raise ValueError(
-                f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
-                f"vocabulary [0, {vocab})"
-            )
-        try:
-            sampling = sampling_from_pb(seq.sampling) if seq.HasField("sampling") else None
-            _check_sampling(sampling or SamplingOptions(), vocab)
-            room = max(self.info.max_model_len - len(prompt), 1)
-            stop = stop_from_pb(seq.stop, self.info.eos_token_ids, default_max_tokens=room)
-            cache_salt = check_cache_salt(seq.cache_salt)
-        except ValueError as e:
-            raise ValueError(f"request {request_id!r}: {e}") from None
-        return Request(
-            request_id=request_id,
-            prompt_token_ids=prompt,
-            sampling=sampling or SamplingOptions(),
-            stop=stop,
-            priority=seq.priority,
-            cache_salt=cache_salt,
-        )
-
     def _count_finish(self, finish_reason: str | None, error: str) -> None:
         if error and finish_reason == "abort":
             self.counters.num_requests_failed += 1
@@ -605,55 +543,3 @@ class SchedulerServer:
     def _bad_message(self, gateway: bytes, why: str) -> None:
         self.counters.num_bad_messages += 1
         logger.warning("ignored a message from gateway %r: %s", gateway, why)
-
-
-def _output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.SequenceOutput:
-    finish_reason = output.finish_reason or ""
-    if error and output.finished:  # failed requests leave the scheduler as aborted ones
-        finish_reason = "error"
-    pb = engine_pb2.SequenceOutput(
-        request_id=output.request_id,
-        new_token_ids=output.new_token_ids,
-        new_logprobs=[logprobs_to_pb(lp) for lp in output.new_logprobs],
-        finished=output.finished,
-        finish_reason=finish_reason,
-        num_prompt_tokens=output.num_prompt_tokens,
-        num_output_tokens=output.num_output_tokens,
-        error=error,
-        error_kind=kind if finish_reason == "error" else "",
-    )
-    if output.stop_token_id is not None:
-        pb.stop_token_id = output.stop_token_id
-    return pb
-
-
-def _check_sampling(s: SamplingOptions, vocab_size: int) -> None:
-    """ValueError unless the executor can apply these options (the gateway checks the
-    public limits; this keeps a bad message from failing a whole step)."""
-    checks = [
-        (math.isfinite(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
-        (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
-        (s.top_k <= vocab_size, f"top_k must be at most the vocabulary size {vocab_size}"),
-        (0 <= s.min_p <= 1, "min_p must be in [0, 1]"),
-        (
-            math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0,
-            "repetition_penalty must be > 0",
-        ),
-        (-2 <= s.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-        (-2 <= s.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-        (
-            s.logprobs is None or s.logprobs <= vocab_size,
-            f"logprobs must be at most the vocabulary size {vocab_size}",
-        ),
-        (
-            all(t < vocab_size for t in s.min_tokens_blocked_ids),
-            "min_tokens_blocked_ids must be token ids of the vocabulary",
-        ),
-        (
-            all(t < vocab_size and math.isfinite(b) for t, b in s.logit_bias),
-            "logit_bias must map token ids of the vocabulary to finite biases",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)

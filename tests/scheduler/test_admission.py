@@ -53,7 +53,7 @@ def seq(request_id: str, num_prompt_tokens: int = 3, max_tokens: int = 8) -> pb.
 def send(server: SchedulerServer, gateway: bytes, msg: pb.GatewayMessage) -> pb.EngineOutputs:
     """Handle one message; what it queued for that gateway (taken from the outbox)."""
     server.handle_message([gateway, msg.SerializeToString()])
-    return server.outbox.pop(gateway, pb.EngineOutputs())
+    return server.sessions.outbox.pop(gateway, pb.EngineOutputs())
 
 
 def add(server: SchedulerServer, gateway: bytes, *sequences: pb.AddSequence) -> pb.EngineOutputs:
@@ -107,28 +107,28 @@ def test_waiting_tokens_are_bounded(ctx):
 def test_a_silent_gateway_is_forgotten_and_its_blocks_freed(ctx):
     server = make_server(ctx, max_num_seqs=2)
     send(server, GW, pb.GatewayMessage(heartbeat=pb.Heartbeat(timeout_ms=2500)))
-    assert server.watched[GW][0] == 2.5
+    assert server.sessions.watched[GW][0] == 2.5
     add(server, GW, seq("g1"), seq("g2"), seq("g3"))  # two run, one waits
     add(server, OTHER, seq("o1"))  # a gateway without heartbeats: never expires
     step(server)
     assert server.scheduler.num_used_blocks > 0
     # Any message refreshes the watch, a bad one too.
-    server.watched[GW] = (2.5, time.monotonic() - 100)
+    server.sessions.watched[GW] = (2.5, time.monotonic() - 100)
     server.handle_message([GW, b"\xff garbage"])
     server.expire_gateways()
     assert server.scheduler.num_running + server.scheduler.num_waiting == 4
     # Silent past the timeout: failed, blocks free, nothing more sent to it.
-    server.watched[GW] = (2.5, time.monotonic() - 2.6)
+    server.sessions.watched[GW] = (2.5, time.monotonic() - 2.6)
     server.expire_gateways()
-    assert GW not in server.watched and GW not in server.outbox
+    assert GW not in server.sessions.watched and GW not in server.sessions.outbox
     assert [r.request_id for r in server.scheduler.running + server.scheduler.waiting] == ["o1"]
     assert server.counters.num_requests_failed == 3  # "unavailable": sent, if it listens
     server.scheduler.check_invariants()
     # A timeout of 0 ends the watch; absurd ones are held to [1 s, 1 h].
     send(server, OTHER, pb.GatewayMessage(heartbeat=pb.Heartbeat(timeout_ms=1)))
-    assert server.watched[OTHER][0] == 1.0
+    assert server.sessions.watched[OTHER][0] == 1.0
     send(server, OTHER, pb.GatewayMessage(heartbeat=pb.Heartbeat(timeout_ms=0)))
-    assert OTHER not in server.watched
+    assert OTHER not in server.sessions.watched
 
 
 def test_status_names_the_scheduler_process(ctx):

@@ -483,7 +483,7 @@ def test_cache_salt_reaches_the_schedulers_request():
             sched.handle_message([b"gw", msg.SerializeToString()])
         salts = {r.request_id: r.cache_salt for r in sched.scheduler.waiting}
         assert salts == {s.request_id: "tenant-a" for s in engine.sent}
-        rejected = sched.outbox[b"gw"].rejected
+        rejected = sched.sessions.outbox[b"gw"].rejected
         assert [r.request_id for r in rejected] == ["gw/long/0"] and rejected[0].kind == "invalid"
         assert "cache_salt" in rejected[0].message
     finally:

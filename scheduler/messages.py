@@ -1,0 +1,97 @@
+"""Gateway messages to domain types and back, checked: an ``AddSequence`` becomes a
+``Request`` (or a ValueError naming what is wrong), a ``RequestOutput`` becomes the
+``SequenceOutput`` its gateway reads. Pure functions; the scheduler process calls them at
+its edge, so nothing a gateway sends can fail a step."""
+
+from __future__ import annotations
+
+import math
+
+from tessera.common.plan import SamplingOptions, check_cache_salt
+from tessera.common.wire import logprobs_to_pb, sampling_from_pb, stop_from_pb
+from tessera.proto.tessera.v1 import engine_pb2
+from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.request import Request
+
+
+def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) -> Request:
+    """The domain request, or ValueError saying what is wrong with it."""
+    request_id = seq.request_id
+    if not request_id:
+        raise ValueError("a sequence has no request_id")
+    vocab = info.vocab_size
+    prompt = list(seq.prompt_token_ids)
+    bad = [t for t in prompt if t >= vocab]
+    if bad:
+        raise ValueError(
+            f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
+            f"vocabulary [0, {vocab})"
+        )
+    try:
+        sampling = sampling_from_pb(seq.sampling) if seq.HasField("sampling") else None
+        check_sampling(sampling or SamplingOptions(), vocab)
+        room = max(info.max_model_len - len(prompt), 1)
+        stop = stop_from_pb(seq.stop, info.eos_token_ids, default_max_tokens=room)
+        cache_salt = check_cache_salt(seq.cache_salt)
+    except ValueError as e:
+        raise ValueError(f"request {request_id!r}: {e}") from None
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling=sampling or SamplingOptions(),
+        stop=stop,
+        priority=seq.priority,
+        cache_salt=cache_salt,
+    )
+
+
+def output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.SequenceOutput:
+    finish_reason = output.finish_reason or ""
+    if error and output.finished:  # failed requests leave the scheduler as aborted ones
+        finish_reason = "error"
+    pb = engine_pb2.SequenceOutput(
+        request_id=output.request_id,
+        new_token_ids=output.new_token_ids,
+        new_logprobs=[logprobs_to_pb(lp) for lp in output.new_logprobs],
+        finished=output.finished,
+        finish_reason=finish_reason,
+        num_prompt_tokens=output.num_prompt_tokens,
+        num_output_tokens=output.num_output_tokens,
+        error=error,
+        error_kind=kind if finish_reason == "error" else "",
+    )
+    if output.stop_token_id is not None:
+        pb.stop_token_id = output.stop_token_id
+    return pb
+
+
+def check_sampling(s: SamplingOptions, vocab_size: int) -> None:
+    """ValueError unless the executor can apply these options (the gateway checks the
+    public limits; this keeps a bad message from failing a whole step)."""
+    checks = [
+        (math.isfinite(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
+        (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
+        (s.top_k <= vocab_size, f"top_k must be at most the vocabulary size {vocab_size}"),
+        (0 <= s.min_p <= 1, "min_p must be in [0, 1]"),
+        (
+            math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0,
+            "repetition_penalty must be > 0",
+        ),
+        (-2 <= s.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+        (-2 <= s.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+        (
+            s.logprobs is None or s.logprobs <= vocab_size,
+            f"logprobs must be at most the vocabulary size {vocab_size}",
+        ),
+        (
+            all(t < vocab_size for t in s.min_tokens_blocked_ids),
+            "min_tokens_blocked_ids must be token ids of the vocabulary",
+        ),
+        (
+            all(t < vocab_size and math.isfinite(b) for t, b in s.logit_bias),
+            "logit_bias must map token ids of the vocabulary to finite biases",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,12 +1,15 @@
-"""Public sampling parameters (vLLM-compatible names), validated once at the edge."""
+"""Public sampling parameters (vLLM-compatible names), validated once at the edge. The
+scalar fields' ranges and defaults are declared in ``common/sampling_fields.py``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from tessera.common.plan import SamplingOptions
+from tessera.common.sampling_fields import ENGINE, MAX_LOGPROBS, check_all
 
-MAX_LOGPROBS = 20
+__all__ = ["MAX_LOGPROBS", "SamplingParams"]
+
 
 
 @dataclass(slots=True)
@@ -39,36 +42,15 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        check_all(self)  # every declared field's range (common/sampling_fields.py)
         checks = [
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}"),
-            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (
-                self.repetition_penalty > 0.0,
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
-            ),
-            (
-                -2.0 <= self.presence_penalty <= 2.0,
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
-            ),
-            (
-                -2.0 <= self.frequency_penalty <= 2.0,
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-            ),
             (
                 self.max_tokens is None or self.max_tokens >= 1,
                 f"max_tokens must be >= 1, got {self.max_tokens}",
             ),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
-            ),
-            (
-                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
             ),
             (
                 all(isinstance(s, str) and s for s in self.stop),
@@ -93,17 +75,10 @@ class SamplingParams:
         blocked = tuple(
             sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids)))
         )
+        engine = {f.name: getattr(self, f.name) for f in ENGINE}
+        engine["seed"] = None if self.seed is None else self.seed + seed_offset
         return SamplingOptions(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + seed_offset,
-            logprobs=self.logprobs,
-            min_tokens=self.min_tokens,
+            **engine,
             min_tokens_blocked_ids=blocked if self.min_tokens else (),
             logit_bias=tuple(sorted((self.logit_bias or {}).items())),
         )

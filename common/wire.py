@@ -33,6 +33,7 @@ from tessera.common.plan import (
     StopConditions,
     TokenLogprobs,
 )
+from tessera.common.sampling_fields import ENGINE
 from tessera.proto.tessera.v1 import engine_pb2
 
 M = TypeVar("M", bound=Message)
@@ -75,22 +76,14 @@ def decode(cls: type[M], data: bytes) -> M:
 
 def sampling_to_pb(options: SamplingOptions) -> engine_pb2.SamplingOptions:
     pb = engine_pb2.SamplingOptions(
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        min_p=options.min_p,
-        repetition_penalty=options.repetition_penalty,
-        presence_penalty=options.presence_penalty,
-        frequency_penalty=options.frequency_penalty,
-        min_tokens=options.min_tokens,
         min_tokens_blocked_ids=options.min_tokens_blocked_ids,
         logit_bias_ids=[token for token, _ in options.logit_bias],
         logit_bias_values=[bias for _, bias in options.logit_bias],
     )
-    if options.seed is not None:
-        pb.seed = options.seed
-    if options.logprobs is not None:
-        pb.logprobs = options.logprobs
+    for spec in ENGINE:  # the scalar fields, declared in common/sampling_fields.py
+        value = getattr(options, spec.name)
+        if value is not None:
+            setattr(pb, spec.name, value)
     return pb
 
 
@@ -100,17 +93,16 @@ def sampling_from_pb(pb: engine_pb2.SamplingOptions) -> SamplingOptions:
             f"SamplingOptions: {len(pb.logit_bias_ids)} logit_bias_ids but "
             f"{len(pb.logit_bias_values)} logit_bias_values"
         )
+    scalars = {}
+    for spec in ENGINE:
+        value = getattr(pb, spec.name)
+        if spec.optional and not pb.HasField(spec.name):
+            value = None
+        elif spec.type is float:
+            value = _decimal(value)
+        scalars[spec.name] = value
     return SamplingOptions(
-        temperature=_decimal(pb.temperature),
-        top_k=pb.top_k,
-        top_p=_decimal(pb.top_p),
-        min_p=_decimal(pb.min_p),
-        repetition_penalty=_decimal(pb.repetition_penalty),
-        presence_penalty=_decimal(pb.presence_penalty),
-        frequency_penalty=_decimal(pb.frequency_penalty),
-        seed=pb.seed if pb.HasField("seed") else None,
-        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
-        min_tokens=pb.min_tokens,
+        **scalars,
         min_tokens_blocked_ids=tuple(pb.min_tokens_blocked_ids),
         logit_bias=tuple(
             (token, _decimal(bias))

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from tessera.common.plan import SamplingOptions
+from tessera.common.sampling_fields import check_all
 from tessera.executor.transfer import to_device
 from tessera.kernels.sampling import SamplingTensors
 
@@ -158,16 +159,7 @@ class _Packer:
 
 
 def _check_option(o: SamplingOptions, vocab_size: int | None) -> None:
-    if not o.temperature >= 0.0 or o.temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and >= 0, got {o.temperature}")
-    if o.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables), got {o.top_k}")
-    if not 0.0 < o.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {o.top_p}")
-    if not 0.0 <= o.min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {o.min_p}")
-    if not o.repetition_penalty > 0.0:
-        raise ValueError(f"repetition_penalty must be > 0, got {o.repetition_penalty}")
+    check_all(o)  # the declared ranges (common/sampling_fields.py)
     if vocab_size is not None:
         ids = [t for t, _ in o.logit_bias] + list(o.min_tokens_blocked_ids)
         bad = [t for t in ids if not 0 <= t < vocab_size]

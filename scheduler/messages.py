@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from tessera.common.plan import SamplingOptions, check_cache_salt
+from tessera.common.sampling_fields import check_all
 from tessera.common.wire import logprobs_to_pb, sampling_from_pb, stop_from_pb
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.scheduler.outputs import RequestOutput
@@ -68,17 +69,9 @@ def output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.Seq
 def check_sampling(s: SamplingOptions, vocab_size: int) -> None:
     """ValueError unless the executor can apply these options (the gateway checks the
     public limits; this keeps a bad message from failing a whole step)."""
+    check_all(s)  # the declared ranges (common/sampling_fields.py)
     checks = [
-        (math.isfinite(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
-        (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
         (s.top_k <= vocab_size, f"top_k must be at most the vocabulary size {vocab_size}"),
-        (0 <= s.min_p <= 1, "min_p must be in [0, 1]"),
-        (
-            math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0,
-            "repetition_penalty must be > 0",
-        ),
-        (-2 <= s.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-        (-2 <= s.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
         (
             s.logprobs is None or s.logprobs <= vocab_size,
             f"logprobs must be at most the vocabulary size {vocab_size}",

@@ -42,6 +42,7 @@ from tessera.common.curve import check_link, check_pair, client_keys
 from tessera.common.plan import TokenLogprobs
 from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
 from tessera.common.registry import resolve_model
+from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
@@ -85,20 +86,6 @@ RETRY_AFTER_MS = 1000  # the hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE
 # that are refused with a 429 rather than uvicorn's bare 503.
 HTTP_HEADROOM = 64
 _RETRYABLE = (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE)
-_OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "min_tokens",
-    "ignore_eos",
-    "n",
-    "logprobs",
-)
 
 
 @dataclass(slots=True, frozen=True)
@@ -317,7 +304,7 @@ def _chat_from_pb(chat: generate_pb2.ChatMessages) -> ChatPrompt:
 
 
 def _sampling_params(s: generate_pb2.SamplingParameters) -> SamplingParams:
-    kwargs = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
+    kwargs = {name: getattr(s, name) for name in PUBLIC if s.HasField(name)}
     return sampling_params(
         **kwargs,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tessera.common.plan import TokenLogprobs
+from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
 from tessera.services.core import (
     ChatPrompt,
@@ -45,6 +46,14 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+# The declared public fields (common/sampling_fields.py) but logprobs, which each endpoint
+# takes in its own shape, and the list-valued settings.
+_BODY_SAMPLING = (
+    *(name for name in PUBLIC if name != "logprobs"),
+    "stop", "stop_token_ids", "skip_special_tokens",
+)  # fmt: skip
 
 
 class _SamplingFields(_Strict):
@@ -81,11 +90,7 @@ class _SamplingFields(_Strict):
             )
         kwargs: dict[str, Any] = {
             name: getattr(self, name)
-            for name in (
-                "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
-                "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-                "min_tokens", "stop_token_ids", "skip_special_tokens",
-            )
+            for name in _BODY_SAMPLING
             if getattr(self, name) is not None
         }
         if self.logit_bias:

@@ -3,7 +3,7 @@
 Ceilings first: device-to-device copy bandwidth (a large ``copy_``, bytes read plus
 bytes written) and the bf16 matmul rate (8192^3 through cuBLAS). Then:
 
-- paged decode attention (``kernels.paged_attention.paged_decode_attention``) for
+- paged decode attention (``kernels.paged_decode.paged_decode_attention``) for
   batch 1..256 and context 512..32k: KV bytes read per second over the copy bandwidth,
   beside torch ``scaled_dot_product_attention`` on the same K/V laid out contiguously
   (no block table); combinations that do not fit in memory are skipped;
@@ -142,7 +142,7 @@ def contiguous_kv(cache: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.T
 
 
 def bench_decode(timer: Timer, batch: int, ctx: int, dtype, gen) -> dict:
-    from tessera.kernels.paged_attention import paged_decode_attention
+    from tessera.kernels.paged_decode import paged_decode_attention
 
     device = timer.device
     kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_SIZE * torch.finfo(dtype).bits // 8
@@ -172,7 +172,7 @@ def bench_decode(timer: Timer, batch: int, ctx: int, dtype, gen) -> dict:
 
 
 def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
-    from tessera.kernels.paged_attention import paged_prefill_attention
+    from tessera.kernels.paged_prefill import paged_prefill_attention
 
     device = timer.device
     k_cache, v_cache, table = shuffled_pool(1, tokens, device, dtype, gen)
@@ -206,7 +206,8 @@ def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
 def bench_mixed(timer: Timer, decodes: int, ctx: int, chunk: int, dtype, gen) -> dict:
     """One step of ``decodes`` decode rows and one prefill chunk, all at ``ctx`` tokens:
     the whole step through the prefill kernel, against decode kernel + prefill kernel."""
-    from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+    from tessera.kernels.paged_decode import paged_decode_attention
+    from tessera.kernels.paged_prefill import paged_prefill_attention
 
     device = timer.device
     num_seqs = decodes + 1

@@ -60,7 +60,8 @@ def layout_step(
 
 
 class TritonAttentionBackend:
-    """Paged attention through ``kernels.paged_attention`` (CUDA, or the interpreter)."""
+    """Paged attention through ``kernels.paged_decode`` and ``kernels.paged_prefill`` (CUDA,
+    or the interpreter)."""
 
     def build_metadata(
         self,
@@ -126,7 +127,8 @@ class TritonAttentionBackend:
         meta: TritonAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
-        from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+        from tessera.kernels.paged_decode import paged_decode_attention
+        from tessera.kernels.paged_prefill import paged_prefill_attention
 
         if meta.decode_only:
             return paged_decode_attention(

@@ -1,4 +1,5 @@
-"""Float32 torch references for ``kv_cache`` and ``paged_attention``, for tests only.
+"""Float32 torch references for ``kv_cache``, ``paged_decode`` and ``paged_prefill``, for
+tests only.
 
 They share the kernels' signatures and contracts but read lengths and block tables on
 the host and loop over sequences: slow, obvious, and independent of the kernels' tiling.

@@ -1,5 +1,6 @@
-"""Triton attention kernels (``kernels.kv_cache``, ``kernels.paged_attention``) against
-the float32 torch references of ``kernels.attention_reference``.
+"""Triton attention kernels (``kernels.kv_cache``, ``kernels.paged_decode``,
+``kernels.paged_prefill``) against the float32 torch references of
+``kernels.attention_reference``.
 
 On a machine without CUDA they run under ``TRITON_INTERPRET=1`` (see conftest.py), so
 shapes are small and the parameter sets are chosen by hand to cover each axis (dtype,
@@ -22,7 +23,8 @@ from tessera.kernels.attention_reference import (
     write_kv_ref,
 )
 from tessera.kernels.kv_cache import write_kv
-from tessera.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from tessera.kernels.paged_decode import paged_decode_attention
+from tessera.kernels.paged_prefill import paged_prefill_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -447,7 +449,8 @@ def test_step_sizes_do_not_trigger_compiles(gen):
     """Token counts, sequence counts, block-table widths and split counts change every
     serving step; none of them may select a new compiled variant (Triton specialises
     integers on == 1 and % 16 unless told not to)."""
-    from tessera.kernels.paged_attention import _decode_kernel, _prefill_kernel
+    from tessera.kernels.paged_decode import _decode_kernel
+    from tessera.kernels.paged_prefill import _prefill_kernel
 
     h_kv, group, d, block_size, dtype = 4, 4, 128, 16, torch.bfloat16
     seen = {}
@@ -529,7 +532,7 @@ def test_decode_and_write_kv_capture_in_cuda_graph(gen):
 
 def test_int64_pool_offsets(gen, monkeypatch):
     """The 64-bit offset path (pools past 2**31 elements) computes the same thing."""
-    import tessera.kernels.paged_attention as pa
+    import tessera.kernels._paged_common as pa
 
     ctx = [45, 1]
     k_cache, v_cache, table = make_pool(gen, ctx, 16, 2, 64, torch.float32)
@@ -539,8 +542,8 @@ def test_int64_pool_offsets(gen, monkeypatch):
     want_dec = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=2)
     want_pre = paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 0.1,
                                        max_query_len=1, block_m=16, block_n=16)
-    needs_int64 = pa._needs_int64
-    monkeypatch.setattr(pa, "_needs_int64", lambda cache: True)
+    needs_int64 = pa.needs_int64
+    monkeypatch.setattr(pa, "needs_int64", lambda cache: True)
     got_dec = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.1, num_splits=2)
     got_pre = paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 0.1,
                                       max_query_len=1, block_m=16, block_n=16)

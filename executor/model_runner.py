@@ -32,7 +32,7 @@ from tessera.common.plan import SamplingOptions, StepPlan, StepResult
 from tessera.common.registry import resolve_model
 from tessera.executor import cpu_attention
 from tessera.executor.attention import TorchAttentionBackend
-from tessera.executor.model import LlamaForCausalLM
+from tessera.executor.models import model_class
 from tessera.executor.sampler import (
     LogprobTensors,
     Sampler,
@@ -155,7 +155,7 @@ class ModelRunner:
             self.attention = TorchAttentionBackend(fused_decode=fused)
             if fused:
                 cpu_attention.warm_up()
-        self.model = LlamaForCausalLM(
+        self.model = model_class(mc)(
             mc,
             loaded.tensors,
             self.device,
@@ -252,7 +252,7 @@ class ModelRunner:
         short = 17
         if self.use_triton and n > short:
             # A short prompt takes the prefill kernel's small-tile variant (see
-            # kernels.paged_attention._prefill_config): compile it now, not while the
+            # kernels.paged_prefill._prefill_config): compile it now, not while the
             # first short request waits.
             table = list(range(-(-short // self.block_size)))
             meta = self.attention.build_metadata(

@@ -5,7 +5,7 @@ in registers (``BLOCK = next_power_of_2(hidden)``, masked), so each element is r
 once and written once: these kernels are memory bound. Rows may have any stride;
 the hidden dimension must be contiguous.
 
-Numerics follow Hugging Face's ``LlamaRMSNorm`` (and ``executor.model.rms_norm``)
+Numerics follow Hugging Face's ``LlamaRMSNorm`` (and ``executor.models.llama.rms_norm``)
 cast for cast, so the fused path and the torch path agree to the last bit except
 where float32 sums round differently:
 

@@ -140,7 +140,7 @@ def apply_rotary_(
 
 
 def build_cos_sin_cache(
-    inv_freq: torch.Tensor,  # [D/2] float32, from executor.model.rope_inv_freq
+    inv_freq: torch.Tensor,  # [D/2] float32, from executor.models.llama.rope_inv_freq
     max_positions: int,
     device: torch.device | str,
 ) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.executor.model import _packed_linear, onednn_linear_available, pack_weight
+from tessera.executor.models.llama import _packed_linear, onednn_linear_available, pack_weight
 
 pytestmark = pytest.mark.skipif(
     not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
@@ -32,7 +32,7 @@ def test_the_cpu_model_runs_its_matmuls_on_packed_weights():
     from dataclasses import replace
 
     from tessera.common.registry import random_config
-    from tessera.executor.model import LlamaForCausalLM
+    from tessera.executor.models.llama import LlamaForCausalLM
     from tessera.executor.weights.layout import expected_shapes
 
     c = replace(

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from tessera.common.model_config import ModelConfig
 from tessera.common.plan import SamplingOptions
 from tessera.executor import sampler as torch_sampler
-from tessera.executor.model import RotaryEmbedding, rope_inv_freq
-from tessera.executor.model import rms_norm as model_rms_norm
+from tessera.executor.models.llama import RotaryEmbedding, rope_inv_freq
+from tessera.executor.models.llama import rms_norm as model_rms_norm
 from tessera.executor.sampling_batch import sampling_tensors
 from tessera.kernels.activation import silu_and_mul, silu_and_mul_ref
 from tessera.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref

@@ -9,6 +9,9 @@ naming from ``executor.weights``.
 Numerics follow Hugging Face transformers (RMSNorm in float32, rotary tables built
 in float32, neox-style rotate-half), so greedy tokens match it token for token in
 float32.
+
+Registered in ``executor.models`` for the architectures ``llama``, ``mistral`` and
+``qwen2``: one forward pass, the differences carried by ``ModelConfig`` flags.
 """
 
 from __future__ import annotations

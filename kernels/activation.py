@@ -6,7 +6,7 @@ Grid ``(T, cdiv(I, BLOCK))``: each program reads a BLOCK of gate and of up and
 writes a BLOCK of out, so every element moves once (memory bound). Rows may have
 any stride; the last dimension must be contiguous.
 
-Numerics follow ``F.silu(gate) * up`` in the input dtype, as ``executor.model``
+Numerics follow ``F.silu(gate) * up`` in the input dtype, as ``executor.models.llama``
 computes it: silu in float32 rounded to the dtype, then the product rounded again.
 """
 

@@ -1,6 +1,6 @@
 """Rotary position embedding, applied in place to the query and key heads.
 
-DESIGN. Neox / Hugging Face "rotate half" layout, as ``executor.model`` uses after
+DESIGN. Neox / Hugging Face "rotate half" layout, as ``executor.models.llama`` uses after
 undoing the GGUF permutation: with ``h = D / 2`` and ``i < h``,
 
     out[i]     = x[i]     * cos[pos, i] - x[i + h] * sin[pos, i]
@@ -15,7 +15,7 @@ and half-row of cos and sin once, then rotates a ``[BLOCK_H, h]`` tile of q's or
 heads. q and k may be strided views (slices of one fused qkv output): any token and
 head strides, contiguous head dimension.
 
-Numerics: cos and sin are rounded to q's dtype first, as ``executor.model`` (Hugging
+Numerics: cos and sin are rounded to q's dtype first, as ``executor.models.llama`` (Hugging
 Face) does with ``cos.to(q.dtype)``, which is what moves bf16 results most; the rest
 is float32 with one rounding at the store, where HF rounds each product and the sum
 too, so bf16/fp16 results are within about one ulp of the torch path. Positions are
@@ -146,7 +146,7 @@ def build_cos_sin_cache(
 ) -> torch.Tensor:
     """The ``[max_positions, D]`` float32 table ``apply_rotary_`` reads: cos | sin.
 
-    Built on the CPU in float32 exactly as ``executor.model.RotaryEmbedding`` builds
+    Built on the CPU in float32 exactly as ``executor.models.llama.RotaryEmbedding`` builds
     its tables, then moved, so both paths rotate by the same numbers on any device.
     """
     if inv_freq.dim() != 1:

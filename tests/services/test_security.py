@@ -106,7 +106,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _cert(subject: str, key, issuer: x509.Name | None, issuer_key, *, ca: bool = False,
           server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()

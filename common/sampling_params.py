@@ -11,7 +11,6 @@ from tessera.common.sampling_fields import ENGINE, MAX_LOGPROBS, check_all
 __all__ = ["MAX_LOGPROBS", "SamplingParams"]
 
 
-
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1

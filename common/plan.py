@@ -118,6 +118,10 @@ class StepPlan:
     # that comes back after the request was preempted (and perhaps re-admitted) is
     # recognised as stale.
     sampling: dict[str, int] = field(default_factory=dict)
+    # Scheduler-side only, never sent: request id -> (its preemption count, its
+    # num_computed_tokens once this step has run), for the prefix cache, which
+    # registers the full blocks a step computed only once its result is back.
+    num_computed_after: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -22,6 +22,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens run in one step, over all requests
     max_model_len: int = 2048  # prompt plus output tokens of one request
     policy: str = "fcfs"  # "fcfs" or "priority"
+    # Share the K/V of full blocks between requests with the same leading tokens
+    # (and cache_salt): kv_cache_manager.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -38,6 +41,11 @@ class SchedulerConfig:
         if self.policy not in POLICIES:
             raise ValueError(
                 f"SchedulerConfig.policy must be one of {POLICIES}, got {self.policy!r}"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                "SchedulerConfig.enable_prefix_caching must be a bool, got "
+                f"{self.enable_prefix_caching!r}"
             )
 
 
@@ -108,6 +116,14 @@ class SchedulerServerConfig:
             "help": "schedule step N+1 while step N runs, so the executor never waits "
             "for the scheduler (a request that stops on EOS costs one wasted decode "
             "row); --no-async-scheduling: one step at a time"
+        },
+    )
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata={
+            "help": "automatic prefix caching: requests that start with the same full "
+            "blocks of tokens (and cache_salt) share their KV instead of computing it "
+            "again; --no-enable-prefix-caching: every prompt is computed in full"
         },
     )
     max_waiting: int = field(
@@ -181,6 +197,7 @@ class SchedulerServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len or 2,
             policy=self.policy,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         self.executor_config(self.executor_address or "ipc://unused")
 
@@ -201,4 +218,5 @@ class SchedulerServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=info.max_model_len,
             policy=self.policy,
+            enable_prefix_caching=self.enable_prefix_caching,
         )

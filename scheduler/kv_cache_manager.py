@@ -1,4 +1,5 @@
-"""Block tables: which pool blocks hold each request's KV, grown on demand.
+"""Block tables: which pool blocks hold each request's KV, grown on demand, and the
+prefix cache that lets requests with the same leading tokens share full blocks.
 
 A request's table covers its tokens in order, block_size tokens per block:
 
@@ -7,44 +8,145 @@ A request's table covers its tokens in order, block_size tokens per block:
 
 so a table of b blocks holds b * block_size tokens, and the last block fills up
 before the next one is taken.
+
+The prefix cache (with enable_caching):
+
+- A full block is named by the hash of its tokens chained to every block before it
+  (scheduler.block_hash; the cache_salt goes into the first). A partial block is
+  never cached nor shared.
+- A block is registered under its hash only once its K/V is known to be in the pool:
+  after the step that computed it came back (Scheduler.update_from_result calls
+  register_computed). Not when it is scheduled: a step may fail or be lost with its
+  executor, and with async scheduling the next step is planned before the last one
+  is back. A hit thus never points at K/V that is not there yet.
+- At admission a request takes the longest run of cached blocks that matches its
+  tokens (prompt, plus the outputs of a preempted request), but at most the full
+  blocks before its last token: that token always runs, since the step must produce
+  its logits. When every full block is cached, the block holding the last token is
+  computed again rather than shared, so a request only ever writes to blocks it owns
+  alone.
+- A request never writes to a registered block: registered blocks are full, and a
+  request writes only past its num_computed_tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
+from tessera.scheduler.block_hash import extend_block_hashes
 from tessera.scheduler.block_pool import BlockPool
 from tessera.scheduler.request import Request
 
 
 class KVCacheManager:
-    __slots__ = ("pool", "block_size")
+    __slots__ = ("pool", "block_size", "enable_caching")
 
-    def __init__(self, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, enable_caching: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.pool = pool
         self.block_size = block_size
+        self.enable_caching = enable_caching
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)  # ceiling division
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
-        """Grow the table to hold num_computed_tokens + num_new_tokens tokens.
-
-        Returns the blocks appended (possibly none), or None, leaving the table as it
-        was, when the pool has too few free blocks.
-        """
-        num_tokens = request.num_computed_tokens + num_new_tokens
-        num_missing = self.num_blocks_for(num_tokens) - len(request.block_ids)
-        if num_missing <= 0:
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks holding the request's longest cached prefix, at most the
+        full blocks before its last token. Takes nothing: allocate_slots does."""
+        if not self.enable_caching:
             return []
-        new_block_ids = self.pool.allocate(num_missing)
-        if new_block_ids is None:
+        self._hash_full_blocks(request)
+        num_usable = (request.num_tokens - 1) // self.block_size
+        block_ids = []
+        for block_hash in request.block_hashes[:num_usable]:
+            block_id = self.pool.cached_block(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_block_ids: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Grow the table to hold num_computed_tokens + num_new_tokens tokens, after
+        the cached blocks (a prefix hit, from find_cached_prefix, for a request with an
+        empty table) if any, which count block_size computed tokens each.
+
+        Returns the blocks appended (possibly none; the cached ones first), or None,
+        leaving the table and the pool as they were, when the pool has too few blocks.
+        """
+        num_tokens = (
+            request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        )
+        num_owned = len(request.block_ids) + len(cached_block_ids)
+        num_missing = max(0, self.num_blocks_for(num_tokens) - num_owned)
+        if not cached_block_ids and num_missing == 0:
+            return []
+        # Cached blocks nobody owns leave the evictable queue: they no longer count free.
+        num_reclaimed = sum(self.pool.ref_count(b) == 0 for b in cached_block_ids)
+        if num_missing > self.pool.num_free_blocks - num_reclaimed:
             return None
-        request.block_ids.extend(new_block_ids)
-        return new_block_ids
+        self.pool.take_cached(cached_block_ids)
+        new_block_ids = self.pool.allocate(num_missing)
+        assert new_block_ids is not None  # counted above
+        if cached_block_ids:
+            assert not request.block_ids, "a prefix hit is only for an empty table"
+            request.num_registered_blocks = len(cached_block_ids)
+        appended = [*cached_block_ids, *new_block_ids]
+        request.block_ids.extend(appended)
+        return appended
+
+    def register_computed(self, request: Request, num_computed_tokens: int) -> None:
+        """The request's first num_computed_tokens tokens are in the pool (a step that
+        computed them came back): register its full blocks among them in the cache."""
+        if not self.enable_caching:
+            return
+        num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full <= request.num_registered_blocks:
+            return
+        self._hash_full_blocks(request)
+        for index in range(request.num_registered_blocks, num_full):
+            # False for content another block holds already: this one stays uncached.
+            self.pool.register(request.block_ids[index], request.block_hashes[index])
+        request.num_registered_blocks = num_full
+
+    def hashes_in_flight(self, requests: Iterable[Request]) -> set[bytes]:
+        """Hashes of the full blocks these (running) requests compute in steps not
+        back yet: scheduled, not registered."""
+        found: set[bytes] = set()
+        for request in requests:
+            end = min(len(request.block_hashes), request.num_computed_tokens // self.block_size)
+            found.update(request.block_hashes[request.num_registered_blocks : end])
+        return found
+
+    def waits_for_block_in_flight(
+        self, request: Request, num_cached_blocks: int, in_flight: set[bytes]
+    ) -> bool:
+        """Whether the first block the (waiting) request would have to compute, past
+        its cached prefix, is one that a step in flight computes: it is then cheaper
+        to wait for it to be cached (sequences of an n > 1 request, prompts with one
+        system prompt arriving together) than to compute it twice."""
+        num_usable = (request.num_tokens - 1) // self.block_size
+        return (
+            num_cached_blocks < min(num_usable, len(request.block_hashes))
+            and request.block_hashes[num_cached_blocks] in in_flight
+        )
 
     def free(self, request: Request) -> None:
-        """Give back every block of the request now; its table becomes empty."""
+        """Give back every block of the request now; its table becomes empty. Cached
+        blocks stay cached, evictable, the end of the table first."""
         self.pool.free(request.block_ids)
         # A new list, not clear(): a plan sent earlier may still hold the old one.
         request.block_ids = []
+        request.num_registered_blocks = 0
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached hash; returns how many were dropped."""
+        return self.pool.reset_cache()
+
+    def _hash_full_blocks(self, request: Request) -> None:
+        if len(request.block_hashes) < request.num_tokens // self.block_size:
+            extend_block_hashes(
+                request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+            )

@@ -17,3 +17,4 @@ class RequestOutput:
     stop_token_id: int | None  # the token that triggered "stop"
     num_prompt_tokens: int
     num_output_tokens: int  # all outputs so far, this step's included
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)

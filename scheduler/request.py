@@ -2,9 +2,10 @@
 
 ``cache_salt`` isolates tenants in the prefix cache: a request may reuse cached KV
 blocks only of requests with the same salt (empty: the shared namespace). The prefix
-cache, when it comes, must fold the salt into the hash of a request's first block (so
-into every block hash chained from it), never key blocks by tokens alone; otherwise
-one tenant could tell from its time to first token which prompts another one sent.
+cache folds the salt into the hash of a request's first block (so into every block
+hash chained from it: scheduler.block_hash), never keys blocks by tokens alone;
+otherwise one tenant could tell from its time to first token which prompts another
+one sent.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_token_id: int | None = None  # the token that finished it with "stop"
     num_preemptions: int = 0
+    # The prefix cache (kv_cache_manager): hashes of the full blocks of all_token_ids
+    # hashed so far (kept across preemptions: the tokens only grow), and how many of
+    # the table's first blocks the cache knows (hits, and blocks registered once the
+    # step that computed them came back). Prompt tokens served from the cache at the
+    # first admission: None until then.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
     # prompt + outputs, kept alongside so reading it costs no copy per step
     _all_token_ids: list[int] = field(init=False, repr=False)
 

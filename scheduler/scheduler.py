@@ -26,6 +26,15 @@ were known (the executor has it by then). A pending token that would end the req
 by length is not run past; one that ends it by EOS costs one wasted decode row, whose
 token is dropped. A request runs at most one step ahead (MAX_PENDING_TOKENS): a third
 schedule() with two plans in flight schedules nothing new for it.
+
+With the prefix cache (config.enable_prefix_caching; kv_cache_manager has the rules),
+admission starts a request past its longest cached prefix, and only the tokens left
+to compute count against the token budget. The full blocks a step computes are
+registered in the cache when its result comes back (update_from_result), never when
+it is scheduled, so a hit never names K/V that a failed or lost step did not write. A
+waiting request whose next block to compute is being computed by a step in flight
+waits for it (the head waits, as for blocks), so the sequences of an n > 1 request,
+or prompts sharing a system prompt that arrive together, compute it once.
 """
 
 from __future__ import annotations
@@ -62,13 +71,19 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.policy = make_policy(config.policy)
-        self.kv_cache = KVCacheManager(BlockPool(config.num_blocks), config.block_size)
+        self.kv_cache = KVCacheManager(
+            BlockPool(config.num_blocks), config.block_size, config.enable_prefix_caching
+        )
         self.waiting: list[Request] = []  # sorted by policy key
         self.running: list[Request] = []  # sorted by policy key
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._finished_ids: list[str] = []  # for the next plan that schedules tokens
         self._next_arrival_index = 0
         self.num_preemptions = 0  # since start, for metrics and tests
+        # Prefix cache, since start: tokens of admitted requests looked up, and those
+        # found (served from the cache instead of computed).
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
 
     # -- requests in and out -----------------------------------------------------
 
@@ -95,7 +110,8 @@ class Scheduler:
         """The executor was lost, and the step in flight with it: send every running
         request back to waiting, to be recomputed as after a preemption (its outputs
         kept, its blocks free). The next executor mirrors nothing, so there is nothing
-        for it to forget. Returns how many requests went back."""
+        for it to forget; and its KV memory is new, so the prefix cache is emptied
+        too (reset_prefix_cache). Returns how many requests went back."""
         for request in self.running:
             self.kv_cache.free(request)
             request.num_computed_tokens = 0
@@ -105,7 +121,15 @@ class Scheduler:
         num_requeued = len(self.running)
         self.running = []
         self._finished_ids = []
+        self.reset_prefix_cache()
         return num_requeued
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (an executor restart, or an admin's reset): no
+        request admitted from now on hits K/V computed before. Running requests keep
+        their blocks; full blocks that steps now in flight compute are still cached
+        when those come back. Returns how many blocks were cached."""
+        return self.kv_cache.reset_prefix_cache()
 
     # -- the step ----------------------------------------------------------------
 
@@ -122,8 +146,17 @@ class Scheduler:
         return plan
 
     def update_from_result(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
-        """Append sampled tokens, finish requests that hit a stop, report each token."""
+        """Cache the full blocks the step computed, append sampled tokens, finish
+        requests that hit a stop, report each token."""
         self._check_result(plan, result)
+        for request_id, (num_preemptions, num_computed) in plan.num_computed_after.items():
+            request = self._requests.get(request_id)
+            if (
+                request is not None
+                and request.status is RequestStatus.RUNNING
+                and request.num_preemptions == num_preemptions
+            ):  # else its blocks went back while the step ran: they are not its own now
+                self.kv_cache.register_computed(request, num_computed)
         outputs = []
         for request_id, token_id in result.sampled_token_ids.items():
             request = self._requests.get(request_id)
@@ -168,6 +201,11 @@ class Scheduler:
     def num_used_blocks(self) -> int:
         return self.kv_cache.pool.num_used_blocks
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the prefix cache names, in use or evictable (counted free)."""
+        return self.kv_cache.pool.num_cached_blocks
+
     def check_invariants(self) -> None:
         """Raise AssertionError if queues, block tables and pool disagree."""
         self.kv_cache.pool.check_invariants()
@@ -203,10 +241,29 @@ class Scheduler:
                 f"{request.request_id} has {len(request.block_ids)} blocks "
                 f"for {request.num_computed_tokens} tokens",
             )
+            self._check_cached_blocks(request)
         pool = self.kv_cache.pool
         for block_id, num_owners in owners.items():
             _require(num_owners == pool.ref_count(block_id), f"block {block_id} owners")
         _require(len(owners) == pool.num_used_blocks, "a used block has no owner")
+
+    def _check_cached_blocks(self, request: Request) -> None:
+        """A block of the table that the cache names holds this request's content:
+        it is among the registered ones, under the request's own hash for it."""
+        pool = self.kv_cache.pool
+        num_registered = request.num_registered_blocks
+        _require(
+            num_registered <= request.num_computed_tokens // self.config.block_size
+            and num_registered <= len(request.block_hashes),
+            f"{request.request_id} registered blocks it has not computed",
+        )
+        for index, block_id in enumerate(request.block_ids):
+            block_hash = pool.block_hash(block_id)
+            if block_hash is not None:
+                _require(
+                    index < num_registered and block_hash == request.block_hashes[index],
+                    f"{request.request_id}'s block {block_id} is cached with other content",
+                )
 
     # -- inside a step -----------------------------------------------------------
 
@@ -246,19 +303,39 @@ class Scheduler:
         return budget, preempted
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
-        """Admit waiting requests in key order while budget, seats and blocks last."""
+        """Admit waiting requests in key order while budget, seats and blocks last.
+
+        A request starts past its longest cached prefix; only the rest counts against
+        the budget.
+        """
+        kv_cache = self.kv_cache
+        in_flight: set[bytes] | None = None  # block hashes steps in flight compute
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.kv_cache.allocate_slots(request, num_new) is None:
+            cached_block_ids = kv_cache.find_cached_prefix(request)
+            if kv_cache.enable_caching:
+                if in_flight is None:
+                    in_flight = kv_cache.hashes_in_flight(self.running)
+                if kv_cache.waits_for_block_in_flight(request, len(cached_block_ids), in_flight):
+                    break  # the head waits for it to be cached, as it would for blocks
+            num_cached = len(cached_block_ids) * self.config.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if kv_cache.allocate_slots(request, num_new, cached_block_ids) is None:
                 victim = self._victim_for(request)
                 if victim is None:
                     break  # the head waits, and nothing behind it skips ahead
                 budget += self._unschedule(plan, victim)
                 self.running.remove(victim)
                 self._preempt(victim)
+                in_flight = None  # the victim's blocks in flight are not coming
                 continue
             del self.waiting[0]
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:  # the first admission
+                request.num_cached_tokens = num_cached
+            if kv_cache.enable_caching:
+                self.num_prefix_cache_queries += request.num_tokens
+                self.num_prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
             insort(self.running, request, key=self.policy.key)
             plan.new_requests.append(
@@ -273,10 +350,17 @@ class Scheduler:
             )
             self._commit(plan, request, num_new)
             budget -= num_new
+            if in_flight is not None:
+                in_flight |= kv_cache.hashes_in_flight([request])
 
     def _commit(self, plan: StepPlan, request: Request, num_new: int) -> None:
         plan.num_scheduled_tokens[request.request_id] = num_new
         request.num_computed_tokens += num_new
+        if self.kv_cache.enable_caching:
+            plan.num_computed_after[request.request_id] = (
+                request.num_preemptions,
+                request.num_computed_tokens,
+            )
         if request.num_computed_tokens == request.num_tokens + request.num_pending_tokens:
             request.num_pending_tokens += 1  # this step samples one
             plan.sampling[request.request_id] = request.num_preemptions
@@ -307,6 +391,7 @@ class Scheduler:
         assert all(new.request_id != request_id for new in plan.new_requests)
         plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request_id]
         plan.sampling.pop(request_id, None)  # its pending counts are reset by _preempt
+        plan.num_computed_after.pop(request_id, None)
         return plan.num_scheduled_tokens.pop(request_id, 0)
 
     def _preempt(self, request: Request) -> None:
@@ -406,6 +491,7 @@ def _output(
         stop_token_id=request.stop_token_id,
         num_prompt_tokens=request.num_prompt_tokens,
         num_output_tokens=request.num_output_tokens,
+        num_cached_tokens=request.num_cached_tokens or 0,
     )
 
 

@@ -302,7 +302,10 @@ class SchedulerServer:
     # -- a lost executor -------------------------------------------------------------
 
     def executor_lost(self, why: str) -> None:
-        """The executor died or hung, with the step in flight: recompute what ran."""
+        """The executor died or hung, with the step in flight: recompute what ran.
+
+        requeue_running also empties the prefix cache: the K/V it named died with the
+        executor."""
         self._stalled = False
         num_requeued = self.scheduler.requeue_running()
         logger.error("%s; %d running requests will be recomputed", why, num_requeued)

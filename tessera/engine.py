@@ -39,6 +39,7 @@ class SequenceState:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -145,6 +146,8 @@ class Engine:
             seq = self.sequences.get(out.request_id)
             if seq is None:
                 continue
+            if seq.num_cached_tokens is None:  # the first output: set at admission
+                seq.num_cached_tokens = out.num_cached_tokens
             self._append(seq, out.new_token_ids, out.new_logprobs)
             if not seq.finished and out.finished:
                 seq.finish_reason = out.finish_reason

@@ -39,6 +39,7 @@ class LLM:
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
         async_scheduling: bool = True,
+        enable_prefix_caching: bool = True,
         kv_cache_dtype: str = "auto",
         show_progress: bool = True,
     ) -> None:
@@ -77,6 +78,7 @@ class LLM:
             max_num_batched_tokens=batched,
             max_model_len=max_model_len,
             policy=scheduling_policy,
+            enable_prefix_caching=enable_prefix_caching,
         )
         logger.info(
             "KV pool holds %d tokens: %.1f requests of max_model_len %d at once",
@@ -96,6 +98,11 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (after writing the KV pool by hand, say); returns
+        how many blocks were cached."""
+        return self.engine.scheduler.reset_prefix_cache()
 
     def generate(
         self,
@@ -173,6 +180,8 @@ class LLM:
                         continue
                     i, j = seq_index[seq.request_id]
                     outputs[i].outputs[j] = self._completion(j, seq)
+                    if j == 0:
+                        outputs[i].num_cached_tokens = seq.num_cached_tokens or 0
                     remaining -= 1
                     bar.update(1)
         finally:

@@ -24,3 +24,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # Prompt tokens served from the prefix cache instead of computed, when the first
+    # sequence (index 0) was admitted; with n > 1 the other sequences usually share
+    # the blocks it computed.
+    num_cached_tokens: int | None = None

@@ -79,6 +79,8 @@ class ServeConfig:
     policy: str = "fcfs"
     # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
     async_scheduling: bool = True
+    # Share the KV of common prompt prefixes (scheduler/kv_cache_manager.py).
+    enable_prefix_caching: bool = True
     max_waiting: int = 4096
     max_waiting_tokens: int = 1 << 20  # prompt tokens waiting in the scheduler, at most
     # Generate streams at once on one gRPC client connection; past it RESOURCE_EXHAUSTED.
@@ -152,6 +154,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
     ]
     if not config.async_scheduling:
         engine_flags.append("--no-async-scheduling")
+    if not config.enable_prefix_caching:
+        engine_flags.append("--no-enable-prefix-caching")
     if config.max_model_len is not None:
         engine_flags += ["--max-model-len", str(config.max_model_len)]
     if config.kv_cache_memory is not None:

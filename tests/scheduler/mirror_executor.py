@@ -3,14 +3,20 @@
 It knows requests only through the plans it runs, applies the mirror rule of
 executor.plan as a real executor would, and checks each plan on the way: every
 scheduled request appears once (cached ones first), tokens to run exist, block
-tables have room for them, and no block is in two tables.
+tables have room for them, and no block is written while another table holds it.
+
+It also keeps a model of the KV pool: each slot holds the context (every token up to
+and including its own) whose K/V a real model would have written there, and a
+request that samples must find its whole context in its block table. So a prefix
+served from the cache must be exactly the K/V this executor computed for those
+tokens, and one computed by an earlier executor (lost since) is not there at all.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -33,6 +39,14 @@ class Mirror:
     sampling: SamplingOptions
     block_ids: list[int]
     num_computed_tokens: int
+    # contexts[p]: a key of token_ids[: p + 1], what the K/V at position p depends on
+    contexts: list[int] = field(default_factory=list)
+
+    def context(self, position: int) -> int:
+        while len(self.contexts) <= position:
+            previous = self.contexts[-1] if self.contexts else 0
+            self.contexts.append(hash((previous, self.token_ids[len(self.contexts)])))
+        return self.contexts[position]
 
 
 class MirrorExecutor:
@@ -41,6 +55,7 @@ class MirrorExecutor:
         self.sample = sample
         self.mirrors: dict[str, Mirror] = {}
         self.last_run: dict[str, list[int]] = {}  # request_id -> tokens run last step
+        self.kv: dict[int, int] = {}  # slot -> the context whose K/V it holds
 
     def execute(self, plan: StepPlan) -> StepResult:
         for request_id in plan.finished_request_ids:
@@ -61,10 +76,9 @@ class MirrorExecutor:
         listed += [n.request_id for n in plan.new_requests]
         assert list(plan.num_scheduled_tokens) == listed, "plan lists disagree"
         owners = Counter(b for m in self.mirrors.values() for b in m.block_ids)
-        assert all(n == 1 for n in owners.values()), f"shared blocks: {owners}"
-        return self._run(plan)
+        return self._run(plan, owners)
 
-    def _run(self, plan: StepPlan) -> StepResult:
+    def _run(self, plan: StepPlan, owners: Counter[int]) -> StepResult:
         result = StepResult()
         self.last_run = {}
         for request_id, num_scheduled in plan.num_scheduled_tokens.items():
@@ -73,15 +87,28 @@ class MirrorExecutor:
             end = start + num_scheduled
             assert 0 < num_scheduled and end <= len(mirror.token_ids), "no such tokens"
             assert end <= len(mirror.block_ids) * self.block_size, "no slots for them"
+            for position in range(start, end):
+                block_id = mirror.block_ids[position // self.block_size]
+                assert owners[block_id] == 1, f"{request_id} writes shared block {block_id}"
+                self.kv[self._slot(mirror, position)] = mirror.context(position)
             self.last_run[request_id] = mirror.token_ids[start:end]
             mirror.num_computed_tokens = end
             if end == len(mirror.token_ids):
+                for position in range(end):  # attention reads the whole context
+                    found = self.kv.get(self._slot(mirror, position))
+                    assert found == mirror.context(position), (
+                        f"{request_id}: wrong K/V at position {position}"
+                    )
                 token_id = self.sample(request_id, mirror.token_ids)
                 mirror.token_ids.append(token_id)
                 result.sampled_token_ids[request_id] = token_id
                 if mirror.sampling.logprobs is not None:
                     result.logprobs[request_id] = TokenLogprobs(token_id, -0.5, 1, ())
         return result
+
+    def _slot(self, mirror: Mirror, position: int) -> int:
+        block_id = mirror.block_ids[position // self.block_size]
+        return block_id * self.block_size + position % self.block_size
 
     def assert_mirrors(self, scheduler: Scheduler) -> None:
         """Every running request is mirrored with the same tokens (and the ones it

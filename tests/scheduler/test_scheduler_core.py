@@ -202,7 +202,11 @@ def test_policy_orders_admission(policy, order):
 
 def test_preemption_takes_the_latest_arrival_first_and_resumes_with_its_tokens():
     # max_model_len 6 caps each request at 3 blocks, so each fits the pool alone.
-    h = Harness(make_scheduler(num_blocks=3, block_size=2, max_model_len=6))
+    # Without the prefix cache, freed blocks queue in table order (with it, cached ones
+    # are evicted after the free ones: test_prefix_cache.py has that case).
+    h = Harness(
+        make_scheduler(num_blocks=3, block_size=2, max_model_len=6, enable_prefix_caching=False)
+    )
     h.add(*(make_request(rid, 2, max_tokens=5) for rid in "abc"))
 
     plan, _ = h.step()
@@ -254,6 +258,7 @@ def test_a_better_waiting_request_preempts_for_blocks_only_under_priority(
     policy, b_priority, preempts
 ):
     config = dict(num_blocks=3, block_size=2, max_model_len=6, max_num_batched_tokens=5)
+    config["enable_prefix_caching"] = False  # exact ids of the plain free queue
     h = Harness(make_scheduler(**config, policy=policy))
     h.add(make_request("a", 2, max_tokens=10, priority=1))
     h.step()
@@ -274,7 +279,8 @@ def test_a_better_waiting_request_preempts_for_blocks_only_under_priority(
 
 
 def test_a_blocked_head_is_not_skipped_by_a_request_that_would_fit():
-    h = Harness(make_scheduler(num_blocks=4, block_size=2, max_model_len=8, max_num_seqs=2))
+    config = dict(num_blocks=4, block_size=2, max_model_len=8, max_num_seqs=2)
+    h = Harness(make_scheduler(**config, enable_prefix_caching=False))  # exact free ids
     h.add(make_request("a", 4), make_request("b", 3), make_request("c", 1))
     assert new_ids(h.step()[0]) == ["a", "b"]  # a: [0, 1], b: [2, 3]
 
@@ -293,7 +299,8 @@ def test_a_blocked_head_is_not_skipped_by_a_request_that_would_fit():
 
 def test_no_admission_in_a_step_that_preempts():
     config = dict(num_blocks=4, block_size=2, max_model_len=8, max_num_seqs=2)
-    h = Harness(make_scheduler(**config, policy="priority"))
+    # exact ids of the plain free queue: no prefix cache
+    h = Harness(make_scheduler(**config, policy="priority", enable_prefix_caching=False))
     h.add(make_request("x", 4, priority=0), make_request("y", 3, priority=5))
     assert new_ids(h.step()[0]) == ["x", "y"]  # x: [0, 1], y: [2, 3]
     h.add(make_request("w", 1, priority=1))  # waits for a seat

@@ -4,7 +4,9 @@ The fake executor samples from the tokens alone (a deterministic "greedy model")
 a request must stream the same tokens however it was batched, chunked or preempted, or
 recomputed on a new executor after one was lost, and whether steps ran one at a time or
 pipelined (the next plan scheduled while one is in flight): the ones it would produce
-running alone.
+running alone. With the prefix cache, requests share prompts (a conversation's next
+turn, n > 1 copies, salts): the fake executor models the K/V each slot holds and
+checks that every request attends to exactly its own context, cached prefix included.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_batched_tokens=st.integers(1, 16),
         max_model_len=st.integers(2, 24),
         policy=st.sampled_from(["fcfs", "priority", "priority"]),
+        enable_prefix_caching=st.sampled_from([True, True, False]),
     )
     def setup(self, **options) -> None:
         self.scheduler = Scheduler(SchedulerConfig(**options))
@@ -75,6 +78,30 @@ class SchedulerMachine(RuleBasedStateMachine):
         stop_token_ids=st.lists(st.integers(1, 10), max_size=2).map(tuple),
     )
     def add(self, prompt, max_tokens, min_tokens, priority, ignore_eos, stop_token_ids):
+        self._add(prompt, max_tokens, min_tokens, priority, ignore_eos, stop_token_ids)
+
+    @rule(
+        data=st.data(),
+        extra=st.lists(st.integers(0, 10), max_size=4),
+        copies=st.integers(1, 3),
+        same_salt=st.sampled_from([True, True, False]),
+        max_tokens=st.integers(1, 8),
+    )
+    def add_sharing(self, data, extra, copies, same_salt, max_tokens) -> None:
+        """Prompts that start like an earlier request's tokens (outputs included: the
+        next turn of a conversation), alone or as the n copies of one request."""
+        if not self.requests:
+            return
+        earlier = data.draw(st.sampled_from(list(self.requests.values())))
+        tokens = earlier.all_token_ids
+        prompt = tokens[: data.draw(st.just(len(tokens)) | st.integers(0, len(tokens)))] + extra
+        salt = earlier.cache_salt if same_salt else earlier.cache_salt + "x"
+        for _ in range(copies):
+            self._add(prompt, max_tokens, 0, 0, True, (), salt)
+
+    def _add(
+        self, prompt, max_tokens, min_tokens, priority, ignore_eos, stop_token_ids, salt=""
+    ) -> None:
         self.count += 1
         stop = StopConditions(
             max_tokens,
@@ -83,7 +110,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             (EOS,),
             ignore_eos,
         )
-        request = Request(f"r{self.count}", prompt, SamplingOptions(), stop, priority)
+        request = Request(
+            f"r{self.count}", list(prompt), SamplingOptions(), stop, priority, cache_salt=salt
+        )
         config = self.scheduler.config
         num_tokens = min(len(prompt) + max_tokens, config.max_model_len)
         fits = -(-num_tokens // config.block_size) <= config.num_blocks
@@ -127,6 +156,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     def pipelined_steps(self, num_steps: int) -> None:
         for _ in range(num_steps):
             self.step_ahead()
+
+    @rule()
+    def reset_prefix_cache(self) -> None:
+        self.scheduler.reset_prefix_cache()
+        assert self.scheduler.num_cached_blocks == 0
 
     @rule(with_a_step_in_flight=st.booleans())
     def lose_the_executor(self, with_a_step_in_flight: bool) -> None:
@@ -194,6 +228,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             raise AssertionError("requests never finished: the scheduler is stuck")
         assert self.scheduler.num_free_blocks == self.scheduler.config.num_blocks
+        if not self.scheduler.config.enable_prefix_caching:
+            assert self.scheduler.num_cached_blocks == self.scheduler.num_prefix_cache_hits == 0
         for request_id, request in self.requests.items():
             self._check_stream(request, self.streams[request_id])
 

@@ -10,7 +10,7 @@ from tessera.common.curve import check_link, check_pair
 from tessera.common.executor_config import ExecutorServerConfig
 from tessera.proto.tessera.v1 import engine_pb2
 
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "lpm")
 DEFAULT_GATEWAY_ADDRESS = "ipc:///tmp/tessera-scheduler.sock"
 
 
@@ -21,7 +21,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens run in one step, over all requests
     max_model_len: int = 2048  # prompt plus output tokens of one request
-    policy: str = "fcfs"  # "fcfs" or "priority"
+    policy: str = "fcfs"  # "fcfs", "priority" or "lpm" (scheduler/policy.py)
     # Share the K/V of full blocks between requests with the same leading tokens
     # (and cache_salt): kv_cache_manager.
     enable_prefix_caching: bool = True
@@ -109,7 +109,14 @@ class SchedulerServerConfig:
         default=None,
         metadata={"help": "prompt + output tokens; default min(model context, KV pool)"},
     )
-    policy: str = field(default="fcfs", metadata={"help": "fcfs | priority"})
+    policy: str = field(
+        default="fcfs",
+        metadata={
+            "help": "fcfs | priority (lower priority values first) | lpm (as priority, "
+            "but among equal priorities the longest cached prompt prefix first, "
+            "bounded so nothing starves; never preempts for a waiting request)"
+        },
+    )
     async_scheduling: bool = field(
         default=True,
         metadata={

@@ -58,6 +58,7 @@ def output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.Seq
         finish_reason=finish_reason,
         num_prompt_tokens=output.num_prompt_tokens,
         num_output_tokens=output.num_output_tokens,
+        num_cached_tokens=output.num_cached_tokens,
         error=error,
         error_kind=kind if finish_reason == "error" else "",
     )

@@ -18,6 +18,9 @@ class SchedulingPolicy(Protocol):
     # with a larger key. Under FCFS the keys only reflect arrival, and taking blocks
     # from an earlier-admitted request would only churn work.
     preempts_for_waiting: ClassVar[bool]
+    # Whether admission prefers, among waiting requests of the head's priority, the
+    # ones with the longest cached prefix (Scheduler._admission_order).
+    prefers_cached_prefix: ClassVar[bool]
 
     def key(self, request: Request) -> tuple[int, ...]: ...
 
@@ -25,6 +28,7 @@ class SchedulingPolicy(Protocol):
 @dataclass(slots=True, frozen=True)
 class FCFSPolicy:
     preempts_for_waiting: ClassVar[bool] = False
+    prefers_cached_prefix: ClassVar[bool] = False
 
     def key(self, request: Request) -> tuple[int, ...]:
         return (request.arrival_index,)
@@ -35,9 +39,36 @@ class PriorityPolicy:
     """Lower priority numbers first; first come, first served within a priority."""
 
     preempts_for_waiting: ClassVar[bool] = True
+    prefers_cached_prefix: ClassVar[bool] = False
 
     def key(self, request: Request) -> tuple[int, ...]:
         return (request.priority, request.arrival_index)
+
+
+@dataclass(slots=True, frozen=True)
+class LongestPrefixMatchPolicy:
+    """SGLang's "lpm": among waiting requests of the same priority, admit first the
+    ones whose longest prefix is cached (they cost the fewest tokens to compute, and
+    admitting them before their prefix is evicted keeps it useful).
+
+    The key (queue order, preemption order) is the priority policy's; the preference
+    is applied at admission over the first LPM_WINDOW waiting requests, and a request
+    that later arrivals have overtaken in LPM_MAX_OVERTAKEN steps goes first among its
+    priority, so nothing starves. It never preempts a running request for a waiting
+    one: admission order is no longer arrival order, so that would only churn work.
+    """
+
+    preempts_for_waiting: ClassVar[bool] = False
+    prefers_cached_prefix: ClassVar[bool] = True
+
+    def key(self, request: Request) -> tuple[int, ...]:
+        return (request.priority, request.arrival_index)
+
+
+# Waiting requests whose cached prefix lpm looks up per step (a hash lookup per block
+# each), and how many steps of being overtaken a request bears before it goes first.
+LPM_WINDOW = 128
+LPM_MAX_OVERTAKEN = 16
 
 
 def make_policy(name: str) -> SchedulingPolicy:
@@ -45,4 +76,6 @@ def make_policy(name: str) -> SchedulingPolicy:
         return FCFSPolicy()
     if name == "priority":
         return PriorityPolicy()
-    raise ValueError(f"unknown scheduling policy {name!r}; use 'fcfs' or 'priority'")
+    if name == "lpm":
+        return LongestPrefixMatchPolicy()
+    raise ValueError(f"unknown scheduling policy {name!r}; use 'fcfs', 'priority' or 'lpm'")

@@ -68,6 +68,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None
+    # Steps in which requests that arrived later were admitted while this one waited
+    # (the lpm policy's starvation bound).
+    num_times_overtaken: int = 0
     # prompt + outputs, kept alongside so reading it costs no copy per step
     _all_token_ids: list[int] = field(init=False, repr=False)
 

@@ -54,7 +54,7 @@ from tessera.scheduler.block_pool import BlockPool
 from tessera.scheduler.config import SchedulerConfig
 from tessera.scheduler.kv_cache_manager import KVCacheManager
 from tessera.scheduler.outputs import RequestOutput
-from tessera.scheduler.policy import make_policy
+from tessera.scheduler.policy import LPM_MAX_OVERTAKEN, LPM_WINDOW, make_policy
 from tessera.scheduler.request import Request, RequestStatus
 
 # Tokens of one request that steps in flight may sample before the scheduler sees
@@ -310,8 +310,15 @@ class Scheduler:
         """
         kv_cache = self.kv_cache
         in_flight: set[bytes] | None = None  # block hashes steps in flight compute
+        order = self._admission_order()  # None: the waiting queue's own order
+        admitted: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            if order is None:
+                request = self.waiting[0]
+            elif order:
+                request = order[0]
+            else:
+                break
             cached_block_ids = kv_cache.find_cached_prefix(request)
             if kv_cache.enable_caching:
                 if in_flight is None:
@@ -329,7 +336,12 @@ class Scheduler:
                 self._preempt(victim)
                 in_flight = None  # the victim's blocks in flight are not coming
                 continue
-            del self.waiting[0]
+            if order is None:
+                del self.waiting[0]
+            else:
+                del order[0]
+                self.waiting.remove(request)
+            admitted.append(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:  # the first admission
                 request.num_cached_tokens = num_cached
@@ -352,6 +364,28 @@ class Scheduler:
             budget -= num_new
             if in_flight is not None:
                 in_flight |= kv_cache.hashes_in_flight([request])
+        if order is not None and admitted:
+            latest = max(r.arrival_index for r in admitted)
+            for request in self.waiting[:LPM_WINDOW]:
+                if request.arrival_index < latest:
+                    request.num_times_overtaken += 1
+
+    def _admission_order(self) -> list[Request] | None:
+        """The order in which the lpm policy tries waiting requests this step: the first
+        LPM_WINDOW by priority, then those overtaken LPM_MAX_OVERTAKEN times, then the
+        longest cached prefix first, then arrival; the rest as queued. None for the
+        other policies: the queue's order."""
+        if not (self.policy.prefers_cached_prefix and self.kv_cache.enable_caching):
+            return None
+        window = self.waiting[:LPM_WINDOW]
+
+        def key(request: Request) -> tuple[int, ...]:
+            if request.num_times_overtaken >= LPM_MAX_OVERTAKEN:
+                return (request.priority, 0, 0, request.arrival_index)
+            num_cached = len(self.kv_cache.find_cached_prefix(request))
+            return (request.priority, 1, -num_cached, request.arrival_index)
+
+        return sorted(window, key=key) + self.waiting[LPM_WINDOW:]
 
     def _commit(self, plan: StepPlan, request: Request, num_new: int) -> None:
         plan.num_scheduled_tokens[request.request_id] = num_new

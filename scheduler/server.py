@@ -346,7 +346,7 @@ class SchedulerServer:
             elif kind == "abort":
                 self.abort_requests(gateway, msg.abort.request_ids)
             elif kind == "status":
-                self.reply_status(gateway, msg.status.query_id)
+                self.reply_status(gateway, msg.status.query_id, msg.status.reset_prefix_cache)
             elif kind == "goodbye":
                 self.forget_gateway(gateway)
             elif kind == "heartbeat":
@@ -420,11 +420,16 @@ class SchedulerServer:
         for output in self.scheduler.abort_requests(mine):
             self.emit(output)
 
-    def reply_status(self, gateway: bytes, query_id: int) -> None:
+    def reply_status(self, gateway: bytes, query_id: int, reset_prefix_cache: bool = False) -> None:
         pending = self.sessions.outbox.pop(gateway, None)
         if pending is not None:  # keep the order the gateway would expect
             self.send(gateway, pending)
+        num_dropped = 0
+        if reset_prefix_cache:
+            num_dropped = self.scheduler.reset_prefix_cache()
+            logger.info("prefix cache reset by a gateway: %d cached blocks dropped", num_dropped)
         reply = engine_pb2.StatusReply(
+            num_prefix_cache_blocks_dropped=num_dropped,
             query_id=query_id,
             info=self.info,
             load=self.load(),
@@ -515,6 +520,7 @@ class SchedulerServer:
             num_waiting=self.scheduler.num_waiting,
             num_kv_blocks_used=self.scheduler.num_used_blocks,
             num_kv_blocks_free=self.scheduler.num_free_blocks,
+            num_kv_blocks_cached=self.scheduler.num_cached_blocks,
         )
 
     def totals(self) -> engine_pb2.EngineCounters:
@@ -531,6 +537,8 @@ class SchedulerServer:
             num_generated_tokens=c.num_generated_tokens,
             num_bad_messages=c.num_bad_messages,
             num_executor_restarts=self.recovery.num_restarts,
+            num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,
+            num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits,
         )
 
     # -- helpers -------------------------------------------------------------------

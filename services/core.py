@@ -116,6 +116,8 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int  # over all n sequences
+    # Prompt tokens the prefix cache served when the first sequence was admitted.
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -267,6 +269,14 @@ class ServingCore:
             return await self.engine.status(timeout)
         except EngineUnavailable as e:
             raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from e
+
+    async def reset_prefix_cache(self) -> int:
+        """Drop the engine's cached prefixes; returns how many cached blocks it dropped."""
+        try:
+            reply = await self.engine.status(reset_prefix_cache=True)
+        except EngineUnavailable as e:
+            raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from e
+        return reply.num_prefix_cache_blocks_dropped
 
     async def tokenize(self, prompt: TextPrompt | ChatPrompt, add_special_tokens: bool = True
                        ) -> tuple[list[int], str]:
@@ -438,6 +448,7 @@ class Generation:
         self._started = started
         self._first_token_at: float | None = None
         self._completion_tokens = 0
+        self._cached_tokens = 0  # as the scheduler reports it for sequence 0
         self._num_streamed = 0  # tokens handed out, finished sequences or not
         self._rejected = False
         self._closed = False
@@ -461,6 +472,8 @@ class Generation:
                 continue
             if self._coalesce:
                 item = self._merge_queued(item)
+            if self._index[item.request_id] == 0:  # outputs made here (aborts) carry 0
+                self._cached_tokens = max(self._cached_tokens, item.num_cached_tokens)
             delta = self._delta(item)
             self._num_streamed += len(delta.token_ids)
             if delta.token_ids and self._first_token_at is None:
@@ -473,7 +486,9 @@ class Generation:
                 if not item.finished:  # a stop string: the scheduler still runs it
                     await self._core.engine.abort([item.request_id])
             if not self._pending:
-                delta.usage = Usage(len(self.prompt_token_ids), self._completion_tokens)
+                delta.usage = Usage(
+                    len(self.prompt_token_ids), self._completion_tokens, self._cached_tokens
+                )
             yield delta
 
     def _merge_queued(self, item: engine_pb2.SequenceOutput) -> engine_pb2.SequenceOutput:

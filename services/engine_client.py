@@ -137,9 +137,12 @@ class EngineClient:
             except EngineUnavailable:
                 self._orphans.update(request_ids)
 
-    async def status(self, timeout: float | None = None) -> engine_pb2.StatusReply:
+    async def status(
+        self, timeout: float | None = None, reset_prefix_cache: bool = False
+    ) -> engine_pb2.StatusReply:
         """The scheduler's StatusReply; EngineUnavailable if it does not answer in time, or
-        at once while it counts as lost (the pulse keeps asking meanwhile)."""
+        at once while it counts as lost (the pulse keeps asking meanwhile). With
+        reset_prefix_cache the scheduler drops its cached prefixes before answering."""
         if self.lost_reason is not None:
             raise EngineUnavailable(f"the engine is unavailable: {self.lost_reason}")
         query_id = next(self._query_ids)
@@ -147,7 +150,11 @@ class EngineClient:
         self._status[query_id] = fut
         try:
             await self._send(
-                engine_pb2.GatewayMessage(status=engine_pb2.StatusQuery(query_id=query_id))
+                engine_pb2.GatewayMessage(
+                    status=engine_pb2.StatusQuery(
+                        query_id=query_id, reset_prefix_cache=reset_prefix_cache
+                    )
+                )
             )
             return await asyncio.wait_for(fut, timeout or self._status_timeout)
         except TimeoutError as e:

@@ -259,10 +259,19 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             num_waiting=load.num_waiting,
             num_kv_blocks_used=load.num_kv_blocks_used,
             num_kv_blocks_free=load.num_kv_blocks_free,
+            num_kv_blocks_cached=load.num_kv_blocks_cached,
         )
 
     async def Abort(self, request, context):  # noqa: N802
         return generate_pb2.AbortResponse(found=await self.core.abort(request.request_id))
+
+    async def ResetPrefixCache(self, request, context):  # noqa: N802
+        try:
+            num_dropped = await self.core.reset_prefix_cache()
+        except RequestError as e:
+            await _abort(context, e)
+            raise
+        return generate_pb2.ResetPrefixCacheResponse(num_blocks_dropped=num_dropped)
 
     async def _status(self, context) -> engine_pb2.StatusReply:
         try:
@@ -332,7 +341,9 @@ def _response_pb(rid: str, d: Delta) -> generate_pb2.GenerateResponse:
     if d.usage is not None:
         resp.usage.CopyFrom(
             generate_pb2.Usage(
-                prompt_tokens=d.usage.prompt_tokens, completion_tokens=d.usage.completion_tokens
+                prompt_tokens=d.usage.prompt_tokens,
+                completion_tokens=d.usage.completion_tokens,
+                cached_tokens=d.usage.cached_tokens,
             )
         )
     return resp

@@ -30,6 +30,11 @@ _ENGINE_COUNTERS = (
     ("num_generated_tokens", "tessera_engine_generated_tokens", "Tokens generated"),
     ("num_executor_restarts", "tessera_engine_executor_restarts",
      "Executors started to replace one that died or hung"),
+    # vLLM's names (vllm:prefix_cache_queries / _hits), counted in tokens
+    ("num_prefix_cache_queries", "tessera_prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache at admission"),
+    ("num_prefix_cache_hits", "tessera_prefix_cache_hits",
+     "Prompt tokens found in the prefix cache at admission"),
 )
 
 
@@ -115,7 +120,14 @@ class _EngineCollector:
             ("tessera_kv_blocks_used", "KV blocks owned by sequences", load.num_kv_blocks_used),
             ("tessera_kv_blocks_free", "KV blocks free", load.num_kv_blocks_free),
             ("tessera_kv_blocks_total", "KV blocks in the pool", info.num_kv_blocks),
+            ("tessera_kv_blocks_cached", "KV blocks the prefix cache holds, used or evictable",
+             load.num_kv_blocks_cached),
         ):
             yield GaugeMetricFamily(name, text, value=float(value))
+        yield GaugeMetricFamily(  # vLLM's vllm:kv_cache_usage_perc: a fraction, 1 is full
+            "tessera_kv_cache_usage_perc",
+            "Fraction of the KV pool owned by sequences (evictable cached blocks are free)",
+            value=load.num_kv_blocks_used / max(1, info.num_kv_blocks),
+        )
         for field, name, text in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, text, value=float(getattr(status.counters, field)))

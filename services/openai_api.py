@@ -90,6 +90,8 @@ def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_bod
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    # vLLM's admin route (behind the API key like every route but /health and /metrics)
+    app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     app.state.front = api
@@ -127,6 +129,13 @@ class OpenAIFront:
         except RequestError:
             status = None
         return Response(self.metrics.render(status), media_type=CONTENT_TYPE)
+
+    async def reset_prefix_cache(self) -> Response:
+        try:
+            num_dropped = await self.core.reset_prefix_cache()
+        except RequestError as e:
+            return request_error_response(e)
+        return JSONResponse({"num_blocks_dropped": num_dropped})
 
     def _model_card(self) -> dict[str, Any]:
         return {
@@ -253,9 +262,9 @@ async def _merge(gens: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:
 
 async def _collect(
     deltas: AsyncIterator[tuple[int, Delta]], n: int
-) -> tuple[dict[int, Choice], tuple[int, int]]:
+) -> tuple[dict[int, Choice], tuple[int, int, int]]:
     choices: dict[int, Choice] = {}
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     async for g, d in deltas:
         c = choices.setdefault(g * n + d.index, Choice())
         c.text.append(d.text or "")
@@ -267,7 +276,8 @@ async def _collect(
         if d.usage is not None:
             prompt_tokens += d.usage.prompt_tokens
             completion_tokens += d.usage.completion_tokens
+            cached_tokens += d.usage.cached_tokens
     for c in choices.values():
         if c.error is not None:
             raise RequestError(c.error.error_kind or ErrorKind.INTERNAL, c.error.error)
-    return dict(sorted(choices.items())), (prompt_tokens, completion_tokens)
+    return dict(sorted(choices.items())), (prompt_tokens, completion_tokens, cached_tokens)

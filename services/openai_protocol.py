@@ -224,11 +224,13 @@ def _prompts(prompt: str | list) -> list[TextPrompt | TokenPrompt]:
 # -- responses ---------------------------------------------------------------------------
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # Prompt tokens served from the prefix cache, as OpenAI reports its own.
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

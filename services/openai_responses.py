@@ -99,7 +99,7 @@ class Format:
         return {"id": self.rid, "object": obj, "created": self.created,
                 "model": self.front.core.model, "system_fingerprint": None, "choices": choices}
 
-    def response(self, choices: dict[int, Choice], usage: tuple[int, int]) -> JSONResponse:
+    def response(self, choices: dict[int, Choice], usage: tuple[int, int, int]) -> JSONResponse:
         body = self.envelope(self.object_name, [self.choice(i, c) for i, c in choices.items()])
         body["usage"] = usage_body(*usage)
         return JSONResponse(body)
@@ -113,7 +113,7 @@ class Format:
     async def events(
         self, first: tuple[int, Delta] | None, deltas: AsyncIterator[tuple[int, Delta]]
     ) -> AsyncIterator[str]:
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         for chunk in self.opening():
             yield chunk
         try:
@@ -125,13 +125,14 @@ class Format:
                 if d.usage is not None:
                     prompt_tokens += d.usage.prompt_tokens
                     completion_tokens += d.usage.completion_tokens
+                    cached_tokens += d.usage.cached_tokens
         except RequestError as e:  # the status is sent already: the error is an event
             _, type_, code = ERROR_STATUS[e.kind]
             yield _sse(error_body(e.message, type_, e.param, code))
         else:
             if self.include_usage:
                 body = self.envelope(self.chunk_name, [])
-                body["usage"] = usage_body(prompt_tokens, completion_tokens)
+                body["usage"] = usage_body(prompt_tokens, completion_tokens, cached_tokens)
                 yield _sse(body)
         yield _sse("[DONE]")
 

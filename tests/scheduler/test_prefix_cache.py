@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import struct
 from collections import Counter, deque
 
 import pytest
@@ -26,6 +27,7 @@ from tessera.scheduler import (
 )
 from tessera.scheduler.block_hash import ROOT_HASH, extend_block_hashes, hash_block
 from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.policy import LPM_MAX_OVERTAKEN
 from tessera.serve import ServeConfig, child_commands
 from tests.scheduler.mirror_executor import MirrorExecutor
 from tests.scheduler.test_scheduler_core import Harness, counting_sampler, make_scheduler
@@ -54,10 +56,17 @@ def run_to_end(h: Harness) -> None:
 def test_block_hashes_are_sha256_over_a_fixed_encoding():
     # Pinned: other processes (and later releases) must compute the same keys.
     assert ROOT_HASH == hashlib.sha256(b"tessera prefix cache, block hash v1").digest()
-    assert hash_block(ROOT_HASH, [1, 2, 3, 4]).hex()[:16] == "e6daf16481746a34"
-    salted = hash_block(ROOT_HASH, [1, 2, 3, 4], (("cache_salt", "a"),))
-    assert salted.hex()[:16] == "e9a8f774ec5e315f"
-    assert len(salted) == 32
+    # The encoding written out by hand: parent, token count, int64 tokens, key count,
+    # then each key's kind and value, length-prefixed.
+    tokens = struct.pack("<I4q", 4, 1, 2, 3, 4)
+    plain = hashlib.sha256(ROOT_HASH + tokens + struct.pack("<I", 0)).digest()
+    assert hash_block(ROOT_HASH, [1, 2, 3, 4]) == plain
+    keys = struct.pack("<II", 1, 10) + b"cache_salt" + struct.pack("<I", 1) + b"a"
+    salted = hashlib.sha256(ROOT_HASH + tokens + keys).digest()
+    assert hash_block(ROOT_HASH, [1, 2, 3, 4], (("cache_salt", "a"),)) == salted
+    assert hash_block(plain, [5]) == hashlib.sha256(
+        plain + struct.pack("<Iq", 1, 5) + struct.pack("<I", 0)
+    ).digest()
 
 
 def test_the_salt_is_in_the_first_block_and_changes_the_whole_chain():
@@ -396,6 +405,40 @@ def test_a_preempted_request_is_resumed_past_the_blocks_still_cached():
     assert admitted(plan) == {"b": (0, [1, 2])}
     run_to_end(h)
     assert isinstance(h.scheduler, Scheduler) and h.scheduler.num_free_blocks == 3
+
+
+# -- the lpm policy ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "order"), [("fcfs", ["x", "b"]), ("lpm", ["b", "x"])])
+def test_lpm_admits_the_longest_cached_prefix_first(policy, order):
+    h = cached_harness(policy=policy, max_num_seqs=1)
+    h.add(req("x", [50] * 10), req("y", A[:4] + [60] * 6), req("b", A[:8] + [9]))
+    seen = []
+    while h.scheduler.has_unfinished_requests():
+        plan, _ = h.step()
+        seen += [rid for rid in admitted(plan) if rid != "y"]
+    assert seen == order
+
+
+def test_lpm_prefers_the_cache_only_within_a_priority():
+    h = cached_harness(policy="lpm", max_num_seqs=1)
+    h.add(req("x", [50] * 10, priority=0), req("b", A[:8] + [9], priority=1))
+    plan, _ = h.step()
+    assert list(admitted(plan)) == ["x"]
+
+
+def test_lpm_lets_a_request_be_overtaken_a_bounded_number_of_times():
+    h = cached_harness(policy="lpm", max_num_seqs=1)
+    starved = req("s", [50] * 10)  # never hits
+    h.add(starved)
+    for step in range(1, LPM_MAX_OVERTAKEN + 2):
+        h.add(req(f"hit{step}", A[:8] + [step]))  # arrives later, hits 8 tokens
+        plan, _ = h.step()
+        if "s" in admitted(plan):
+            break
+    assert step == LPM_MAX_OVERTAKEN + 1
+    assert starved.num_times_overtaken == LPM_MAX_OVERTAKEN
 
 
 # -- random use, against a model of both queues, the hashes and the ref counts -------

@@ -23,7 +23,7 @@ from tessera.scheduler import (
         (dict(num_blocks=8, block_size=-4), r"block_size must be a positive int, got -4"),
         (dict(num_blocks=8, max_num_seqs=True), r"max_num_seqs must be a positive int, got True"),
         (dict(num_blocks=8, max_model_len=2.5), r"max_model_len must be a positive int"),
-        (dict(num_blocks=8, policy="lifo"), r"policy must be one of \('fcfs', 'priority'\)"),
+        (dict(num_blocks=8, policy="lifo"), r"policy must be one of \('fcfs', 'priority', 'lpm'\)"),
     ],
 )
 def test_config_rejects_bad_values(options, message):

@@ -56,7 +56,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 6),
         max_num_batched_tokens=st.integers(1, 16),
         max_model_len=st.integers(2, 24),
-        policy=st.sampled_from(["fcfs", "priority", "priority"]),
+        policy=st.sampled_from(["fcfs", "priority", "priority", "lpm"]),
         enable_prefix_caching=st.sampled_from([True, True, False]),
     )
     def setup(self, **options) -> None:

@@ -1,14 +1,29 @@
 """Prefix caching end to end on the default model: greedy tokens with prefixes served
 from the cache equal Hugging Face transformers' (and the engine's own with caching
 off), with the hits counted exactly: prompts sharing a long system prompt, a
-conversation replayed turn by turn, n > 1, chunked prefill and preemption."""
+conversation replayed turn by turn, n > 1, chunked prefill and preemption; and
+through `tessera serve`: cached_tokens on gRPC and through the official openai client,
+the reset RPC and route behind the API key, the metrics, and hits that stay correct
+across an executor killed mid-stream (its cache must go with it)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import httpx
+import openai
 import pytest
 import torch
 
 from tessera import LLM, SamplingParams
+from tessera.proto.tessera.v1 import generate_pb2 as pb
+from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
+from tests.proctable import cmdline, descendants, wait_gone
+from tests.services.launch import Server
 
 pytestmark = pytest.mark.slow  # whole-model runs
 
@@ -26,11 +41,13 @@ QUESTIONS = ["When do you open?", "How many books can I borrow?", "Can I renew b
 TURNS = ["Thanks. What about Sundays?", "And how long is a loan?", "Is there a late fee?"]
 
 
-def hf_greedy(hf_model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens (nothing blocks EOS) and logprobs [NUM_TOKENS, V]."""
+def hf_greedy(
+    hf_model, ids: list[int], num_tokens: int = NUM_TOKENS
+) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens (nothing blocks EOS) and logprobs [num_tokens, V]."""
     past, step_input, tokens, logprobs = None, torch.tensor([ids]), [], []
     with torch.inference_mode():
-        for _ in range(NUM_TOKENS):
+        for _ in range(num_tokens):
             out = hf_model(input_ids=step_input, past_key_values=past, use_cache=True)
             past = out.past_key_values
             lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -42,7 +59,7 @@ def hf_greedy(hf_model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
 
 def assert_follows(reference: tuple[list[int], torch.Tensor], ours: list[int], label: str):
     ref_tokens, ref_lp = reference
-    assert len(ours) == NUM_TOKENS, label
+    assert len(ours) == len(ref_tokens), label
     for pos, (a, b) in enumerate(zip(ref_tokens, ours, strict=True)):
         if a != b:
             gap = abs(ref_lp[pos, a].item() - ref_lp[pos, b].item())
@@ -183,3 +200,124 @@ def test_preemption_with_a_tiny_pool(shared, conversation):
     assert [r.num_cached_tokens for r in plain] == [0] * len(prompts)
     for llm in (on, off):
         assert llm.engine.scheduler.num_free_blocks == num_blocks
+
+
+# -- served: `tessera serve` with an API key ------------------------------------------
+
+KEY = "prefix-key-51c2"
+AUTH = (("authorization", f"Bearer {KEY}"),)
+KILL_TOKENS = 40  # long enough that the streams are mid-way when the executor dies
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("prefix"), env={"TESSERA_API_KEY": KEY})
+    yield s
+    s.stop()
+
+
+def token_request(ids: list[int], num_tokens: int = NUM_TOKENS) -> pb.GenerateRequest:
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+
+
+def stream_all(server, requests, on_started=None) -> list[tuple[list[int], pb.Usage]]:
+    """Run the streams together; once every one has 2 tokens, call on_started."""
+    results: list[tuple[list[int], pb.Usage]] = [([], pb.Usage()) for _ in requests]
+
+    async def one(stub, i: int) -> None:
+        async for msg in stub.Generate(requests[i], metadata=AUTH, timeout=300):
+            results[i][0].extend(msg.token_ids)
+            if msg.HasField("usage"):
+                results[i][1].CopyFrom(msg.usage)
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.TesseraStub(ch)
+            tasks = [asyncio.create_task(one(stub, i)) for i in range(len(requests))]
+            if on_started is not None:
+                deadline = time.monotonic() + 120
+                while not all(len(tokens) >= 2 for tokens, _ in results):
+                    assert time.monotonic() < deadline, "the streams did not start"
+                    await asyncio.sleep(0.01)
+                assert not any(t.done() for t in tasks), "the streams ended too soon"
+                on_started()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    return results
+
+
+def metric(name: str, text: str) -> float:
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    raise KeyError(name)
+
+
+def test_served_hits_are_reported_and_stay_exact_across_an_executor_kill(
+    server, shared, conversation, hf_model
+):
+    prompts = [ids for ids, _ in shared]
+    # gRPC: the first prompt computes the system prompt, the next two take its blocks.
+    [(tokens, usage)] = stream_all(server, [token_request(prompts[0])])
+    assert_follows(shared[0][1], tokens, "served 0")
+    assert (usage.prompt_tokens, usage.cached_tokens) == (len(prompts[0]), 0)
+    later = stream_all(server, [token_request(p) for p in prompts[1:]])
+    for i, (tokens, usage) in enumerate(later):
+        assert_follows(shared[i + 1][1], tokens, f"served {i + 1}")
+        assert usage.cached_tokens == expected_hit(prompts[0], prompts[i + 1]) >= 3 * BLOCK
+
+    # The official openai client: the same prompt again hits every block but the last.
+    client = openai.OpenAI(base_url=server.http_url + "/v1", api_key=KEY, max_retries=0)
+    completion = client.completions.create(
+        model="smollm2-135m-instruct", prompt=prompts[1], max_tokens=NUM_TOKENS,
+        temperature=0.0, extra_body=dict(ignore_eos=True),
+    )  # fmt: skip
+    assert completion.usage.prompt_tokens_details.cached_tokens == (
+        (len(prompts[1]) - 1) // BLOCK * BLOCK
+    )
+    assert completion.usage.prompt_tokens == len(prompts[1])
+
+    # The conversation's later turns start with the first prompt: they hit. The
+    # executor is killed once each streams; the new one has none of the old K/V, so a
+    # hit left in the cache would now read garbage: the tokens must still follow HF.
+    turns = [ids for ids, _ in conversation[1:]]
+    references = [hf_greedy(hf_model, ids, KILL_TOKENS) for ids in turns]
+    [executor] = [p for p in descendants(server.proc.pid) if "tessera.executor" in cmdline(p)]
+    results = stream_all(
+        server,
+        [token_request(ids, KILL_TOKENS) for ids in turns],
+        on_started=lambda: os.kill(executor, signal.SIGKILL),
+    )
+    assert wait_gone(executor, 10)
+    for i, (tokens, usage) in enumerate(results):
+        assert_follows(references[i], tokens, f"turn {i + 1} across the kill")
+        assert usage.cached_tokens >= 3 * BLOCK  # reported as found at first admission
+
+    with httpx.Client(base_url=server.http_url, timeout=60) as http:
+        text = http.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert metric("tessera_engine_executor_restarts_total", text) == 1
+        queries = metric("tessera_prefix_cache_queries_total", text)
+        hits = metric("tessera_prefix_cache_hits_total", text)
+        assert 0 < hits < queries
+        assert metric("tessera_kv_blocks_cached", text) > 0
+        assert 0 <= metric("tessera_kv_cache_usage_perc", text) <= 1
+
+        # Reset: behind the API key, on both APIs; afterwards nothing hits.
+        assert http.post("/reset_prefix_cache").status_code == 401
+        with pytest.raises(grpc.RpcError) as denied:
+            server.stub().ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=10)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reset = http.post("/reset_prefix_cache", headers={"Authorization": f"Bearer {KEY}"})
+        assert reset.status_code == 200 and reset.json()["num_blocks_dropped"] > 0
+        reply = server.stub().ResetPrefixCache(
+            pb.ResetPrefixCacheRequest(), metadata=AUTH, timeout=10
+        )
+        assert reply.num_blocks_dropped == 0  # nothing was cached since
+        [(tokens, usage)] = stream_all(server, [token_request(prompts[2])])
+        assert usage.cached_tokens == 0
+        assert_follows(shared[2][1], tokens, "after the reset")
+        load = server.stub().GetLoad(pb.GetLoadRequest(), metadata=AUTH, timeout=10)
+        assert load.num_kv_blocks_cached == (len(prompts[2]) + NUM_TOKENS - 1) // BLOCK

@@ -40,11 +40,15 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         return (
-            f"in {'(' if self.low_open else '['}{self.low:g}, "
-            f"{self.high:g}{')' if self.high_open else ']'}"
+            f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+            f"{_number(self.high)}{')' if self.high_open else ']'}"
         )
+
+
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # ints exactly (2**64 - 1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,7 +85,7 @@ FIELDS: tuple[SamplingField, ...] = (
         "frequency_penalty", float, 0.0, Range(-2, 2), True, True, "over output tokens; 0 disables"
     ),
     SamplingField(
-        "seed", int, None, None, True, True,
+        "seed", int, None, Range(0, 2**64 - 1), True, True,  # uint64 on every wire
         "same seed, same tokens, whatever else is in the batch",
     ),
     SamplingField(

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
+from tessera.common.request_fields import chat_role
 from tessera.common.sampling_params import SamplingParams
 from tessera.common.wire import logprobs_from_pb, sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
@@ -181,6 +182,17 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
         raise RequestError(ErrorKind.INVALID, str(e), param if param in kwargs else None) from e
 
 
+def chat_prompt(prompt: ChatPrompt) -> ChatPrompt:
+    """The chat with each role checked and named as the template takes it
+    (common.request_fields), the same for either front; RequestError naming the turn."""
+    try:
+        turns = tuple((chat_role(i, role), content)
+                      for i, (role, content) in enumerate(prompt.messages))
+    except ValueError as e:
+        raise RequestError(ErrorKind.INVALID, str(e), "messages") from None
+    return replace(prompt, messages=turns)
+
+
 # -- the core ------------------------------------------------------------------------------
 
 
@@ -281,6 +293,8 @@ class ServingCore:
     async def tokenize(self, prompt: TextPrompt | ChatPrompt, add_special_tokens: bool = True
                        ) -> tuple[list[int], str]:
         """Token ids and the tokenized text (the rendered template for a chat)."""
+        if isinstance(prompt, ChatPrompt):
+            prompt = chat_prompt(prompt)
         tokenizers = self._tokenizers()
         try:
             if isinstance(prompt, ChatPrompt):

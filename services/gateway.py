@@ -385,6 +385,35 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 # -- the process -----------------------------------------------------------------------
 
+TESSERA_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Tessera"].full_name
+
+
+def grpc_server(
+    config: GatewayConfig, servicer: TesseraServicer
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The public gRPC server, not yet bound: the servicer, health and reflection, behind
+    the API key check and the decode guard (last, next to the servicers: proto.guard)."""
+    server = grpc.aio.server(
+        interceptors=[
+            *([_ApiKeyInterceptor(config.api_key)] if config.api_key else []),
+            DecodeGuard(),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    generate_pb2_grpc.add_TesseraServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        TESSERA_SERVICE,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    return server, health_servicer
+
 
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
     tls = None
@@ -400,8 +429,19 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     engine.start()
     addresses = [a.strip() for a in config.tokenizer_addresses.split(",") if a.strip()]
     tokenizers = TokenizerClient(addresses) if addresses else None
-    status = await _wait_for_engine(engine)
-    tokenizer = Tokenizer.load(resolve_model(config.model))
+    # Off the event loop, and while the scheduler comes up: the engine client's heartbeats
+    # run on this loop, and a loop held for the seconds a tokenizer takes to load went
+    # silent long enough for the scheduler to expire this gateway (issue 19).
+    loading = asyncio.ensure_future(
+        asyncio.to_thread(lambda: Tokenizer.load(resolve_model(config.model)))
+    )
+    try:
+        status = await _wait_for_engine(engine)
+        tokenizer = await loading
+    except BaseException:  # an open ZeroMQ socket would hold the process at exit
+        loading.cancel()
+        await engine.close()
+        raise
     if (tokenizer is None) != (tokenizers is None):
         raise ValueError(
             f"model {config.model!r} {'has no' if tokenizer is None else 'has a'} tokenizer: "
@@ -412,28 +452,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         config.model, config.max_open_requests, engine, tokenizers, tokenizer, status.info, metrics
     )
     metrics.track_open_requests(lambda: core.num_open)
-    server = grpc.aio.server(
-        # The decode guard last, next to the servicers (proto.guard).
-        interceptors=[
-            *([_ApiKeyInterceptor(config.api_key)] if config.api_key else []),
-            DecodeGuard(),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ],
+    server, health_servicer = grpc_server(
+        config, TesseraServicer(core, config.max_streams_per_connection)
     )
-    generate_pb2_grpc.add_TesseraServicer_to_server(
-        TesseraServicer(core, config.max_streams_per_connection), server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        generate_pb2.DESCRIPTOR.services_by_name["Tessera"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
     if tls is None:
         bound = server.add_insecure_port(address)
@@ -453,7 +474,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = loop.create_task(_watch_engine(engine, health_servicer, names[0]))
+    watcher = loop.create_task(_watch_engine(engine, health_servicer, TESSERA_SERVICE))
     logger.info(
         "gateway serving %s: gRPC on %s, HTTP %s (%s, %s)", config.model, address,
         f"on {config.host}:{config.http_port}" if http else "off",

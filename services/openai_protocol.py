@@ -13,7 +13,7 @@ client sends ``extra_body``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,7 +36,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 _U32 = 2**32 - 1
 _I32 = 2**31 - 1
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=_U32)]
 
 
@@ -66,7 +65,7 @@ class _SamplingFields(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: Seed | None = None
+    seed: int | None = None  # range: common.sampling_fields, as on gRPC
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -146,7 +145,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str  # checked by the core, as on gRPC (common.request_fields.chat_role)
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted; the chat template does not show names
 
@@ -186,10 +185,7 @@ class ChatCompletionRequest(_SamplingFields):
             else self.max_tokens
         )
         params = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-        turns = tuple(
-            ("system" if m.role == "developer" else m.role, m.text(i))
-            for i, m in enumerate(self.messages)
-        )
+        turns = tuple((m.role, m.text(i)) for i, m in enumerate(self.messages))
         prompt = ChatPrompt(turns, add_generation_prompt=self.add_generation_prompt)
         return [
             GenerationRequest(

@@ -12,6 +12,8 @@ h11's bound on the request line and headers, and the grace period of a shutdown.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,6 +22,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from tessera.common.request_fields import invalid_text
 from tessera.services.metrics import Metrics
 from tessera.services.openai_errors import error_response
 from tessera.services.security import OPEN_HTTP_PATHS, BearerToken
@@ -82,6 +85,14 @@ class Guard:
                 )
                 await response(scope, receive, counted_send)
                 return
+            bad = _invalid_text(body)
+            if bad is not None:  # refused here, once, for every route and field
+                response = error_response(
+                    400, f"{bad} is not valid Unicode (it holds an unpaired surrogate)",
+                    "invalid_request_error", bad, "invalid_unicode",
+                )
+                await response(scope, receive, counted_send)
+                return
             await self.app(scope, _replay(body, receive), counted_send)
         finally:
             self.metrics.http_response(_route_label(path), status)
@@ -105,6 +116,30 @@ class Guard:
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes or not message.get("more_body", False):
                 return bytes(body)
+
+
+# A JSON escape of a UTF-16 surrogate (\uD800-\uDFFF): paired it is an astral
+# character, unpaired it decodes to a str that no UTF-8 encoder takes.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _invalid_text(body: bytes) -> str | None:
+    """Where a JSON body holds text that is not valid Unicode (common.request_fields),
+    or None. Only a body that could hold such text is decoded here: one with a surrogate
+    escape, or one that is not UTF-8 (json.loads passes surrogate bytes through, and
+    reads UTF-16 and UTF-32 bodies); a body that is not JSON is left to the route."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if _SURROGATE_ESCAPE.search(body) is None:
+            return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return invalid_text(value)
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +87,8 @@ class ServeConfig:
     # Generate streams at once on one gRPC client connection; past it RESOURCE_EXHAUSTED.
     max_streams_per_connection: int = 256
     grace_seconds: float = 30.0
-    run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default
+    run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default,
+    # removed when the launcher exits
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -215,8 +217,19 @@ def child_env(name: str, config: ServeConfig) -> dict[str, str] | None:
 
 def run_serve(config: ServeConfig) -> int:
     setup_logging("launcher")
-    run_dir = config.run_dir or tempfile.mkdtemp(prefix="tessera-")
-    os.makedirs(run_dir, exist_ok=True)
+    if config.run_dir is not None:
+        os.makedirs(config.run_dir, exist_ok=True)
+        return _run(config, config.run_dir)
+    # A run directory of our own goes with us: once every child has stopped, its sockets
+    # are dead files that nobody else may use.
+    run_dir = tempfile.mkdtemp(prefix="tessera-")
+    try:
+        return _run(config, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(config: ServeConfig, run_dir: str) -> int:
     stopping = False
 
     def on_signal(signum, frame) -> None:

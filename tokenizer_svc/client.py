@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from tessera.common.request_fields import is_valid_text
 from tessera.proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tessera.tokenizer_svc.server import (
     MAX_REQUEST_BYTES,
@@ -96,7 +97,9 @@ class TokenizerClient:
 
     async def tokenize(self, inputs: Sequence[TextInput | ChatInput]) -> list[Tokenized]:
         """Token ids of every input, in one call."""
-        request = tokenizer_pb2.TokenizeBatchRequest(inputs=[_input_to_pb(i) for i in inputs])
+        request = tokenizer_pb2.TokenizeBatchRequest(
+            inputs=[_input_to_pb(index, item) for index, item in enumerate(inputs)]
+        )
         response = await self._call(lambda stub: stub.Tokenize, request)
         return [Tokenized(list(out.token_ids), out.text) for out in response.outputs]
 
@@ -210,16 +213,27 @@ class TokenizerClient:
         return replica.stub
 
 
-def _input_to_pb(item: TextInput | ChatInput) -> tokenizer_pb2.TokenizeInput:
+def _input_to_pb(index: int, item: TextInput | ChatInput) -> tokenizer_pb2.TokenizeInput:
+    """The input as protobuf; TokenizerInputError naming the field for text that protobuf
+    cannot carry (an unpaired surrogate is not UTF-8), instead of a UnicodeEncodeError."""
     if isinstance(item, TextInput):
+        _check_text(f"inputs[{index}].text", item.text)
         return tokenizer_pb2.TokenizeInput(
             text=item.text, add_special_tokens=item.add_special_tokens
         )
+    for turn, m in enumerate(item.messages):
+        _check_text(f"inputs[{index}].messages[{turn}].role", m.role)
+        _check_text(f"inputs[{index}].messages[{turn}].content", m.content)
     chat = generate_pb2.ChatMessages(
         messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in item.messages],
         add_generation_prompt=item.add_generation_prompt,
     )
     return tokenizer_pb2.TokenizeInput(chat=chat, add_special_tokens=item.add_special_tokens)
+
+
+def _check_text(name: str, text: str) -> None:
+    if isinstance(text, str) and not is_valid_text(text):
+        raise TokenizerInputError(f"{name} is not valid Unicode (it holds an unpaired surrogate)")
 
 
 __all__ = [

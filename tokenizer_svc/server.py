@@ -364,29 +364,38 @@ def run_tokenizer_server(config: TokenizerServerConfig) -> None:
     asyncio.run(_serve(config, tokenizer))
 
 
+def grpc_server(
+    tokenizer: Tokenizer, pool: ThreadPoolExecutor
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The replica's server, not yet bound: the tokenizer service, health and reflection,
+    behind the decode guard (undecodable requests: INVALID_ARGUMENT, logged)."""
+    server = grpc.aio.server(
+        interceptors=[DecodeGuard()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            # A second replica on a taken port is an error, not a silent share of it.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+        TokenizerServicer(tokenizer, pool), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return server, health_servicer
+
+
 async def _serve(config: TokenizerServerConfig, tokenizer: Tokenizer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with ThreadPoolExecutor(config.max_workers, thread_name_prefix="tokenize") as pool:
-        server = grpc.aio.server(
-            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT, logged
-            options=[
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-                # A second replica on a taken port is an error, not a silent share of it.
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-            TokenizerServicer(tokenizer, pool), server
-        )
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        server, health_servicer = grpc_server(tokenizer, pool)
         listening = _listen(server, config.address)
         await server.start()
         for service in (health.OVERALL_HEALTH, SERVICE_NAME):

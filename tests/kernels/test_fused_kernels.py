@@ -487,9 +487,11 @@ def test_sampling_tensors_sets_the_switches() -> None:
     p = tensors([SamplingOptions(top_k=20), SamplingOptions(top_p=0.5, min_p=0.1)])
     assert p.max_top_k == 0 and p.do_min_p  # top-p alone needs the full sort
     p = sampling_tensors(
-        [SamplingOptions(seed=-1), SamplingOptions(seed=1 << 64)], torch.tensor([5, 6]), DEVICE
-    )
-    assert p.seeds.tolist() == [-1, 0] and p.counters.tolist() == [5, 6]
+        [SamplingOptions(seed=(1 << 64) - 1), SamplingOptions(seed=1 << 63)],
+        torch.tensor([5, 6]),
+        DEVICE,
+    )  # uint64 seeds, as the wire carries them, keep their bits in the int64 key
+    assert p.seeds.tolist() == [-1, -(1 << 63)] and p.counters.tolist() == [5, 6]
     # Unseeded rows draw their key from the generator given.
     a, b = tensors([SamplingOptions()] * 3), tensors([SamplingOptions()] * 3)
     assert torch.equal(a.seeds, b.seeds) and len(set(a.seeds.tolist())) == 3

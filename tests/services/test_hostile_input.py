@@ -36,6 +36,7 @@ from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tessera.services.core import MAX_LOGIT_BIAS_TOKENS, MAX_N, MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from tessera.tokenizer_svc.server import TokenizerServicer, load_tokenizer
+from tests.services.grpc_methods import GARBAGE, send_raw, served_methods
 from tests.services.launch import Server
 
 # Real processes or whole-model runs: make test-fast leaves these to make test.
@@ -270,25 +271,33 @@ def _sampling(**kwargs) -> pb.GenerateRequest:
     return pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=2, **kwargs))
 
 
-@pytest.mark.parametrize(
-    "request_, code, needle",
-    [
-        (_sampling(n=MAX_N + 1), grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
-        (_sampling(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
-        (_sampling(stop=["a"] * (MAX_STOP_STRINGS + 1)), grpc.StatusCode.INVALID_ARGUMENT,
-         "stop strings"),
-        (_sampling(stop=["a" * (MAX_STOP_LENGTH + 1)]), grpc.StatusCode.INVALID_ARGUMENT,
-         "stop strings"),
-        (_sampling(stop_token_ids=list(range(300))), grpc.StatusCode.INVALID_ARGUMENT,
-         "stop_token_ids"),
-        (_sampling(seed=2**64 - 1, n=4, temperature=1.0), None, None),  # wraps, not an error
-        (pb.GenerateRequest(text=_HUGE), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-        (pb.GenerateRequest(text="hi " * 20000), grpc.StatusCode.INVALID_ARGUMENT,
-         "max_model_len"),
-        (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="", content="x")])),
-         grpc.StatusCode.INVALID_ARGUMENT, "empty role"),
-    ],
-)  # fmt: skip
+# Each front's invalid cases; test_one_validation_for_both_apis sends each to the other.
+GRPC_INVALID = [
+    (_sampling(n=MAX_N + 1), grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
+    (_sampling(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+    (_sampling(stop=["a"] * (MAX_STOP_STRINGS + 1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "stop strings"),
+    (_sampling(stop=["a" * (MAX_STOP_LENGTH + 1)]), grpc.StatusCode.INVALID_ARGUMENT,
+     "stop strings"),
+    (_sampling(stop_token_ids=list(range(300))), grpc.StatusCode.INVALID_ARGUMENT,
+     "stop_token_ids"),
+    (_sampling(seed=2**64 - 1, n=4, temperature=1.0), None, None),  # wraps, not an error
+    (pb.GenerateRequest(text=_HUGE), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    (pb.GenerateRequest(text="hi " * 20000), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_model_len"),
+    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="", content="x")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "empty role"),
+    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(role="wizard", content="x")])), grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[0].role must be"),
+    (_sampling(temperature=2.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (_sampling(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (pb.GenerateRequest(text="hi", cache_salt="s" * 1000), grpc.StatusCode.INVALID_ARGUMENT,
+     "cache_salt"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("request_, code, needle", GRPC_INVALID)
 def test_grpc_limits_exceeded_are_client_errors(stub, request_, code, needle):
     if code is None:
         assert len(list(stub.Generate(request_, timeout=60))) >= 2
@@ -298,23 +307,27 @@ def test_grpc_limits_exceeded_are_client_errors(stub, request_, code, needle):
     assert err.value.code() == code and needle in err.value.details()
 
 
-@pytest.mark.parametrize(
-    "path, body, status, needle",
-    [
-        ("/v1/completions", {"prompt": "hi", "n": MAX_N + 1}, 400, "n must be"),
-        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                  "logprobs": True, "top_logprobs": 21}, 400, "logprobs"),
-        ("/v1/completions", {"prompt": "hi", "stop": ["s"] * (MAX_STOP_STRINGS + 1)}, 400,
-         "stop strings"),
-        ("/v1/completions", {"prompt": "hi", "stop": "s" * (MAX_STOP_LENGTH + 1)}, 400,
-         "stop strings"),
-        ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(
-            MAX_LOGIT_BIAS_TOKENS + 1)}}, 400, "logit_bias"),
-        ("/v1/completions", {"prompt": ["hi"] * 65}, 400, "prompts"),
-        ("/v1/completions", {"prompt": "a" * (5 << 20)}, 413, "bytes"),
-    ],
-)  # fmt: skip
+HTTP_INVALID = [
+    ("/v1/completions", {"prompt": "hi", "n": MAX_N + 1}, 400, "n must be"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "logprobs": True, "top_logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["s"] * (MAX_STOP_STRINGS + 1)}, 400,
+     "stop strings"),
+    ("/v1/completions", {"prompt": "hi", "stop": "s" * (MAX_STOP_LENGTH + 1)}, 400,
+     "stop strings"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(
+        MAX_LOGIT_BIAS_TOKENS + 1)}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": ["hi"] * 65}, 400, "prompts"),
+    ("/v1/completions", {"prompt": "a" * (5 << 20)}, 413, "bytes"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "messages[0].role must be"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "seed must be"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, status, needle", HTTP_INVALID)
 def test_http_limits_exceeded_are_client_errors(http, path, body, status, needle):
     r = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
     assert r.status_code == status, r.text
@@ -415,3 +428,188 @@ def test_the_tokenizer_service_logs_what_it_refuses(caplog):
     assert "rejected an undecodable request to /tessera.internal.v1.TokenizerService/Tokenize" in (
         caplog.text
     )
+
+
+# -- one validation for both fronts (issue 19) --------------------------------------------------
+
+_GRPC_FOR_HTTP = {200: None, 400: grpc.StatusCode.INVALID_ARGUMENT,
+                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+_HTTP_FOR_GRPC = {code: status for status, code in _GRPC_FOR_HTTP.items()}
+
+
+def grpc_as_http(request: pb.GenerateRequest) -> tuple[str, dict]:
+    """The same request as an OpenAI body: text is a completions prompt, a chat a chat."""
+    s = request.sampling
+    body: dict = {f.name: list(v) if f.is_repeated else v for f, v in s.ListFields() if f.name in (
+        "n", "stop", "stop_token_ids", "seed", "temperature", "top_p", "min_p", "max_tokens")}
+    if request.cache_salt:
+        body["cache_salt"] = request.cache_salt
+    if request.WhichOneof("input") == "chat":
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if s.HasField("logprobs"):
+            body.update(logprobs=True, top_logprobs=s.logprobs)
+        return "/v1/chat/completions", body
+    body["prompt"] = request.text
+    if s.HasField("logprobs"):
+        body["logprobs"] = s.logprobs
+    return "/v1/completions", body
+
+
+def http_as_grpc(path: str, body: dict) -> pb.GenerateRequest | None:
+    """The same request on gRPC; None where gRPC has no such field (a prompt list,
+    logit_bias): those cases are the HTTP API's own."""
+    body = dict(body)
+    sampling = pb.SamplingParameters(max_tokens=2)
+    request = pb.GenerateRequest(cache_salt=body.pop("cache_salt", ""))
+    if "messages" in body:
+        for m in body.pop("messages"):
+            request.chat.messages.add(role=m["role"], content=m["content"])
+        if body.pop("logprobs", False):
+            sampling.logprobs = body.pop("top_logprobs", 0)
+    else:
+        prompt = body.pop("prompt")
+        if not isinstance(prompt, str):
+            return None
+        request.text = prompt
+    for name, value in body.items():
+        if name not in pb.SamplingParameters.DESCRIPTOR.fields_by_name:
+            return None
+        field = getattr(sampling, name)
+        if isinstance(value, str) and name == "stop":
+            value = [value]
+        if isinstance(value, list):
+            field.extend(value)
+        elif name == "seed" and value >= 2**64:
+            return None  # a uint64 cannot carry it: refused by the wire type itself
+        else:
+            setattr(sampling, name, value)
+    request.sampling.CopyFrom(sampling)
+    return request
+
+
+def test_one_validation_for_both_apis(stub, http):
+    """Every invalid case of one front's table is refused by the other front too, with the
+    same message (issue 19: a chat role "wizard" was taken on gRPC, refused on HTTP)."""
+    for request, code, needle in GRPC_INVALID:
+        path, body = grpc_as_http(request)
+        r = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+        status = _HTTP_FOR_GRPC[code]
+        if code is None:
+            assert r.status_code == 200, r.text
+            continue
+        assert r.status_code == status, (needle, r.text[:300])
+        if status == 400:
+            assert needle in r.json()["error"]["message"], r.text
+    mirrored = 0
+    for path, body, status, needle in HTTP_INVALID:
+        request = http_as_grpc(path, body)
+        if request is None:
+            continue
+        mirrored += 1
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request, timeout=60))
+        assert err.value.code() == _GRPC_FOR_HTTP[status], (needle, err.value)
+        if status == 400:
+            assert needle in err.value.details(), err.value.details()
+    assert mirrored >= len(HTTP_INVALID) - 3  # prompt lists, logit_bias, a seed over uint64
+
+
+# -- invalid Unicode in every string a client sends (issue 19) ----------------------------------
+
+_BAD = "\ud800"
+_CHAT = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+_CMPL = {"model": MODEL, "max_tokens": 2, "prompt": "hi"}
+# (path, body with one string made invalid, the field the 400 must name)
+UNICODE_CASES = [
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": _BAD}]},
+     "messages[0].content"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a\udfffb"}]}]}, "messages[0].content[0].text"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": _BAD, "content": "hi"}]},
+     "messages[0].role"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": "hi",
+                                                     "name": _BAD}]}, "messages[0].name"),
+    ("/v1/completions", {**_CMPL, "prompt": _BAD}, "prompt"),
+    ("/v1/completions", {**_CMPL, "prompt": ["ok", "x\udfff"]}, "prompt[1]"),
+    ("/v1/completions", {**_CMPL, "stop": [_BAD]}, "stop[0]"),
+    ("/v1/completions", {**_CMPL, "stop": _BAD}, "stop"),
+    ("/v1/completions", {**_CMPL, "cache_salt": _BAD}, "cache_salt"),
+    ("/v1/completions", {**_CMPL, "model": _BAD}, "model"),
+    ("/v1/completions", {**_CMPL, "user": _BAD}, "user"),
+    ("/v1/completions", {**_CMPL, "suffix": _BAD}, "suffix"),
+    ("/v1/completions", {**_CMPL, "logit_bias": {_BAD: 1}}, "logit_bias['\\ud800']"),
+    ("/v1/completions", {**_CMPL, _BAD: 1}, "the key '\\ud800'"),
+]  # fmt: skip
+
+
+def test_invalid_unicode_is_a_400_naming_the_field_and_the_connection_lives(http):
+    def local_port(r: httpx.Response) -> int:
+        return r.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+    port = local_port(http.get("/v1/models"))
+    for path, body, field in UNICODE_CASES:
+        # json.dumps escapes the lone surrogate as \ud800, as the issue's client sent it
+        r = http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (field, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and "not valid Unicode" in error["message"], error
+        assert local_port(r) == port, "the keep-alive connection was dropped"
+    # The same surrogate as raw (CESU-style) bytes, which json.loads would let through.
+    raw = json.dumps({**_CMPL, "prompt": "QQ"}).encode().replace(b"QQ", b"\xed\xa0\x80")
+    r = http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    # A valid surrogate pair is an astral character, not an error.
+    ok = http.post("/v1/completions", content=json.dumps({**_CMPL, "prompt": "🎉 hi"}),
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert local_port(ok) == port
+
+
+def _with_bad_utf8(request: pb.GenerateRequest) -> bytes:
+    """The request's bytes with its marker string QQ made an unpaired surrogate (CESU)."""
+    return request.SerializeToString().replace(b"QQ", b"\xed\xa0\x80")
+
+
+def test_invalid_utf8_on_grpc_is_invalid_argument_naming_the_field(server, stub):
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi"),
+                                     pb.ChatMessage(role="user", content="QQ")])  # fmt: skip
+    cases = [
+        (pb.GenerateRequest(text="QQ"), "text"),
+        (pb.GenerateRequest(chat=chat), "chat.messages[1].content"),
+        (pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(stop=["a", "QQ"])),
+         "sampling.stop[1]"),
+        (pb.GenerateRequest(text="hi", cache_salt="QQ"), "cache_salt"),
+        (pb.GenerateRequest(text="hi", model="QQ"), "model"),
+        (pb.GenerateRequest(text="hi", request_id="QQ"), "request_id"),
+    ]
+    with grpc.insecure_channel(server.target) as channel:
+        generate = channel.unary_stream("/tessera.v1.Tessera/Generate")
+        tokenize = channel.unary_unary("/tessera.v1.Tessera/Tokenize")
+        for request, field in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                list(generate(_with_bad_utf8(request), timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"{field} is not valid UTF-8" in err.value.details(), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            tokenize(_with_bad_utf8(pb.TokenizeRequest(chat=chat)), timeout=30)
+        assert "chat.messages[1].content is not valid UTF-8" in err.value.details()
+    assert_still_serving(stub)
+
+
+# -- raw garbage to every method every process serves (issue 19) --------------------------------
+
+
+def test_garbage_to_every_served_method_is_invalid_argument(server, stub):
+    """Methods as each server's reflection lists them: grpcio's health (Check, and Watch,
+    a stream handler that is no async generator) and reflection (a request stream) too."""
+    for target in (server.target, f"unix:{server.run_dir}/tokenizer-0.sock"):
+        with grpc.insecure_channel(target) as channel:
+            methods = served_methods(channel)
+            assert any(m.path == "/grpc.health.v1.Health/Watch" for m in methods)
+            assert any(m.client_streaming for m in methods)  # reflection
+            for method in methods:
+                for payload in GARBAGE:
+                    with pytest.raises(grpc.RpcError) as err:
+                        send_raw(channel, method, payload)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value)
+    assert_still_serving(stub)

@@ -15,6 +15,9 @@ from tessera.common.registry import DEFAULT_MODEL
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton")
 KV_CACHE_DTYPES = ("auto", "fp8")
+# auto: what the checkpoint's quantization_config says; none: a float checkpoint only;
+# gptq / awq: a 4-bit checkpoint of that method (executor/weights/quant.py).
+QUANTIZATIONS = ("auto", "none", "gptq", "awq")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3  # bytes
 
 
@@ -39,7 +42,14 @@ class ExecutorConfig:
     # so twice the tokens in the pool and half the KV read per decode step; Triton
     # backend only. Not token-exact against a bf16 cache.
     kv_cache_dtype: str = "auto"
+    # 4-bit weights (GPTQ, AWQ): auto | none | gptq | awq, see QUANTIZATIONS.
+    quantization: str = "auto"
     show_progress: bool = True
+    # Tensor parallel (executor.parallel): this rank of an engine of N, which meet at
+    # dist_init_method (torch.distributed: tcp://host:port or file:///path).
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0
+    dist_init_method: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -58,6 +68,11 @@ class ExecutorConfig:
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                 f"got {self.kv_cache_dtype!r}"
             )
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                f"got {self.quantization!r}"
+            )
         if self.kv_cache_dtype == "fp8" and self.attention_backend == "torch":
             raise ValueError("kv_cache_dtype fp8 needs attention_backend triton, not torch")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -68,6 +83,21 @@ class ExecutorConfig:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        check_tensor_parallel(
+            self.tensor_parallel_size, self.tensor_parallel_rank, self.dist_init_method
+        )
+
+
+def check_tensor_parallel(size: int, rank: int, init_method: str) -> None:
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
+    if not 0 <= rank < size:
+        raise ValueError(f"tensor_parallel_rank must be in [0, {size}), got {rank}")
+    if size > 1 and not init_method.startswith(("tcp://", "file://")):
+        raise ValueError(
+            "tensor_parallel_size > 1 needs dist_init_method, tcp://host:port or "
+            f"file:///path, got {init_method!r}"
+        )
 
 
 @dataclass(slots=True, frozen=True)
@@ -110,6 +140,11 @@ class ExecutorServerConfig:
         metadata={"help": "auto (the model's dtype) | fp8 (float8 e4m3: twice the tokens "
                   "per byte; Triton backend only)"},
     )
+    quantization: str = field(
+        default="auto",
+        metadata={"help": "4-bit weights: auto (the checkpoint's quantization_config) | none "
+                  "(float checkpoints only) | gptq | awq (the checkpoint must say so)"},
+    )
     curve_secret_key_file: str | None = field(
         default=None,
         metadata={"help": "CURVE: this executor's key pair (NAME.key_secret); needed, with "
@@ -118,17 +153,41 @@ class ExecutorServerConfig:
     curve_server_key_file: str | None = field(
         default=None, metadata={"help": "CURVE: the scheduler's public key (NAME.key)"}
     )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "ranks of the engine, one process per device"}
+    )
+    tensor_parallel_rank: int = field(
+        default=0, metadata={"help": "this process's rank; rank 0 returns the sampled tokens"}
+    )
+    dist_init_method: str = field(
+        default="",
+        metadata={"help": "where the ranks meet (torch.distributed): tcp://host:port or "
+                  "file:///path; needed when tensor_parallel_size > 1"},
+    )
+    plan_address: str = field(
+        default="",
+        metadata={"help": "tensor parallel: the scheduler's PUB socket that every rank "
+                  "reads the step plans from"},
+    )
+    plan_topic: str = field(
+        default="",
+        metadata={"help": "tensor parallel: the topic this group's plans are published "
+                  "under (the scheduler draws one per start)"},
+    )
 
     def __post_init__(self) -> None:
-        if not self.executor_address:
+        if self.tensor_parallel_size > 1 and not self.plan_address:
+            raise ValueError("tensor_parallel_size > 1 needs plan_address (the plans' PUB)")
+        if not self.executor_address and self.tensor_parallel_rank == 0:
             raise ValueError("executor_address must name the scheduler's socket")
         has_keys = check_pair(
             self.curve_secret_key_file, self.curve_server_key_file,
             "curve_secret_key_file and curve_server_key_file",
         )
-        check_link(
-            self.executor_address, has_keys, "--curve-secret-key-file and --curve-server-key-file"
-        )
+        flags = "--curve-secret-key-file and --curve-server-key-file"
+        for address in (self.executor_address, self.plan_address):
+            if address:
+                check_link(address, has_keys, flags)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.runner_config  # noqa: B018 - validates the model runner's fields once, here
@@ -149,5 +208,9 @@ class ExecutorServerConfig:
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             kv_cache_dtype=self.kv_cache_dtype,
+            quantization=self.quantization,
             show_progress=False,
+            tensor_parallel_size=self.tensor_parallel_size,
+            tensor_parallel_rank=self.tensor_parallel_rank,
+            dist_init_method=self.dist_init_method,
         )

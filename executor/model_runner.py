@@ -33,6 +33,13 @@ from tessera.common.registry import resolve_model
 from tessera.executor import cpu_attention
 from tessera.executor.attention import TorchAttentionBackend
 from tessera.executor.models import model_class
+from tessera.executor.parallel import (
+    TensorShard,
+    check_splittable,
+    init_group,
+    local_heads,
+    read_model_config,
+)
 from tessera.executor.sampler import (
     LogprobTensors,
     Sampler,
@@ -126,11 +133,29 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.source = resolve_model(config.model)
+        shard = None
+        if config.tensor_parallel_size > 1:  # checked before this rank joins the group
+            shape = read_model_config(self.source)
+            check_splittable(shape, config.tensor_parallel_size)
+            shard = TensorShard(shape, config.tensor_parallel_rank, config.tensor_parallel_size)
+        # Tensor parallel: rank 0 alone samples; the others take its tokens (see submit).
+        self.group, self.device = init_group(
+            config.tensor_parallel_rank,
+            config.tensor_parallel_size,
+            config.dist_init_method,
+            self.device,
+        )
         loaded = load_weights(
-            self.source, dtype=self.dtype, device=self.device, progress=config.show_progress
+            self.source,
+            dtype=self.dtype,
+            device=self.device,
+            progress=config.show_progress,
+            shard=shard,
+            quantization=config.quantization,
         )
         self.model_config: ModelConfig = loaded.config
         mc = self.model_config
+        self.num_kv_heads = local_heads(mc, self.group)[1]  # this rank's
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -162,11 +187,12 @@ class ModelRunner:
             max_positions=mc.max_position_embeddings,
             attention=self.attention,
             fused_kernels=self.use_triton,
+            group=self.group,
         )
         self.sampler = Sampler()
         self.block_size = config.block_size
-        self.num_blocks = self._size_kv_pool()
-        shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.num_blocks = self.group.min_int(self._size_kv_pool())  # the smallest rank's
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
@@ -206,9 +232,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return (
-            2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
-        )
+        return 2 * mc.num_hidden_layers * self.block_size * self.num_kv_heads * mc.head_dim * elem
 
     def _size_kv_pool(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -230,7 +254,7 @@ class ModelRunner:
         mc = self.model_config
         n = self.config.max_num_batched_tokens
         blocks = -(-n // self.block_size)
-        shape = (blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        shape = (blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         caches = [
             (
                 torch.empty(shape, dtype=self.kv_dtype, device=self.device),
@@ -347,12 +371,17 @@ class ModelRunner:
         if not sample_ids:
             return
         states = [self.requests[r] for r in sample_ids]
-        batch = SamplingBatch(
-            options=[s.sampling for s in states],
-            prompt_token_ids=[s.prompt_token_ids for s in states],
-            output_token_ids=[s.output_token_ids for s in states],
-        )
-        tokens, logprobs = self.sampler(logits, batch)
+        if self.group.rank == 0:
+            batch = SamplingBatch(
+                options=[s.sampling for s in states],
+                prompt_token_ids=[s.prompt_token_ids for s in states],
+                output_token_ids=[s.output_token_ids for s in states],
+            )
+            tokens, logprobs = self.sampler(logits, batch)
+        else:
+            tokens, logprobs = [0] * len(states), [None] * len(states)
+        if self.group.is_parallel:  # rank 0's draw, on every rank
+            tokens = self.group.broadcast(torch.tensor(tokens, dtype=torch.int64)).tolist()
         for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
             state.output_token_ids.append(token)
             result.sampled_token_ids[request_id] = token
@@ -368,6 +397,11 @@ class ModelRunner:
         from tessera.kernels.sampling import sample, sample_with_logprobs
 
         states = step.states
+        if self.group.rank != 0:  # rank 0 samples; this rank takes its tokens
+            step.wanted = [None] * len(states)
+            step.tokens = torch.empty(len(states), dtype=torch.int64, device=self.device)
+            self.group.broadcast(step.tokens)
+            return None
         options = [s.sampling for s in states]
         params = sampling_tensors(
             options,
@@ -378,9 +412,10 @@ class ModelRunner:
         )
         step.wanted = [o.logprobs for o in options]
         if all(k is None for k in step.wanted):
-            step.tokens = sample(logits, params)
+            step.tokens = self.group.broadcast(sample(logits, params))
             return None
         step.tokens, logprobs = sample_with_logprobs(logits, params)
+        self.group.broadcast(step.tokens)
         # log_softmax of logprobs is the same logprobs: logprob_tensors takes either.
         return logprob_tensors(logprobs, step.tokens, step.wanted)
 

@@ -30,6 +30,14 @@ The link to the scheduler is plain on ipc:// and loopback; on any other address 
 needs CURVE keys (``executor.curve``): this process's key pair and the scheduler's
 public key, checked when the config is built.
 
+Tensor parallel (``tensor_parallel_size`` N > 1): N such processes, one per device,
+join one torch.distributed group (``executor.parallel``). Every rank reads the plans
+from the scheduler's PUB (``common.plan_bus``), under the topic of this start, and runs
+them in lockstep; rank 0 alone has the PAIR, and sends ExecutorReady (once every rank
+has loaded) and the results. A step that raises on a rank ends that rank (exit code
+1): its peers would wait on it in the next collective, so the group fails as a whole
+and the scheduler replaces every rank.
+
 Test hook, never set in production: if ``TESSERA_TEST_EXECUTOR_FAIL_START`` names a file
 that exists, the executor exits with code 1 at start-up, so tests can make a restart
 fail (and then succeed, once the file is gone).
@@ -52,6 +60,7 @@ import zmq
 
 from tessera.common.curve import client_keys
 from tessera.common.executor_config import ExecutorServerConfig
+from tessera.common.plan_bus import PlanSubscriber
 from tessera.common.process import exit_with_parent, setup_logging
 from tessera.common.wire import WireError, decode, encode, plan_from_pb, result_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
@@ -78,18 +87,24 @@ def run_executor(config: ExecutorServerConfig) -> int:
     ctx = zmq.Context()
     to_scheduler = ctx.socket(zmq.PAIR)
     to_scheduler.setsockopt(zmq.LINGER, 0)
+    plans = None
     try:
         keys = client_keys(config.curve_secret_key_file, config.curve_server_key_file)
-        if keys is not None:
-            keys.secure(to_scheduler, config.executor_address)
-        to_scheduler.connect(config.executor_address)
+        if config.tensor_parallel_rank == 0:
+            if keys is not None:
+                keys.secure(to_scheduler, config.executor_address)
+            to_scheduler.connect(config.executor_address)
+        if config.tensor_parallel_size > 1:
+            plans = PlanSubscriber(ctx, config.plan_address, config.plan_topic, keys)
         from tessera.executor.model_runner import (
             ModelRunner,  # torch: imported in this process only
         )
 
         runner = ModelRunner(config.runner_config)
-        executor = Executor(runner, to_scheduler, config.max_model_len)
-        executor.send_ready()
+        executor = Executor(runner, to_scheduler, config.max_model_len, plans)
+        runner.group.barrier()  # every rank loaded: the engine is ready
+        if runner.group.rank == 0:
+            executor.send_ready()
         executor.serve_forever()
     except SystemExit:
         logger.info("stopping")
@@ -98,6 +113,8 @@ def run_executor(config: ExecutorServerConfig) -> int:
         logger.error("cannot start: %s", e)
         return 1
     finally:
+        if plans is not None:
+            plans.close()
         to_scheduler.close()
         ctx.term()
 
@@ -106,11 +123,21 @@ class Executor:
     """The step loop around a loaded model runner."""
 
     def __init__(
-        self, runner: ModelRunner, to_scheduler: zmq.Socket, max_model_len: int | None = None
+        self,
+        runner: ModelRunner,
+        to_scheduler: zmq.Socket,
+        max_model_len: int | None = None,
+        plans: PlanSubscriber | None = None,
     ) -> None:
         self.runner = runner
         self.socket = to_scheduler
         self.info = engine_info(runner, max_model_len)
+        # Tensor parallel: plans come from the PUB, results go from rank 0 alone.
+        self.plans = plans
+        self.plan_socket = to_scheduler if plans is None else plans.socket
+        group = getattr(runner, "group", None)  # None: a test's stand-in, one device
+        self.sends_results = group is None or group.rank == 0
+        self.fatal_errors = group is not None and group.is_parallel
 
     def send_ready(self) -> None:
         ready = engine_pb2.ExecutorReady(
@@ -143,8 +170,10 @@ class Executor:
                 in_flight = None
 
     def recv_plan(self) -> engine_pb2.StepPlan:
-        frames = self.socket.recv_multipart()
         try:
+            if self.plans is not None:
+                return decode(engine_pb2.StepPlan, self.plans.recv())
+            frames = self.socket.recv_multipart()
             if len(frames) != 1:
                 raise WireError(f"{len(frames)} frames instead of 1")
             return decode(engine_pb2.StepPlan, frames[0])
@@ -157,10 +186,10 @@ class Executor:
     def recv_plan_while(self, in_flight: _Submitted) -> engine_pb2.StepPlan | None:
         """The next plan if one comes before the step in flight is done, else None."""
         while not self.runner.is_done(in_flight.step):
-            if self.socket.poll(0):
+            if self.plan_socket.poll(0):
                 return self.recv_plan()
             time.sleep(_SPIN_S)
-        return self.recv_plan() if self.socket.poll(0) else None
+        return self.recv_plan() if self.plan_socket.poll(0) else None
 
     def submit(self, pb: engine_pb2.StepPlan) -> _Submitted:
         if pb.step_id == 0:
@@ -169,10 +198,14 @@ class Executor:
         try:
             return _Submitted(pb.step_id, step=self.runner.submit(plan_from_pb(pb)))
         except Exception as e:  # one bad step fails its requests, not the process
+            if self.fatal_errors:  # ... but a rank out of step would stall the group
+                raise
             return _Submitted(pb.step_id, error=_failed(pb.step_id, e))
 
     def send_result(self, submitted: _Submitted) -> None:
-        self.socket.send(encode(self.collect(submitted)))
+        result = self.collect(submitted)
+        if self.sends_results:
+            self.socket.send(encode(result))
 
     def collect(self, submitted: _Submitted) -> engine_pb2.StepResult:
         if submitted.error is not None:
@@ -180,6 +213,8 @@ class Executor:
         try:
             return result_to_pb(self.runner.collect(submitted.step), submitted.step_id)
         except Exception as e:
+            if self.fatal_errors:
+                raise
             return _failed(submitted.step_id, e)
 
     def run_step(self, pb: engine_pb2.StepPlan) -> engine_pb2.StepResult:

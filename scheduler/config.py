@@ -59,7 +59,8 @@ def _executor_field(name: str):
 _PASSED_TO_EXECUTOR = (
     "model", "device", "dtype", "block_size", "gpu_memory_utilization", "kv_cache_memory",
     "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-    "attention_backend", "cuda_graphs", "kv_cache_dtype",
+    "attention_backend", "cuda_graphs", "kv_cache_dtype", "tensor_parallel_size",
+    "quantization",
 )  # fmt: skip
 
 
@@ -153,6 +154,21 @@ class SchedulerServerConfig:
     attention_backend: str = _executor_field("attention_backend")
     cuda_graphs: bool = _executor_field("cuda_graphs")
     kv_cache_dtype: str = _executor_field("kv_cache_dtype")
+    quantization: str = _executor_field("quantization")
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "executor ranks, one process per device, that run each step together "
+            "(torch.distributed: NCCL on CUDA, gloo on the CPU)"
+        },
+    )
+    plan_address: str = field(
+        default="",
+        metadata={
+            "help": "tensor parallel: the PUB socket every rank reads the step plans "
+            "from; empty: a private ipc path"
+        },
+    )
     # security of the two sockets (executor.curve)
     curve_secret_key_file: str | None = field(
         default=None,
@@ -179,8 +195,9 @@ class SchedulerServerConfig:
         )
         flags = "--curve-secret-key-file and --curve-authorized-keys"
         check_link(self.gateway_address, has_keys, flags)
-        if self.executor_address:
-            check_link(self.executor_address, has_keys, flags)
+        for address in (self.executor_address, self.plan_address):
+            if address:
+                check_link(address, has_keys, flags)
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.max_waiting_tokens < 1:
@@ -208,6 +225,10 @@ class SchedulerServerConfig:
         )
         self.executor_config(self.executor_address or "ipc://unused")
 
+    @property
+    def parallel(self) -> bool:
+        return self.tensor_parallel_size > 1
+
     def executor_config(self, address: str) -> ExecutorServerConfig:
         return ExecutorServerConfig(
             executor_address=address,
@@ -215,6 +236,9 @@ class SchedulerServerConfig:
             # A child executor authenticates with the scheduler's own key pair.
             curve_secret_key_file=self.curve_secret_key_file,
             curve_server_key_file=self.curve_secret_key_file,
+            # Tensor parallel: the link fills in each rank's place and rendezvous.
+            plan_address=(self.plan_address or "ipc://unset") if self.parallel else "",
+            dist_init_method="file:///unset" if self.parallel else "",
         )
 
     def scheduler_config(self, info: engine_pb2.EngineInfo) -> SchedulerConfig:

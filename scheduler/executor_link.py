@@ -17,7 +17,16 @@ what does not parse is logged, never unpickled.
 
 The first executor sizes the KV pool; every later one is started with that exact pool
 (``--num-kv-blocks``, ``--max-model-len``) and must report the same EngineInfo, since
-the scheduler's block tables outlive it. Torch-free.
+the scheduler's block tables outlive it.
+
+Tensor parallel (``tensor_parallel_size`` N > 1): the executor is a group of N ranks,
+started together, meeting at a fresh torch.distributed rendezvous file each start. The
+plans go out once on a PUB that every rank reads (``common.plan_bus``), under a topic
+drawn for that start; the PAIR carries rank 0's ExecutorReady and results. The group is
+ready once rank 0 says so (every rank has loaded; their pools agreed on the smallest)
+and all N ranks have subscribed. Any rank that exits, or a step past the timeout, loses
+the whole group: every rank is killed and reaped, and the next start replaces them all.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from zmq.utils.monitor import recv_monitor_message
 from tessera.common.cli_args import config_to_argv
 from tessera.common.curve import ServerKeys
 from tessera.common.plan import StepPlan, StepResult
+from tessera.common.plan_bus import PlanPublisher, new_topic
 from tessera.common.wire import WireError, decode, encode, plan_to_pb, result_from_pb
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.scheduler.config import SchedulerServerConfig
@@ -98,7 +108,17 @@ class ExecutorLink:
         self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._after_failed_handshake = False
         self.info: engine_pb2.EngineInfo | None = None  # the first executor's
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # rank 0
+        self.others: list[subprocess.Popen] = []  # ranks 1 .. N-1
+        self.tensor_parallel_size = config.tensor_parallel_size
+        self.plans: PlanPublisher | None = None
+        self._ready: engine_pb2.EngineInfo | None = None  # rank 0 ready, ranks subscribing
+        self._num_starts = 0
+        if self.tensor_parallel_size > 1:
+            if self._private_dir is None:  # the rendezvous files
+                self._private_dir = tempfile.mkdtemp(prefix="tessera-engine-")
+            plan_address = config.plan_address or f"ipc://{self._private_dir}/plans.sock"
+            self.plans = PlanPublisher(ctx, plan_address, keys)
         self._ready_deadline = 0.0
         self._next_step_id = 1
         self._in_flight: deque[int] = deque()  # step ids sent, results not yet read
@@ -111,6 +131,10 @@ class ExecutorLink:
         seconds to report ready through poll_ready."""
         self._ready_deadline = time.monotonic() + timeout
         self._drain_events()
+        self._ready = None
+        self._num_starts += 1
+        if self.plans is not None:  # ranks started elsewhere cannot know a drawn topic
+            self.plans.expect(new_topic() if self.start_executor else "")
         if not self.start_executor:
             logger.info("waiting for an executor to connect to %s", self.address)
             return
@@ -121,12 +145,31 @@ class ExecutorLink:
                 num_kv_blocks=self.info.num_kv_blocks,
                 max_model_len=self.info.max_model_len,
             )
+        ranks = [config]
+        if self.plans is not None:
+            rendezvous = f"file://{self._private_dir}/rendezvous-{self._num_starts}"
+            ranks = [
+                dataclasses.replace(
+                    config,
+                    tensor_parallel_rank=rank,
+                    dist_init_method=rendezvous,
+                    plan_address=self.plans.address,
+                    plan_topic=self.plans.topic.decode(),
+                )
+                for rank in range(self.tensor_parallel_size)
+            ]
         # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
-        self.process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "tessera.executor", *config_to_argv(config)],
-            start_new_session=True,
+        started = [
+            subprocess.Popen(
+                [sys.executable, "-P", "-m", "tessera.executor", *config_to_argv(c)],
+                start_new_session=True,
+            )
+            for c in ranks
+        ]
+        self.process, self.others = started[0], started[1:]
+        logger.info(
+            "started executor pid %s on %s", ", ".join(str(p.pid) for p in started), self.address
         )
-        logger.info("started executor pid %d on %s", self.process.pid, self.address)
 
     def poll_ready(self) -> engine_pb2.EngineInfo | None:
         """The executor's EngineInfo once it is ready; None while it loads.
@@ -134,18 +177,22 @@ class ExecutorLink:
         ExecutorError if it exited, ran out of time, or reports another pool than the
         first executor did.
         """
-        while self.socket.poll(0):
+        while self._ready is None and self.socket.poll(0):
             try:
                 ready = decode(engine_pb2.ExecutorReady, self._recv_one())
                 _check_info(ready.info)
             except WireError as e:  # garbage, or a result of an executor gone before
                 logger.warning("ignored a message from the executor (not ExecutorReady): %s", e)
                 continue
-            return self._accept(ready.info)
+            self._ready = ready.info
+        if self._ready is not None and (
+            self.plans is None or self.plans.poll_subscriptions() >= self.tensor_parallel_size
+        ):
+            return self._accept(self._ready)
         code = self._exit_code()
         if code is not None:
             raise ExecutorError(
-                f"the executor (pid {self.process.pid}) exited with code {code} before it was ready"
+                f"the executor ({self._dead}) exited with code {code} before it was ready"
             )
         if time.monotonic() > self._ready_deadline:
             raise ExecutorError("the executor took too long to load the model")
@@ -164,6 +211,11 @@ class ExecutorLink:
         """Make sure the executor is gone (SIGKILL and reap); nothing it sent counts."""
         self._step_deadline = None
         self._in_flight.clear()
+        for other in self.others:  # the whole group goes
+            if other.poll() is None:
+                logger.warning("killing executor rank pid %d", other.pid)
+                other.kill()
+            other.wait()
         if self.process is None:
             logger.warning(
                 "an executor started elsewhere cannot be killed from here: restart it, "
@@ -177,6 +229,17 @@ class ExecutorLink:
         self.process.wait()
 
     def close(self, timeout: float = 10.0) -> None:
+        for other in self.others:
+            if other.poll() is None:
+                other.terminate()
+        for other in self.others:
+            try:
+                other.wait(timeout)
+            except subprocess.TimeoutExpired:
+                other.kill()
+                other.wait()
+        if self.plans is not None:
+            self.plans.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -202,6 +265,13 @@ class ExecutorLink:
         """Send one step; poll_result() gives the results in the order of the submits."""
         step_id = self._next_step_id
         self._next_step_id += 1
+        if self.plans is not None:  # one send, read by every rank
+            self.check_alive()
+            self.plans.publish(encode(plan_to_pb(plan, step_id)))
+            self._in_flight.append(step_id)
+            if len(self._in_flight) == 1:
+                self._start_clock()
+            return
         try:
             # Without a peer a PAIR would block: a send that cannot go means it is gone.
             self.socket.send(encode(plan_to_pb(plan, step_id)), flags=zmq.NOBLOCK)
@@ -258,7 +328,7 @@ class ExecutorLink:
         """ExecutorLost if the executor has died (between steps)."""
         code = self._exit_code()
         if code is not None:
-            raise ExecutorLost(f"the executor (pid {self.process.pid}) exited with code {code}")
+            raise ExecutorLost(f"the executor ({self._dead}) exited with code {code}")
         if self._disconnected():
             raise ExecutorLost("the executor's connection dropped")
 
@@ -267,7 +337,7 @@ class ExecutorLink:
         code = self._exit_code()
         if code is not None:
             raise ExecutorLost(
-                f"the executor (pid {self.process.pid}) exited with code {code} while "
+                f"the executor ({self._dead}) exited with code {code} while "
                 f"running step {step_id}"
             )
         if self._disconnected():
@@ -299,7 +369,20 @@ class ExecutorLink:
         return info
 
     def _exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
+        """The exit code of a rank that has exited (rank 0's first), else None."""
+        for process in [self.process, *self.others]:
+            if process is not None and (code := process.poll()) is not None:
+                return code
+        return None
+
+    @property
+    def _dead(self) -> str:
+        """The rank that exited, for a message."""
+        for rank, process in enumerate([self.process, *self.others]):
+            if process is not None and process.poll() is not None:
+                suffix = f" rank {rank}" if self.others else ""
+                return f"pid {process.pid}{suffix}"
+        return "pid ?"
 
     def _disconnected(self) -> bool:
         """Whether a connection dropped since the last start (the child's exit code

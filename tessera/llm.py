@@ -41,27 +41,41 @@ class LLM:
         async_scheduling: bool = True,
         enable_prefix_caching: bool = True,
         kv_cache_dtype: str = "auto",
+        quantization: str = "auto",
         show_progress: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         batched = max_num_batched_tokens or 2048
-        self.runner = ModelRunner(
-            ExecutorConfig(
-                model=model,
-                device=device,
-                dtype=dtype,
-                block_size=block_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                kv_cache_memory=kv_cache_memory,
-                num_kv_blocks=num_kv_blocks,
-                max_num_batched_tokens=batched,
-                max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len,
-                attention_backend=attention_backend,
-                cuda_graphs=cuda_graphs,
-                kv_cache_dtype=kv_cache_dtype,
-                show_progress=show_progress,
-            )
+        executor_config = ExecutorConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory=kv_cache_memory,
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=batched,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
+            show_progress=show_progress,
+            tensor_parallel_size=tensor_parallel_size,
+            dist_init_method="file:///set-by-ranks" if tensor_parallel_size > 1 else "",
         )
+        if tensor_parallel_size > 1:
+            # Rank 0 here, the others as processes (executor.ranks); a split the model
+            # refuses is an error before any of them starts.
+            from tessera.common.registry import resolve_model
+            from tessera.executor.parallel import check_splittable, read_model_config
+            from tessera.executor.ranks import ParallelRunner
+
+            check_splittable(read_model_config(resolve_model(model)), tensor_parallel_size)
+            self.runner = ParallelRunner(executor_config)
+        else:
+            self.runner = ModelRunner(executor_config)
         mc = self.runner.model_config
         pool_tokens = self.runner.num_blocks * block_size
         if max_model_len is None:
@@ -95,6 +109,12 @@ class LLM:
     @property
     def model_config(self):
         return self.runner.model_config
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do at tensor_parallel_size 1)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer

@@ -77,6 +77,14 @@ class ServeConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # auto | fp8 (executor/config.py)
+    quantization: str = field(
+        default="auto", metadata={"help": "4-bit weights: auto | none | gptq | awq"}
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "executor ranks, one process per device, that run each step "
+                  "together (gloo on the CPU, NCCL on CUDA)"},
+    )
     policy: str = "fcfs"
     # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
     async_scheduling: bool = True
@@ -97,6 +105,12 @@ class ServeConfig:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.num_tokenizers < 0:
             raise ValueError(f"num_tokenizers must be >= 0, got {self.num_tokenizers}")
+        if self.tensor_parallel_size != 1:  # a split the model refuses, before any process
+            from tessera.common.registry import resolve_model
+            from tessera.executor.parallel import check_splittable, read_model_config
+
+            shape = read_model_config(resolve_model(self.model))
+            check_splittable(shape, self.tensor_parallel_size)
         # 0 only for a model without a tokenizer (random weights): token ids in and out.
 
 
@@ -143,6 +157,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         str(config.gpu_memory_utilization),
         "--kv-cache-dtype",
         config.kv_cache_dtype,
+        "--quantization",
+        config.quantization,
         "--policy",
         config.policy,
         "--max-waiting",
@@ -162,6 +178,8 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         engine_flags += ["--max-model-len", str(config.max_model_len)]
     if config.kv_cache_memory is not None:
         engine_flags += ["--kv-cache-memory", str(config.kv_cache_memory)]
+    if config.tensor_parallel_size != 1:
+        engine_flags += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     commands = [
         (f"tokenizer-{i}",
          py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])

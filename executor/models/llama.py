@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from tessera.common.model_config import ModelConfig
 from tessera.executor.attention import TorchAttentionBackend
+from tessera.executor.parallel import TPGroup, local_heads, vocab_parallel_embedding
+from tessera.executor.weights import quant
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,8 +152,13 @@ class LlamaForCausalLM:
         max_positions: int,
         attention=None,
         fused_kernels: bool = False,
+        group: TPGroup | None = None,
     ) -> None:
         self.config = config
+        # Tensor parallel: the weights are this rank's shards (executor.parallel), the
+        # heads below are this rank's, and o/down/embedding are all-reduced.
+        self.group = group or TPGroup.single()
+        self.num_heads, self.num_kv_heads = local_heads(config, self.group)
         self.attention = attention or TorchAttentionBackend()
         self.fused_kernels = fused_kernels
         self.scale = config.head_dim**-0.5
@@ -159,7 +166,7 @@ class LlamaForCausalLM:
         self.lm_head = tensors.get("lm_head.weight", self.embed)
         self.norm = tensors["model.norm.weight"]
         self.layers = [_Layer(tensors, i, config) for i in range(config.num_hidden_layers)]
-        self.linear = F.linear
+        self.linear = quant.linear  # F.linear, or a 4-bit weight's GEMM (GPTQ / AWQ)
         if device.type == "cpu" and not fused_kernels and onednn_linear_available(self.embed.dtype):
             self.linear = _packed_linear
             self.lm_head = pack_weight(self.lm_head)  # a copy when tied: embed stays dense
@@ -168,8 +175,8 @@ class LlamaForCausalLM:
                     setattr(layer, name, pack_weight(getattr(layer, name)))
         self.rotary = RotaryEmbedding(config, max_positions, device, tensors.get("rope_freqs"))
         c = config
-        self.q_size = c.num_attention_heads * c.head_dim
-        self.kv_size = c.num_key_value_heads * c.head_dim
+        self.q_size = self.num_heads * c.head_dim
+        self.kv_size = self.num_kv_heads * c.head_dim
         if fused_kernels:
             from tessera.kernels.rotary import build_cos_sin_cache
 
@@ -187,7 +194,8 @@ class LlamaForCausalLM:
         if self.fused_kernels:
             return self._forward_fused(input_ids, positions, kv_caches, meta)
         c = self.config
-        h = F.embedding(input_ids, self.embed)
+        reduce = self.group.all_reduce
+        h = vocab_parallel_embedding(input_ids, self.embed, self.group)
         cos, sin = self.rotary.tables(positions, h.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
@@ -195,22 +203,22 @@ class LlamaForCausalLM:
             q, k = self.rotary.apply(q, k, cos, sin)
             self.attention.write_kv(k, v, k_cache, v_cache, meta)
             o = self.attention.forward(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-            h = h + self.linear(o.reshape(o.shape[0], -1), layer.o_w)
+            h = h + reduce(self.linear(o.reshape(o.shape[0], -1), layer.o_w))
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
             gate, up = self.linear(x, layer.gate_up_w).chunk(2, dim=-1)
-            h = h + self.linear(F.silu(gate) * up, layer.down_w)
+            h = h + reduce(self.linear(F.silu(gate) * up, layer.down_w))
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     def _qkv(self, x: torch.Tensor, layer: _Layer):
         c = self.config
         qkv = self.linear(x, layer.qkv_w, layer.qkv_b)
-        q = qkv[:, : self.q_size].view(-1, c.num_attention_heads, c.head_dim)
+        q = qkv[:, : self.q_size].view(-1, self.num_heads, c.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size]
         v = qkv[:, self.q_size + self.kv_size :]
         return (
             q,
-            k.view(-1, c.num_key_value_heads, c.head_dim),
-            v.view(-1, c.num_key_value_heads, c.head_dim),
+            k.view(-1, self.num_kv_heads, c.head_dim),
+            v.view(-1, self.num_kv_heads, c.head_dim),
         )
 
     def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
@@ -221,7 +229,8 @@ class LlamaForCausalLM:
 
         c = self.config
         eps = c.rms_norm_eps
-        residual = F.embedding(input_ids, self.embed)
+        reduce = self.group.all_reduce
+        residual = vocab_parallel_embedding(input_ids, self.embed, self.group)
         x = rms_norm_kernel(residual, self.layers[0].input_norm, eps)
         num_layers = len(self.layers)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -229,16 +238,17 @@ class LlamaForCausalLM:
             apply_rotary_(q, k, positions, self.cos_sin)
             self.attention.write_kv(k, v, k_cache, v_cache, meta)
             o = self.attention.forward(q, k_cache, v_cache, meta, self.scale)
-            x = F.linear(o.reshape(o.shape[0], -1), layer.o_w)
+            x = reduce(self.linear(o.reshape(o.shape[0], -1), layer.o_w))
             fused_add_rms_norm(x, residual, layer.post_norm, eps)  # residual += x; x = norm
-            x = F.linear(silu_and_mul(F.linear(x, layer.gate_up_w)), layer.down_w)
+            x = reduce(self.linear(silu_and_mul(self.linear(x, layer.gate_up_w)), layer.down_w))
             next_norm = self.layers[i + 1].input_norm if i + 1 < num_layers else self.norm
             fused_add_rms_norm(x, residual, next_norm, eps)
         return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
-        return self.linear(hidden, self.lm_head)
+        # Tensor parallel: each rank's vocabulary slice, gathered whole on every rank.
+        return self.group.all_gather_last(self.linear(hidden, self.lm_head))
 
 
 class _Layer:
@@ -250,13 +260,13 @@ class _Layer:
         self.post_norm = t[p + "post_attention_layernorm.weight"]
         names = ("q_proj", "k_proj", "v_proj")
         # One matrix, and the three originals dropped, so weights are held once.
-        self.qkv_w = torch.cat([t.pop(p + f"self_attn.{n}.weight") for n in names])
+        self.qkv_w = quant.cat_out_features([t.pop(p + f"self_attn.{n}.weight") for n in names])
         biases = [t.pop(p + f"self_attn.{n}.bias", None) for n in names]
         if config.attention_bias and biases[0] is None:
             raise ValueError(f"layer {i}: the model has attention bias but no q_proj.bias")
         self.qkv_b = torch.cat(biases) if biases[0] is not None else None
         self.o_w = t[p + "self_attn.o_proj.weight"]
-        self.gate_up_w = torch.cat(
+        self.gate_up_w = quant.cat_out_features(
             [t.pop(p + "mlp.gate_proj.weight"), t.pop(p + "mlp.up_proj.weight")]
         )
         self.down_w = t[p + "mlp.down_proj.weight"]

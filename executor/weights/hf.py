@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,10 @@ from tqdm import tqdm
 
 from tessera.common.model_config import ModelConfig
 from tessera.executor.weights.layout import LoadedModel, check_tensors
+from tessera.executor.weights.quant import convert_checkpoint, is_quantized_part, quant_config
+
+if TYPE_CHECKING:
+    from tessera.executor.parallel import TensorShard
 
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -29,11 +33,26 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers that old checkpoints sa
 
 
 def load_hf(
-    path: str, name: str, dtype: torch.dtype, device: str | torch.device, progress: bool
+    path: str,
+    name: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    progress: bool,
+    shard: TensorShard | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
-    """Read the HF checkpoint in directory `path`; tensors in `dtype` on `device`."""
+    """Read the HF checkpoint in directory `path`; tensors in `dtype` on `device`.
+
+    A GPTQ / AWQ checkpoint (`quantization`: see executor.weights.quant) gives its
+    linears as 4-bit weight objects, dequantized to `dtype` on the CPU.
+
+    With `shard`, only this rank's slice of each split tensor is read from the file;
+    the full shapes are checked against the config first."""
     directory = Path(path)
     config = hf_config(directory, name)
+    quant = quant_config(_read_json(directory / "config.json"), quantization, str(directory))
+    if quant is not None and shard is not None:
+        raise ValueError("tensor parallel over 4-bit (GPTQ / AWQ) weights is not supported yet")
     tensors: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         files = [
@@ -41,9 +60,25 @@ def load_hf(
             for file in _safetensors_files(directory)
         ]
         names = [(f, key) for f in files for key in f.keys() if _wanted(key, config)]
+        if shard is not None:  # shapes only: meta tensors
+            shapes = {key: torch.empty(f.get_slice(key).get_shape(), device="meta")
+                      for f, key in names}  # fmt: skip
+            check_tensors(config, shapes)
         for f, key in tqdm(names, desc=f"Loading {name}", unit="tensor", disable=not progress):
-            tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    check_tensors(config, tensors)
+            spec = shard.spec(key) if shard is not None else None
+            if spec is None:
+                tensor = f.get_tensor(key)
+            else:
+                dim, start, stop = spec
+                part = f.get_slice(key)
+                tensor = part[start:stop] if dim == 0 else part[:, start:stop]
+            keep = quant is not None and is_quantized_part(key)  # int32 codes, fp16 scales
+            tensors[key] = tensor.to(device=device, dtype=None if keep else dtype)
+    if quant is not None:
+        cpu = torch.device(device).type == "cpu"
+        tensors = convert_checkpoint(tensors, config, quant, dtype, dequantize=cpu)
+    if shard is None:
+        check_tensors(config, tensors)
     return LoadedModel(config=config, tensors=tensors)
 
 

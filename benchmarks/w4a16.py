@@ -1,0 +1,254 @@
+"""4-bit weights (kernels/w4a16.py) against bf16, on the GPU, in one process.
+
+GEMM alone, Llama-3.1-8B layer shapes (fused q/k/v, o, fused gate/up, down), random
+4-bit GPTQ weights (group 128, symmetric; ``--act-order`` adds a random ``perm``), at
+M = 1, 16, 64, 256, 4096 rows:
+
+- ``bf16``: ``F.linear`` on the bf16 weight (cuBLAS);
+- ``fused``: the W4A16 Triton kernel (split-K picked for small M);
+- ``dequant_mm``: ``dequantize_w4`` then ``torch.mm``, the path ``w4a16_matmul`` takes
+  from ``DEQUANT_MIN_M`` rows up.
+
+Reported: microseconds, 4-bit weight bytes read per second over the measured copy
+bandwidth (the small-M target is >= 0.7 at M = 1), TFLOP/s over the bf16 rate of the
+same shape (the large-M target is >= 0.6). Each call is timed as a CUDA-graph replay
+over enough weight copies that none is found in L2; medians of CUDA-event timings.
+
+Decode step at batch 1, 16, 64 (``random:llama-3.1-8b``, bf16 activations, ``--context``
+tokens of KV): ``ModelRunner.execute`` of one decode step, bf16 weights against 4-bit
+(``quantization="gptq"``), with the KV pool each gets at the same memory utilization.
+
+    python benchmarks/w4a16.py --json benchmarks/results/w4a16_h200.json
+    python benchmarks/w4a16.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import date
+
+LLAMA_8B = {  # name -> (K, N) of y = x @ W
+    "qkv": (4096, 6144),
+    "o": (4096, 4096),
+    "gate_up": (4096, 28672),
+    "down": (14336, 4096),
+}
+TINY = {"qkv": (128, 96), "down": (256, 64)}
+
+
+def _timer(fn, device, iters: int) -> float:
+    """Median seconds of one ``fn()`` call: a CUDA graph of ``iters`` calls on the GPU."""
+    import torch
+
+    if device.type != "cuda":
+        fn()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes: int = 2 * 1024**3) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timer(lambda: dst.copy_(src), device, 5)
+    return 2 * nbytes / seconds  # bytes read plus bytes written
+
+
+def _time_shape(x, dense, qweights, scales, perm, group: int, iters: int):
+    """Seconds per call of bf16 F.linear, the fused kernel and dequantize + mm, each
+    cycling through its weight copies (so L2 holds none of them)."""
+    import torch.nn.functional as F
+
+    from tessera.kernels.w4a16 import dequantize_w4, w4a16_matmul
+
+    state = {"dense": 0, "q": 0}
+
+    def nxt(key: str, items: list):
+        state[key] = (state[key] + 1) % len(items)
+        return items[state[key]]
+
+    def fused():
+        return w4a16_matmul(x, nxt("q", qweights), scales, None, perm, group, dequant_min_m=None)
+
+    def dequant_mm():
+        w = dequantize_w4(nxt("q", qweights), scales, None, perm, group, dtype=x.dtype)
+        return x @ w
+
+    return (
+        _timer(lambda: F.linear(x, nxt("dense", dense)), x.device, iters),
+        _timer(fused, x.device, iters),
+        _timer(dequant_mm, x.device, iters),
+    )
+
+
+def bench_gemm(shapes: dict, rows: list[int], device, act_order: bool, iters: int) -> list[dict]:
+    import torch
+
+    from tessera.kernels.w4a16 import dequantize_w4
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = []
+    for name, (k, n) in shapes.items():
+        group = 128 if k % 128 == 0 else 32
+        w4_bytes = k * n // 2 + (k // group) * n * 2
+        copies = max(2, -(-(512 << 20) // (k * n // 2))) if device.type == "cuda" else 1
+        qweights = [
+            torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, device=device,
+                          dtype=torch.int32)
+            for _ in range(copies)
+        ]  # fmt: skip
+        scales = torch.full((k // group, n), 0.02 / 4.6, dtype=torch.float16, device=device)
+        perm = torch.randperm(k, device=device).to(torch.int32) if act_order else None
+        dense = [dequantize_w4(q, scales, None, perm, group, dtype=torch.bfloat16).t().contiguous()
+                 for q in qweights[: min(copies, 4)]]  # fmt: skip
+        bf16_copies = max(2, -(-(512 << 20) // (k * n // 2))) if device.type == "cuda" else 1
+        dense = (dense * (-(-bf16_copies // len(dense))))[:bf16_copies]
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+            t_bf16, t_fused, t_deq = _time_shape(x, dense, qweights, scales, perm, group, iters)
+            flops = 2 * m * k * n
+            r = {
+                "shape": name, "K": k, "N": n, "M": m,
+                "bf16_us": t_bf16 * 1e6, "fused_us": t_fused * 1e6, "dequant_mm_us": t_deq * 1e6,
+                "fused_weight_GBps": w4_bytes / t_fused / 1e9,
+                "bf16_TFLOPs": flops / t_bf16 / 1e12,
+                "fused_TFLOPs": flops / t_fused / 1e12,
+                "dequant_mm_TFLOPs": flops / t_deq / 1e12,
+                "fused_speedup": t_bf16 / t_fused,
+                "dequant_mm_speedup": t_bf16 / t_deq,
+            }  # fmt: skip
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    return results
+
+
+def bench_decode(model: str, batches: list[int], context: int, steps: int, device) -> list[dict]:
+    """One decode step of ``batch`` requests with ``context`` cached tokens each."""
+    import torch
+
+    from tessera import LLM
+    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
+
+    results = []
+    for quantization in ("none", "gptq"):
+        llm = LLM(model, dtype="bfloat16" if device.type == "cuda" else "float32",
+                  device=device.type, quantization=quantization, max_num_seqs=max(batches),
+                  max_model_len=context + steps + 64, show_progress=False,
+                  **({"kv_cache_memory": 1 << 28} if device.type == "cpu" else {}))  # fmt: skip
+        runner = llm.runner
+        for batch in batches:
+            per = -(-(context + steps + 8) // runner.block_size)
+            ids = [f"{quantization}-{batch}-{i}" for i in range(batch)]
+            greedy = SamplingOptions(temperature=0.0)
+            runner.execute(StepPlan(
+                new_requests=[
+                    NewRequestData(request_id=rid, all_token_ids=[1000 + i] * context,
+                                   num_prompt_tokens=context, sampling=greedy,
+                                   block_ids=list(range(i * per, (i + 1) * per)),
+                                   num_computed_tokens=context - 1)
+                    for i, rid in enumerate(ids)
+                ],
+                num_scheduled_tokens={rid: 1 for rid in ids},
+            ))  # fmt: skip
+            step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
+            for _ in range(3):
+                runner.execute(step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                runner.execute(step)
+            seconds = (time.perf_counter() - start) / steps
+            runner.execute(StepPlan(finished_request_ids=ids))
+            r = {"quantization": quantization, "batch": batch, "context": context,
+                 "step_ms": seconds * 1e3,
+                 "kv_pool_tokens": runner.num_blocks * runner.block_size}  # fmt: skip
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        del llm, runner
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = {r["batch"]: r["step_ms"] for r in results if r["quantization"] == "none"}
+    for r in results:
+        r["speedup_vs_bf16"] = base[r["batch"]] / r["step_ms"]
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 4096])
+    ap.add_argument("--act-order", action="store_true", help="GEMMs with a random perm")
+    ap.add_argument("--model", default="random:llama-3.1-8b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=20, help="GEMM calls per timing")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        args.rows, args.model, args.batch = [1, 7, 64], "random:smollm2-135m", [1, 2]
+        args.context, args.steps, args.iters = 16, 2, 1
+    import torch
+
+    torch.set_grad_enabled(False)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    result = {
+        "date": date.today().isoformat(),
+        "device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
+        "argv": sys.argv[1:],
+    }
+    if not args.dry_run:
+        result["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+        print(json.dumps(result), flush=True)
+    result["gemm"] = bench_gemm(
+        TINY if args.dry_run else LLAMA_8B, args.rows, device, args.act_order, args.iters
+    )
+    if "copy_bandwidth_GBps" in result:
+        for r in result["gemm"]:
+            r["fused_weight_bw_vs_copy"] = r["fused_weight_GBps"] / result["copy_bandwidth_GBps"]
+            r["fused_TFLOPs_vs_bf16"] = r["fused_TFLOPs"] / r["bf16_TFLOPs"]
+            r["dequant_mm_TFLOPs_vs_bf16"] = r["dequant_mm_TFLOPs"] / r["bf16_TFLOPs"]
+    if not args.skip_decode:
+        result["decode"] = bench_decode(args.model, args.batch, args.context, args.steps, device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The W4A16 GEMM (kernels/w4a16.py) against its float32 reference (kernels/w4a16_reference.py).
+
+On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1`` (conftest.py), so
+shapes stay tiny. The weights are random codes, scales and zero points in the kernel's
+own layout; the GPTQ / AWQ checkpoint formats are tests/executor/test_quantized.py's.
+float32 activations are compared to ~1e-5 (the dequantized weight is exact; only the
+summation order differs); fp16 / bf16 within a few ulps of the largest output, since
+the kernel rounds the weight tile to the activation dtype before its dot product.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.kernels.w4a16 import W4Config, dequantize_w4, w4a16_matmul
+from tessera.kernels.w4a16_reference import dequantize_ref, w4a16_matmul_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _weight(k: int, n: int, group_size: int, zeros: bool, act_order: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // (k if group_size == -1 else group_size)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int64)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
+    zero = torch.randint(0, 17, (groups, n), generator=g).to(torch.uint8) if zeros else None
+    perm = torch.randperm(k, generator=g).to(torch.int32) if act_order else None
+    tensors = (qweight.to(torch.int32), scales, zero, perm)
+    return tuple(t.to(DEVICE) if t is not None else None for t in tensors)
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    err = (y.float() - ref).abs().max().item()
+    assert err <= TOLERANCE[dtype] * max(1.0, ref.abs().max().item()), err
+
+
+# K = 200 and 296 are not multiples of any tile; N = 40, 72, 50 are not multiples of 64.
+SHAPES = [  # (K, N, group_size, zero points, act-order)
+    (96, 40, 32, True, False),
+    (256, 72, 64, False, True),
+    (256, 50, 128, True, True),
+    (200, 72, -1, True, False),
+    (296, 24, -1, False, True),
+]
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
+def test_matches_reference_float32(m, shape):
+    k, n, group_size, zeros, act_order = shape
+    qweight, scales, zero, perm = _weight(k, n, group_size, zeros, act_order)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    out = torch.full((m, n), float("nan"), device=DEVICE)  # every element must be written
+    y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, dequant_min_m=None)
+    assert y is out
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_matches_reference_half(dtype, m):
+    qweight, scales, zero, perm = _weight(256, 72, 64, True, True, seed=1)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    bias = torch.randn(72, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 64, bias, dequant_min_m=None)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 64, bias), dtype)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5])
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_split_k_agrees(split_k, block_m):
+    """Every split count (uneven ones included, the last split short) and both loops give
+    the reference's result, bias added once."""
+    qweight, scales, zero, perm = _weight(320, 40, 32, True, True, seed=2)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    config = W4Config(block_m, 32, 32, split_k=split_k)
+    if block_m == 1:
+        x = x[:1]
+    out = torch.full((x.shape[0], 40), float("nan"), device=DEVICE)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 32, bias, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 32, bias), torch.float32)
+
+
+def test_strided_rows_and_large_m_path():
+    qweight, scales, zero, perm = _weight(128, 40, 64, True, True, seed=5)
+    wide = torch.randn(9, 200, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    x = wide[:, 16:144]  # row stride 200
+    ref = w4a16_matmul_ref(x, qweight, scales, zero, perm, 64)
+    _check(w4a16_matmul(x, qweight, scales, zero, perm, 64, dequant_min_m=None), ref,
+           torch.float32)
+    # From dequant_min_m rows up: W dequantized once, then torch's matmul.
+    _check(w4a16_matmul(x, qweight, scales, zero, perm, 64, dequant_min_m=4), ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matches_reference(dtype):
+    qweight, scales, zero, perm = _weight(256, 50, 32, True, True, seed=7)
+    w = dequantize_w4(qweight, scales, zero, perm, 32, dtype=dtype)
+    ref = dequantize_ref(qweight, scales, zero, perm, 32)
+    if dtype == torch.float32:
+        assert torch.equal(w, ref)  # exact: a small integer times a float16 scale
+    else:  # one rounding to bf16 (the interpreter truncates where a GPU rounds: 1 ulp)
+        torch.testing.assert_close(w.float(), ref, rtol=2**-7, atol=0)
+
+
+def test_empty_batch():
+    qweight, scales, _, _ = _weight(64, 16, 32, False, False)
+    y = w4a16_matmul(torch.empty(0, 64, device=DEVICE), qweight, scales, group_size=32)
+    assert y.shape == (0, 16)
+
+
+def _bad(**change):
+    qweight, scales, zero, perm = _weight(128, 16, 32, True, True)
+    args = dict(x=torch.randn(2, 128, device=DEVICE), qweight=qweight, scales=scales,
+                zeros=zero, perm=perm, group_size=32)  # fmt: skip
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(x=torch.randn(2, 120)), "x has 120 columns"),
+        (dict(x=torch.randint(0, 3, (2, 128))), "x must be one of"),
+        (dict(qweight=torch.zeros(16, 16, dtype=torch.int64)), "qweight must be one of int32"),
+        (dict(group_size=48), "group_size 48 does not divide"),
+        (dict(group_size=24), "group_size must be -1 or a positive multiple of 16"),
+        (dict(scales=torch.ones(2, 16, dtype=torch.float16)), r"scales must be \[K / group_size"),
+        (dict(zeros=torch.zeros(4, 16, dtype=torch.int32)), "zeros must be one of uint8"),
+        (dict(perm=torch.arange(64, dtype=torch.int32)), "perm must have K = 128"),
+        (dict(bias=torch.ones(15)), "bias must have N = 16"),
+        (dict(out=torch.empty(2, 16, dtype=torch.float16)), "out must be"),
+        (dict(config=W4Config(16, 32, 64)), "block_k 64 must be a multiple of 16 that divides"),
+    ],
+)
+def test_rejects_bad_arguments(change, match):
+    args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        w4a16_matmul(**args)

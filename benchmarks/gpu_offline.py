@@ -178,6 +178,11 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8")
     ap.add_argument(
+        "--quantization",
+        default="auto",
+        help="auto | none | gptq | awq; gptq or awq with random:<shape>: random 4-bit linears",
+    )
+    ap.add_argument(
         "--hf-prompts",
         type=int,
         default=64,
@@ -255,6 +260,7 @@ def main() -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graphs=not args.no_cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
         show_progress=False,
     )
     result["tessera_startup_s"] = time.perf_counter() - t0

@@ -36,9 +36,12 @@ class _Probed(Exception):
 def test_the_gateway_loads_its_tokenizer_off_the_event_loop(monkeypatch, tmp_path):
     loaded = threading.Event()
     load = Tokenizer.load
+    spans: list[float] = []
 
     def load_and_tell(source):
+        t0 = time.monotonic()
         tokenizer = load(source)
+        spans.append(time.monotonic() - t0)
         loaded.set()
         return tokenizer
 
@@ -60,12 +63,18 @@ def test_the_gateway_loads_its_tokenizer_off_the_event_loop(monkeypatch, tmp_pat
     config = gateway.GatewayConfig(
         scheduler_address=f"ipc://{tmp_path}/scheduler.sock", http_port=0
     )
-    started = time.monotonic()
     with pytest.raises(_Probed):
         asyncio.run(gateway.serve(config))
     assert loaded.is_set(), "the tokenizer did not load while the gateway waited"
-    assert time.monotonic() - started > 0.5  # a real load, long enough to see a stall
-    assert max(lags) < 0.5, f"the event loop stalled {max(lags):.2f}s during the load"
+    (load_s,) = spans
+    assert load_s > 0.5  # a real load, long enough to see a stall
+    # Held by the load, the loop would tick once, late by the whole load. Off the loop it
+    # ticks on through it; the load's thread holds the GIL for stretches (longer on a
+    # busy machine), so the bound is relative: no pause near the load's own length.
+    assert len(lags) >= 10, f"the loop ticked {len(lags)} times in a {load_s:.2f}s load"
+    assert max(lags) < 0.5 * load_s, (
+        f"the event loop stalled {max(lags):.2f}s during a {load_s:.2f}s load"
+    )
 
 
 def test_the_launcher_removes_its_run_directory_after_a_clean_shutdown(tmp_path):

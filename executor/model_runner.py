@@ -20,6 +20,8 @@ overlapped). The torch path (the CPU) runs everything in ``submit``.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -121,6 +123,21 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros(shape), but on the CPU mapped from anonymous memory, which the OS hands
+    out zero-filled page by page on first touch: a pool of 2 GiB costs no start-up time
+    (torch.zeros writes every byte: 1 s on an idle 2-core machine, 6 s on a busy one) and
+    no memory until blocks are used. Zeros, not torch.empty: a NaN in a slot that no
+    token wrote would still reach outputs through masked attention (0 * NaN = NaN)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    # Private: a forked child gets its own copy on write, as with malloc'd memory.
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # keeps buf alive
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -195,8 +212,8 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                zeroed_pool(shape, self.kv_dtype, self.device),
+                zeroed_pool(shape, self.kv_dtype, self.device),
             )
             for _ in range(mc.num_hidden_layers)
         ]

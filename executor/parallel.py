@@ -240,11 +240,10 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 
         return hf_config(Path(source.path), source.name)
     if source.kind == "gguf":
-        from gguf import GGUFReader
-
         from tessera.executor.weights.gguf import gguf_config
+        from tessera.executor.weights.gguf_file import read_gguf
 
-        return gguf_config(GGUFReader(source.path), source.name)
+        return gguf_config(read_gguf(source.path), source.name)
     raise ValueError(f"unknown model source kind {source.kind!r}")
 
 

@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp's format): config from metadata, tensors dequantized to HF naming.
 
-Reads with `gguf.GGUFReader` (memory-mapped), dequantizes each tensor on the target
-device (see `dequant`), renames it to Hugging Face naming, and undoes the row
-permutation that llama.cpp's converter applies to Q and K of "llama" models. Supports
-the "llama" architecture (Llama, Mistral, SmolLM2, TinyLlama) and "qwen2".
+Reads the file with `gguf_file.read_gguf` (metadata scalars and the tensor directory;
+tensor bytes memory-mapped), dequantizes each tensor on the target device (see
+`dequant`), renames it to Hugging Face naming, and undoes the row permutation that
+llama.cpp's converter applies to Q and K of "llama" models. Supports the "llama"
+architecture (Llama, Mistral, SmolLM2, TinyLlama) and "qwen2".
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGUFReader
 from tqdm import tqdm
 
 from tessera.common.model_config import ModelConfig
 from tessera.executor.weights.dequant import dequantize
+from tessera.executor.weights.gguf_file import (
+    GGUFArray,
+    GGUFFile,
+    GGUFTensor,
+    from_reader,
+    read_gguf,
+)
 from tessera.executor.weights.layout import ROPE_FREQS, LoadedModel, check_tensors
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -52,10 +59,10 @@ def load_gguf(
     path: str, name: str, dtype: torch.dtype, device: str | torch.device, progress: bool
 ) -> LoadedModel:
     """Read the GGUF at `path`; tensors in `dtype` on `device` (`rope_freqs` stays float32)."""
-    reader = GGUFReader(path, "c")  # copy-on-write: writable arrays, the file is never changed
-    config = gguf_config(reader, name)
+    file = read_gguf(path)
+    config = gguf_config(file, name)
     with _one_cpu_thread(device):
-        tensors = _read_tensors(reader, config, name, dtype, device, progress)
+        tensors = _read_tensors(file, config, name, dtype, device, progress)
     check_tensors(config, tensors)
     return LoadedModel(config=config, tensors=tensors)
 
@@ -76,7 +83,7 @@ def _one_cpu_thread(device: str | torch.device) -> Iterator[None]:
 
 
 def _read_tensors(
-    reader: GGUFReader,
+    file: GGUFFile,
     config: ModelConfig,
     name: str,
     dtype: torch.dtype,
@@ -84,7 +91,7 @@ def _read_tensors(
     progress: bool,
 ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc=f"Loading {name}", unit="tensor", disable=not progress):
+    for tensor in tqdm(file.tensors, desc=f"Loading {name}", unit="tensor", disable=not progress):
         hf_name = _hf_name(tensor.name)
         values = _dequantized(tensor, device)
         if hf_name == ROPE_FREQS:
@@ -96,72 +103,75 @@ def _read_tensors(
     return tensors
 
 
-def gguf_config(reader: GGUFReader, name: str) -> ModelConfig:
-    """The `ModelConfig` that a GGUF file's metadata describes."""
-    arch = _meta(reader, "general.architecture")
+def gguf_config(source: GGUFFile | GGUFReader, name: str) -> ModelConfig:
+    """The `ModelConfig` that a GGUF file's metadata describes (`read_gguf`'s reading of
+    it, or a `gguf.GGUFReader`'s, which takes seconds longer)."""
+    file = from_reader(source) if isinstance(source, GGUFReader) else source
+    arch = _meta(file, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported; Tessera reads "
             f"{', '.join(GGUF_ARCHITECTURES)} GGUF files"
         )
-    tensor_names = {t.name: t for t in reader.tensors}
-    hidden = _meta(reader, f"{arch}.embedding_length")
-    num_heads = _meta(reader, f"{arch}.attention.head_count")
-    head_dim = _meta(reader, f"{arch}.attention.key_length", hidden // num_heads)
-    rotary_dim = _meta(reader, f"{arch}.rope.dimension_count", head_dim)
+    tensor_names = {t.name: t for t in file.tensors}
+    hidden = _meta(file, f"{arch}.embedding_length")
+    num_heads = _meta(file, f"{arch}.attention.head_count")
+    head_dim = _meta(file, f"{arch}.attention.key_length", hidden // num_heads)
+    rotary_dim = _meta(file, f"{arch}.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
         raise ValueError(
             f"GGUF model {name!r} rotates {rotary_dim} of {head_dim} head dimensions; "
             "Tessera supports only full rotary embeddings"
         )
-    eos = [_meta(reader, f"tokenizer.ggml.{key}", None) for key in ("eos_token_id", "eot_token_id")]
+    eos = [_meta(file, f"tokenizer.ggml.{key}", None) for key in ("eos_token_id", "eot_token_id")]
     return ModelConfig(
         architecture=arch,
-        vocab_size=_vocab_size(reader, tensor_names["token_embd.weight"]),
+        vocab_size=_vocab_size(file, tensor_names["token_embd.weight"]),
         hidden_size=hidden,
-        intermediate_size=_meta(reader, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_meta(reader, f"{arch}.block_count"),
+        intermediate_size=_meta(file, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_meta(file, f"{arch}.block_count"),
         num_attention_heads=num_heads,
-        num_key_value_heads=_meta(reader, f"{arch}.attention.head_count_kv", num_heads),
+        num_key_value_heads=_meta(file, f"{arch}.attention.head_count_kv", num_heads),
         head_dim=head_dim,
-        rms_norm_eps=_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
-        rope_theta=_meta(reader, f"{arch}.rope.freq_base", 10000.0),
-        max_position_embeddings=_meta(reader, f"{arch}.context_length"),
+        rms_norm_eps=_meta(file, f"{arch}.attention.layer_norm_rms_epsilon"),
+        rope_theta=_meta(file, f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=_meta(file, f"{arch}.context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        rope_scaling=_rope_scaling(reader, arch),
-        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        rope_scaling=_rope_scaling(file, arch),
+        bos_token_id=_meta(file, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
         name=name,
     )
 
 
-def _meta(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
-    field = reader.get_field(key)
-    if field is None:
+def _meta(file: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
+    value = file.metadata.get(key)
+    if value is None:
         if default is _REQUIRED:
             raise ValueError(f"GGUF file lacks the metadata key {key!r} that Tessera needs")
         return default
-    return field.contents()
+    return value
 
 
-def _vocab_size(reader: GGUFReader, embedding: ReaderTensor) -> int:
-    rows = int(embedding.shape[-1])  # GGUF dims are innermost first: [hidden, vocab]
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+def _vocab_size(file: GGUFFile, embedding: GGUFTensor) -> int:
+    rows = embedding.shape[-1]  # GGUF dims are innermost first: [hidden, vocab]
+    tokens = file.metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
         return rows
-    if len(tokens.data) != rows:
+    count = tokens.count if isinstance(tokens, GGUFArray) else 1
+    if count != rows:
         raise ValueError(
-            f"GGUF tokenizer lists {len(tokens.data)} tokens but token_embd.weight has "
+            f"GGUF tokenizer lists {count} tokens but token_embd.weight has "
             f"{rows} rows; the file is inconsistent"
         )
     return rows
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
-    kind = _meta(reader, f"{arch}.rope.scaling.type", None)
-    factor = _meta(reader, f"{arch}.rope.scaling.factor", None)
-    legacy_factor = _meta(reader, f"{arch}.rope.scale_linear", None)  # pre-2024 files
+def _rope_scaling(file: GGUFFile, arch: str) -> dict | None:
+    kind = _meta(file, f"{arch}.rope.scaling.type", None)
+    factor = _meta(file, f"{arch}.rope.scaling.factor", None)
+    legacy_factor = _meta(file, f"{arch}.rope.scale_linear", None)  # pre-2024 files
     if kind is None and legacy_factor is not None:
         kind, factor = "linear", legacy_factor
     if kind in (None, "none"):
@@ -186,11 +196,11 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
 
 
-def _dequantized(tensor: ReaderTensor, device: str | torch.device) -> torch.Tensor:
-    # tensor.data: the file's bytes (a typed array for F32/F16); ggml dims are innermost first.
-    raw = torch.from_numpy(tensor.data.reshape(-1).view(np.uint8)).to(device)
-    values = dequantize(tensor.name, raw, tensor.tensor_type, int(tensor.n_elements))
-    return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+def _dequantized(tensor: GGUFTensor, device: str | torch.device) -> torch.Tensor:
+    # tensor.data: the file's bytes, uint8; ggml dims are innermost first.
+    raw = torch.from_numpy(tensor.data).to(device)
+    values = dequantize(tensor.name, raw, tensor.tensor_type, tensor.n_elements)
+    return values.reshape(tuple(reversed(tensor.shape)))
 
 
 def _unpermute_rotary(hf_name: str, w: torch.Tensor, config: ModelConfig) -> torch.Tensor:

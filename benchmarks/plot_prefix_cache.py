@@ -1,7 +1,9 @@
 """Plot of benchmarks/prefix_cache.py results: cache on against off, per workload.
 
-    python benchmarks/plot_prefix_cache.py results/prefix_cache_cpu.json \\
+    python benchmarks/plot_prefix_cache.py results/prefix_cache_cpu.json:shared,multiturn \\
         results/prefix_cache_h200.json   # writes benchmarks/plots/prefix_cache.png
+
+``PATH:W1,W2`` plots only those workloads of a result.
 
 matplotlib is not a dependency: run it from any environment that has it.
 """
@@ -30,11 +32,12 @@ def medians(result: dict, mode: str, workload: str) -> tuple[float, float]:
 
 
 def main(paths: list[str]) -> None:
-    results = [json.loads((HERE / p).read_text()) for p in paths]
+    chosen = [p.split(":", 1) if ":" in p else (p, "") for p in paths]
+    results = [json.loads((HERE / p).read_text()) for p, _ in chosen]
     fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 7), squeeze=False)
-    for col, result in enumerate(results):
+    for col, (result, (_, only)) in enumerate(zip(results, chosen, strict=True)):
         where = result.get("gpu", result["device"])
-        workloads = list(result["runs"]["on"][0])
+        workloads = only.split(",") if only else list(result["runs"]["on"][0])
         x = range(len(workloads))
         for row, (metric, label) in enumerate(
             ((0, "output tokens/s"), (1, "TTFT p50 (ms, log)"))

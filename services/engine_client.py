@@ -98,11 +98,13 @@ class EngineClient:
 
     @property
     def serving(self) -> bool:
-        """The scheduler answers and has a working executor (what health reports)."""
+        """The scheduler answers and has an executor attached (what health reports): not
+        while it recovers from an executor's loss, though its streams wait and go on, so
+        that a load balancer sends new work elsewhere meanwhile (issue 19)."""
         return (
             self.lost_reason is None
             and self.last_status is not None
-            and self.last_status.state != engine_pb2.ENGINE_STATE_UNAVAILABLE
+            and self.last_status.state == engine_pb2.ENGINE_STATE_SERVING
         )
 
     def open(self, request_ids: list[str]) -> asyncio.Queue:

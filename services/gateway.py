@@ -17,8 +17,8 @@ one scheduler step.
 Failures and limits. A stream the engine fails ends with the status of its error kind:
 UNAVAILABLE when the engine cannot run it (no working executor, or the scheduler is
 lost: ``services.engine_client``), INTERNAL for a bug; the tokens streamed before it
-are valid. Health is NOT_SERVING while the scheduler is lost or reports
-ENGINE_STATE_UNAVAILABLE (RECOVERING still serves: its streams go on). Every queue is
+are valid. Health is NOT_SERVING while the scheduler is lost or has no executor attached
+(ENGINE_STATE_RECOVERING, whose streams wait and go on, or UNAVAILABLE). Every queue is
 bounded: open requests per gateway (``max_open_requests``), Generate streams per client
 connection (``max_streams_per_connection``), message sizes (``max_message_bytes``);
 past a bound the call is RESOURCE_EXHAUSTED, and it and UNAVAILABLE carry the trailing
@@ -523,7 +523,7 @@ async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_
 
 async def _watch_engine(engine: EngineClient, health_servicer, service: str) -> None:
     """Health follows the engine client's pulse: NOT_SERVING while the scheduler is lost
-    or has no working executor (ENGINE_STATE_UNAVAILABLE); RECOVERING still serves."""
+    or has no executor attached (RECOVERING or UNAVAILABLE)."""
     serving = None
     while True:
         ok = engine.serving

@@ -89,9 +89,11 @@ def test_heartbeats_and_health_follow_the_scheduler():
         await until(lambda: client.serving)
         await until(lambda: scheduler.sent("heartbeat"))  # the first may beat the connection
         assert scheduler.sent("heartbeat")[0].heartbeat.timeout_ms == 4000
-        scheduler.state = pb.ENGINE_STATE_RECOVERING  # streams go on: still serving
-        await asyncio.sleep(3 * PULSE)
-        assert client.serving
+        scheduler.state = pb.ENGINE_STATE_RECOVERING  # no executor attached: not serving
+        await until(lambda: not client.serving)
+        assert client.lost_reason is None  # streams wait and go on
+        scheduler.state = pb.ENGINE_STATE_SERVING
+        await until(lambda: client.serving)
         scheduler.state = pb.ENGINE_STATE_UNAVAILABLE
         await until(lambda: not client.serving)
         assert client.lost_reason is None  # it answers: new requests are its to refuse

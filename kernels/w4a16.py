@@ -48,9 +48,11 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PACK = 8  # 4-bit codes per int32 word
 SYMMETRIC_ZERO = 8  # the implied zero point when a checkpoint stores none
-# From this many rows up, dequantize W and let torch (cuBLAS) multiply; measured on an
-# H200 by benchmarks/w4a16.py (the fused kernel is compared with this path there).
-DEQUANT_MIN_M = 1024
+# From this many rows up, dequantize W and let torch (cuBLAS) multiply. H200, 2026-12-05,
+# benchmarks/w4a16.py on the 8B layer shapes: dequantize + mm was faster than this kernel
+# on every shape from M = 64 on (qkv 35 vs 48 us, down 83 vs 108 us at M = 64; 0.90-0.94
+# of bf16 at M = 4096), the kernel faster at M = 16 (qkv 27 vs 34 us).
+DEQUANT_MIN_M = 64
 
 
 @dataclass(slots=True, frozen=True)

@@ -33,6 +33,7 @@ class FakeScheduler:
         self.instance_id = "first"
         self.state = pb.ENGINE_STATE_SERVING
         self.received: list[pb.GatewayMessage] = []
+        self.last_sent = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -47,6 +48,7 @@ class FakeScheduler:
                 await self.socket.send_multipart(
                     [gateway, pb.EngineOutputs(status=reply).SerializeToString()]
                 )
+                self.last_sent = time.monotonic()
 
     def sent(self, kind: str) -> list[pb.GatewayMessage]:
         return [m for m in self.received if m.WhichOneof("kind") == kind]
@@ -109,8 +111,10 @@ def test_a_silent_scheduler_fails_open_sequences_then_they_are_aborted_there():
         queue = client.open(["s/0", "s/1"])
         await client.add([pb.AddSequence(request_id="s/0"), pb.AddSequence(request_id="s/1")])
         scheduler.answering = False
-        silent = time.monotonic()
         outs = [await asyncio.wait_for(queue.get(), 3) for _ in range(2)]
+        # The client's silence counts from the last reply it heard, which may predate
+        # the moment answering stopped by up to a pulse: measure from that reply.
+        silent = scheduler.last_sent
         assert SCHEDULER_TIMEOUT <= time.monotonic() - silent < SCHEDULER_TIMEOUT + 0.5
         for out, rid in zip(outs, ["s/0", "s/1"], strict=True):
             assert (out.request_id, out.finished, out.finish_reason) == (rid, True, "error")

@@ -28,12 +28,26 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
             f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"
         )
+    resumed = list(seq.resume_output_token_ids)
+    bad = [t for t in resumed if t >= vocab]
+    if bad:
+        raise ValueError(
+            f"request {request_id!r}: resumed output token ids {bad[:5]} are outside the "
+            f"vocabulary [0, {vocab})"
+        )
     try:
         sampling = sampling_from_pb(seq.sampling) if seq.HasField("sampling") else None
         check_sampling(sampling or SamplingOptions(), vocab)
         room = max(info.max_model_len - len(prompt), 1)
         stop = stop_from_pb(seq.stop, info.eos_token_ids, default_max_tokens=room)
         cache_salt = check_cache_salt(seq.cache_salt)
+        if resumed and (
+            len(resumed) >= stop.max_tokens or len(prompt) + len(resumed) >= info.max_model_len
+        ):
+            raise ValueError(
+                f"{len(resumed)} resumed output tokens leave nothing to generate within "
+                f"max_tokens={stop.max_tokens} and max_model_len={info.max_model_len}"
+            )
     except ValueError as e:
         raise ValueError(f"request {request_id!r}: {e}") from None
     return Request(
@@ -43,6 +57,8 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         stop=stop,
         priority=seq.priority,
         cache_salt=cache_salt,
+        # Resumed from a lost replica: recomputed like a preempted request's outputs.
+        output_token_ids=resumed,
     )
 
 

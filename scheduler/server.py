@@ -521,6 +521,7 @@ class SchedulerServer:
             num_kv_blocks_used=self.scheduler.num_used_blocks,
             num_kv_blocks_free=self.scheduler.num_free_blocks,
             num_kv_blocks_cached=self.scheduler.num_cached_blocks,
+            num_waiting_tokens=self.num_waiting_tokens(),
         )
 
     def totals(self) -> engine_pb2.EngineCounters:

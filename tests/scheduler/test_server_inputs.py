@@ -81,6 +81,7 @@ valid_sequence = st.builds(
     sampling=valid_sampling | st.none(),
     stop=valid_stop | st.none(),
     priority=st.integers(-3, 3),
+    resume_output_token_ids=st.lists(st.integers(0, 10), max_size=5),  # issue 17
 )
 wild_sequence = st.builds(
     pb.AddSequence,
@@ -89,6 +90,7 @@ wild_sequence = st.builds(
     sampling=st.one_of(valid_sampling, st.none(), wild_sampling),
     stop=st.one_of(valid_stop, st.none(), wild_stop),
     priority=st.integers(-(2**31), 2**31 - 1),
+    resume_output_token_ids=st.lists(_token, max_size=60),
 )
 _add = st.lists(valid_sequence, min_size=1, max_size=3) | st.lists(
     valid_sequence | wild_sequence, max_size=4

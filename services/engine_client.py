@@ -27,6 +27,7 @@ import itertools
 import logging
 import time
 import uuid
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -65,7 +66,7 @@ class EngineClient:
         # Queue nothing for a scheduler that is not connected: a send fails at once.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(scheduler_address)
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, Any] = {}  # asyncio.Queue, or a pool's tap
         self._status: dict[int, asyncio.Future] = {}
         self._query_ids = itertools.count(1)
         self._status_timeout = status_timeout
@@ -107,12 +108,19 @@ class EngineClient:
             and self.last_status.state == engine_pb2.ENGINE_STATE_SERVING
         )
 
-    def open(self, request_ids: list[str]) -> asyncio.Queue:
-        """One queue for all sequences of a request; items are SequenceOutput or Rejection."""
-        queue: asyncio.Queue = asyncio.Queue()
+    def open(self, request_ids: list[str], queue: Any = None) -> Any:
+        """One queue for all sequences of a request; items are SequenceOutput or Rejection.
+        ``queue``: anything with ``put_nowait`` instead of a new asyncio.Queue (the
+        replica pool's taps, services.engine_pool)."""
+        queue = asyncio.Queue() if queue is None else queue
         for rid in request_ids:
             self._queues[rid] = queue
         return queue
+
+    @property
+    def instance_id(self) -> str:
+        """The scheduler process last heard from; empty until it answered."""
+        return self._instance_id
 
     def queue_for(self, request_id: str) -> asyncio.Queue | None:
         return self._queues.get(request_id)
@@ -195,7 +203,7 @@ class EngineClient:
 
     def _fail_open(self, message: str) -> None:
         """End every open sequence with error_kind "unavailable"."""
-        for request_id, queue in self._queues.items():
+        for request_id, queue in list(self._queues.items()):  # a tap may close ids
             queue.put_nowait(
                 engine_pb2.SequenceOutput(
                     request_id=request_id,

@@ -58,9 +58,16 @@ from tessera.services.core import (
     TokenPrompt,
     sampling_params,
 )
-from tessera.services.engine_client import EngineClient, EngineUnavailable
+from tessera.services.engine_client import EngineUnavailable
+from tessera.services.engine_pool import (
+    EnginePool,
+    ReplicaView,
+    link_address,
+    split_addresses,
+)
 from tessera.services.metrics import Metrics
 from tessera.services.openai_api import HttpServer, create_app
+from tessera.services.routing import DEFAULT_LOAD_THRESHOLD, RoutingPolicy
 from tessera.services.security import HEALTH_SERVICE_PREFIX, BearerToken, TlsFiles
 from tessera.tokenizer_svc.client import TokenizerClient
 from tessera.tokenizer_svc.tokenizer import Tokenizer
@@ -102,7 +109,21 @@ class GatewayConfig:
         metadata={"help": "clients must send Authorization: Bearer <key> (HTTP) or the same "
                   "authorization metadata (gRPC); health checks stay open"},
     )
-    scheduler_address: str = "ipc:///tmp/tessera-scheduler.sock"
+    scheduler_address: str = field(
+        default="ipc:///tmp/tessera-scheduler.sock",
+        metadata={"help": "the engine replicas' schedulers, comma-separated; dns://NAME:PORT "
+                  "stands for every address NAME resolves to (a headless Service)"},
+    )
+    routing_policy: str = field(
+        default="cache_aware",
+        metadata={"help": "which replica runs a request: cache_aware (the one that holds its "
+                  "prefix, unless much more loaded), least_loaded or round_robin"},
+    )
+    routing_load_threshold: int = field(
+        default=DEFAULT_LOAD_THRESHOLD,
+        metadata={"help": "cache_aware: sequences by which the prefix's replica may exceed "
+                  "the least-loaded one before the request goes to the latter"},
+    )
     # Comma-separated replicas; empty only for a model without a tokenizer (random
     # weights for benchmarks), which then takes token ids and streams no text.
     tokenizer_addresses: str = "127.0.0.1:50061"
@@ -173,8 +194,14 @@ class GatewayConfig:
             self.curve_secret_key_file, self.curve_server_key_file,
             "curve_secret_key_file and curve_server_key_file",
         )
-        check_link(self.scheduler_address, has_keys,
-                   "--curve-secret-key-file and --curve-server-key-file")
+        for entry in split_addresses(self.scheduler_address):
+            check_link(link_address(entry), has_keys,
+                       "--curve-secret-key-file and --curve-server-key-file")
+        RoutingPolicy.parse(self.routing_policy)
+        if self.routing_load_threshold < 0:
+            raise ValueError(
+                f"routing_load_threshold must be >= 0, got {self.routing_load_threshold}"
+            )
 
 
 class TesseraServicer(generate_pb2_grpc.TesseraServicer):
@@ -254,12 +281,14 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
 
     async def GetLoad(self, request, context):  # noqa: N802
         load = (await self._status(context)).load
+        replicas = getattr(self.core.engine, "replicas", None)  # test doubles: one engine
         return generate_pb2.Load(
             num_running=load.num_running,
             num_waiting=load.num_waiting,
             num_kv_blocks_used=load.num_kv_blocks_used,
             num_kv_blocks_free=load.num_kv_blocks_free,
             num_kv_blocks_cached=load.num_kv_blocks_cached,
+            replicas=[_replica_pb(r) for r in replicas()] if replicas is not None else [],
         )
 
     async def Abort(self, request, context):  # noqa: N802
@@ -349,6 +378,21 @@ def _response_pb(rid: str, d: Delta) -> generate_pb2.GenerateResponse:
     return resp
 
 
+def _replica_pb(r: ReplicaView) -> generate_pb2.ReplicaLoad:
+    pb = generate_pb2.ReplicaLoad(
+        address=r.address, serving=r.serving, reason=r.reason, num_open=r.num_open,
+        num_routed=r.num_routed, num_resumed=r.num_resumed,
+    )  # fmt: skip
+    if r.status is not None:
+        load = r.status.load
+        pb.num_running, pb.num_waiting = load.num_running, load.num_waiting
+        pb.num_waiting_tokens = load.num_waiting_tokens
+        pb.num_kv_blocks_used, pb.num_kv_blocks_free = (
+            load.num_kv_blocks_used, load.num_kv_blocks_free)
+        pb.num_kv_blocks_cached = load.num_kv_blocks_cached
+    return pb
+
+
 def _logprob_pb(lp: TokenLogprobs) -> generate_pb2.TokenLogprob:
     return generate_pb2.TokenLogprob(
         token_id=lp.token_id,
@@ -420,13 +464,15 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         tls = TlsFiles.load(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     curve = client_keys(config.curve_secret_key_file, config.curve_server_key_file)
-    engine = EngineClient(
+    engine = EnginePool(
         config.scheduler_address,
+        RoutingPolicy.parse(config.routing_policy),
+        config.routing_load_threshold,
         curve=curve,
         heartbeat_timeout=config.heartbeat_timeout,
         scheduler_timeout=config.scheduler_timeout,
     )
-    engine.start()
+    await engine.start()
     addresses = [a.strip() for a in config.tokenizer_addresses.split(",") if a.strip()]
     tokenizers = TokenizerClient(addresses) if addresses else None
     # Off the event loop, and while the scheduler comes up: the engine client's heartbeats
@@ -452,6 +498,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         config.model, config.max_open_requests, engine, tokenizers, tokenizer, status.info, metrics
     )
     metrics.track_open_requests(lambda: core.num_open)
+    metrics.track_replicas(engine.replicas)
     server, health_servicer = grpc_server(
         config, TesseraServicer(core, config.max_streams_per_connection)
     )
@@ -511,7 +558,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_pb2.StatusReply:
+async def _wait_for_engine(engine: EnginePool, attempts: int = 600) -> engine_pb2.StatusReply:
     for _ in range(attempts):
         try:
             return await engine.status(timeout=1.0)
@@ -521,7 +568,7 @@ async def _wait_for_engine(engine: EngineClient, attempts: int = 600) -> engine_
     raise EngineUnavailable("the scheduler did not come up")
 
 
-async def _watch_engine(engine: EngineClient, health_servicer, service: str) -> None:
+async def _watch_engine(engine: EnginePool, health_servicer, service: str) -> None:
     """Health follows the engine client's pulse: NOT_SERVING while the scheduler is lost
     or has no executor attached (RECOVERING or UNAVAILABLE)."""
     serving = None

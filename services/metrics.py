@@ -76,6 +76,11 @@ class Metrics:
     def track_open_requests(self, count: Callable[[], float]) -> None:
         self.open_requests.set_function(count)
 
+    def track_replicas(self, views: Callable[[], list]) -> None:
+        """Per engine replica series, labelled by its scheduler address, from the engine
+        pool's views (services.engine_pool.ReplicaView) at each scrape."""
+        self.registry.register(_ReplicaCollector(views))
+
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
 
@@ -131,3 +136,54 @@ class _EngineCollector:
         )
         for field, name, text in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, text, value=float(getattr(status.counters, field)))
+
+
+class _ReplicaCollector:
+    """Each engine replica's health, load and routing counts (issue 17)."""
+
+    def __init__(self, views: Callable[[], list]) -> None:
+        self.views = views
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        views = self.views()
+        gauges = {
+            "up": ("tessera_replica_up", "1 while the replica serves (answers, with an executor)"),
+            "num_open": ("tessera_replica_open_sequences",
+                         "Sequences of this gateway open on the replica"),
+            "num_running": ("tessera_replica_requests_running", "Sequences running, last report"),
+            "num_waiting": ("tessera_replica_requests_waiting", "Sequences waiting, last report"),
+            "num_waiting_tokens": ("tessera_replica_waiting_tokens",
+                                   "Tokens of the waiting sequences, last report"),
+            "num_kv_blocks_used": ("tessera_replica_kv_blocks_used",
+                                   "KV blocks owned by sequences, last report"),
+        }
+        counters = {
+            "num_routed": ("tessera_replica_routed_requests",
+                           "Requests this gateway routed to the replica"),
+            "num_resumed": ("tessera_replica_resumed_sequences",
+                            "Sequences resumed on the replica after another one was lost"),
+        }
+        families = {
+            key: GaugeMetricFamily(name, text, labels=["replica"])
+            for key, (name, text) in gauges.items()
+        }
+        families.update({
+            key: CounterMetricFamily(name, text, labels=["replica"])
+            for key, (name, text) in counters.items()
+        })
+        for v in views:
+            load = v.status.load if v.status is not None else None
+            values = {
+                "up": float(v.serving),
+                "num_open": v.num_open,
+                "num_routed": v.num_routed,
+                "num_resumed": v.num_resumed,
+            }
+            for key in ("num_running", "num_waiting", "num_waiting_tokens", "num_kv_blocks_used"):
+                values[key] = getattr(load, key) if load is not None else 0
+            for key, value in values.items():
+                families[key].add_metric([v.address], float(value))
+        yield from families.values()

@@ -1,9 +1,14 @@
 """``tessera serve``: start the whole set of processes on one machine and supervise them.
 
     launcher ─┬─ tokenizer_svc  x num_tokenizers   (gRPC on unix sockets)
-              ├─ scheduler ── executor             (ZeroMQ on ipc://)
+              ├─ scheduler ── executor  x replicas (ZeroMQ on ipc://)
               └─ gateway                           (public gRPC on host:port,
                                                     OpenAI HTTP on host:http_port)
+
+With ``--replicas N`` the engine (a scheduler with its executor ranks) runs N times,
+each with its own KV cache, and the gateway routes every request to one of them
+(``--routing-policy``; services.routing) and resumes the streams of a replica that dies
+on another (services.engine_pool) while the launcher restarts it.
 
 The internal links stay on unix sockets in ``run_dir``; the public ports get the API
 key (passed in the gateway's environment) and, with ``--tls-cert-file`` and
@@ -86,6 +91,16 @@ class ServeConfig:
                   "together (gloo on the CPU, NCCL on CUDA)"},
     )
     policy: str = "fcfs"
+    replicas: int = field(
+        default=1,
+        metadata={"help": "engine replicas (a scheduler with its executor ranks each) behind "
+                  "the gateway, each with its own KV cache"},
+    )
+    routing_policy: str = field(
+        default="auto",
+        metadata={"help": "the gateway's choice of replica: cache_aware, least_loaded, "
+                  "round_robin, or auto (cache_aware with prefix caching, else least_loaded)"},
+    )
     # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
     async_scheduling: bool = True
     # Share the KV of common prompt prefixes (scheduler/kv_cache_manager.py).
@@ -103,6 +118,12 @@ class ServeConfig:
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.routing_policy != "auto":
+            from tessera.services.routing import RoutingPolicy
+
+            RoutingPolicy.parse(self.routing_policy)
         if self.num_tokenizers < 0:
             raise ValueError(f"num_tokenizers must be >= 0, got {self.num_tokenizers}")
         if self.tensor_parallel_size != 1:  # a split the model refuses, before any process
@@ -139,7 +160,15 @@ MAX_RESTARTS = 5
 def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[str]]]:
     py = [sys.executable, "-P", "-m"]
     tok_addrs = [f"unix:{run_dir}/tokenizer-{i}.sock" for i in range(config.num_tokenizers)]
-    sched_addr = f"ipc://{run_dir}/scheduler.sock"
+    # One replica keeps the names it always had; replica r of several gets "-r".
+    names = ["scheduler"] if config.replicas == 1 else [
+        f"scheduler-{r}" for r in range(config.replicas)]
+    sched_addrs = [f"ipc://{run_dir}/{name}.sock" for name in names]
+    exec_addrs = [f"ipc://{run_dir}/{name.replace('scheduler', 'executor')}.sock"
+                  for name in names]
+    policy = config.routing_policy
+    if policy == "auto":
+        policy = "cache_aware" if config.enable_prefix_caching else "least_loaded"
     engine_flags = [
         "--model",
         config.model,
@@ -165,10 +194,6 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
         str(config.max_waiting),
         "--max-waiting-tokens",
         str(config.max_waiting_tokens),
-        "--gateway-address",
-        sched_addr,
-        "--executor-address",
-        f"ipc://{run_dir}/executor.sock",
     ]
     if not config.async_scheduling:
         engine_flags.append("--no-async-scheduling")
@@ -185,7 +210,9 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
          py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])
         for i, addr in enumerate(tok_addrs)
     ]
-    commands.append(("scheduler", py + ["tessera.scheduler"] + engine_flags))
+    for name, sched_addr, exec_addr in zip(names, sched_addrs, exec_addrs, strict=True):
+        commands.append((name, py + ["tessera.scheduler"] + engine_flags + [
+            "--gateway-address", sched_addr, "--executor-address", exec_addr]))
     commands.append(
         (
             "gateway",
@@ -205,7 +232,9 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
                 "--max-streams-per-connection",
                 str(config.max_streams_per_connection),
                 "--scheduler-address",
-                sched_addr,
+                ",".join(sched_addrs),
+                "--routing-policy",
+                policy,
                 "--tokenizer-addresses",
                 ",".join(tok_addrs),
                 "--grace-seconds",

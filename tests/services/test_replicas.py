@@ -54,7 +54,8 @@ def request(i: int) -> pb.GenerateRequest:
 @pytest.fixture(scope="module")
 def expected() -> list[list[int]]:
     llm = LLM("smollm2-135m-instruct", device="cpu", show_progress=False)
-    outs = [llm.generate([prompt(i)], params(i), use_tqdm=False)[0] for i in range(NUM_STREAMS)]
+    prompts = [prompt(i) for i in range(NUM_STREAMS)]
+    outs = llm.generate(prompts, [params(i) for i in range(NUM_STREAMS)], use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 
 

@@ -41,14 +41,10 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
     assert launched == {"tessera.tokenizer_svc", "tessera.scheduler", "tessera.services"}
     services = compose["services"]
     run = {name: svc["command"] for name, svc in services.items()}
-    # compose runs the executor as its own service (the launcher's scheduler starts
-    # it), and makes the ZeroMQ links' CURVE keys once
-    assert {cmd[0] for cmd in run.values()} == (
-        launched | {"tessera.executor", "tessera.common.curve"})
-    assert "--no-start-executor" in run["scheduler"]
-    assert run["executor"][run["executor"].index("--executor-address") + 1] == (
-        run["scheduler"][run["scheduler"].index("--executor-address") + 1].replace(
-            "0.0.0.0", "scheduler"))
+    # an engine replica is a scheduler that starts its own executor, as the launcher's
+    # do; compose makes the ZeroMQ links' CURVE keys once
+    assert {cmd[0] for cmd in run.values()} == launched | {"tessera.common.curve"}
+    assert "--no-start-executor" not in run["engine"]
     for name, cmd in run.items():
         known = module_flags(cmd[0])
         used = {a for a in cmd[1:] if a.startswith("--")}
@@ -58,23 +54,47 @@ def test_compose_commands_are_the_launchers_modules_with_known_flags(compose):
 def test_compose_links_beyond_loopback_have_curve_keys(compose):
     """Every engine command builds its config: the ZeroMQ links bound or reached on the
     compose network carry CURVE keys, all of them made by the keys service."""
-    from tessera.common.executor_config import ExecutorServerConfig
     from tessera.scheduler.config import SchedulerServerConfig
     from tessera.services.gateway import GatewayConfig
 
     services = compose["services"]
     made = services["keys"]["command"]
     keys_dir, names = made[1], made[2:]
-    for name, config_cls in (("scheduler", SchedulerServerConfig),
-                             ("executor", ExecutorServerConfig), ("gateway", GatewayConfig)):
-        cmd = services[name]["command"]
-        parser = argparse.ArgumentParser()
-        add_config_args(parser, config_cls)
-        config = config_from_args(config_cls, parser.parse_args(cmd[1:]), environ={})
+    for service, name, config_cls in (("engine", "scheduler", SchedulerServerConfig),
+                                      ("gateway", "gateway", GatewayConfig)):
+        config = parser_config(config_cls, services[service]["command"])
         assert config.curve_secret_key_file == f"{keys_dir}/{name}.key_secret"
-        assert name in names and f"keys:{keys_dir}:ro" in services[name]["volumes"]
-    assert services["scheduler"]["depends_on"]["keys"]["condition"] == (
+        assert name in names and f"keys:{keys_dir}:ro" in services[service]["volumes"]
+    assert services["engine"]["depends_on"]["keys"]["condition"] == (
         "service_completed_successfully")
+    # the engine's own executor link stays inside its container
+    engine = parser_config(SchedulerServerConfig, services["engine"]["command"])
+    assert engine.start_executor and engine.executor_address == ""  # a private ipc path
+
+
+def parser_config(config_cls: type, cmd: list[str]):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, config_cls)
+    return config_from_args(config_cls, parser.parse_args(cmd[1:]), environ={})
+
+
+def test_compose_runs_two_engine_replicas_behind_the_gateway(compose):
+    """The gateway resolves the engine service's name to every replica (--scale), and
+    the engine service runs two of them by default, with nothing that pins one."""
+    from tessera.scheduler.config import SchedulerServerConfig
+    from tessera.services.engine_pool import split_addresses
+    from tessera.services.gateway import GatewayConfig
+
+    services = compose["services"]
+    engine = services["engine"]
+    assert engine["deploy"]["replicas"] == 2
+    assert "container_name" not in engine and "ports" not in engine
+    gateway = parser_config(GatewayConfig, services["gateway"]["command"])
+    port = parser_config(SchedulerServerConfig, engine["command"]).gateway_address
+    assert split_addresses(gateway.scheduler_address) == [
+        "dns://engine:" + port.rpartition(":")[2]]
+    assert gateway.routing_policy == "cache_aware"
+    assert "engine" in services["gateway"]["depends_on"]
 
 
 def test_tokenizer_scales_and_health_checks_use_grpc_health(compose):

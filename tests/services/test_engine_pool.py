@@ -275,3 +275,30 @@ def test_addresses_and_dns_names():
     found = asyncio.run(resolve(["dns://localhost:5557", "ipc:///a.sock"]))
     assert found == expected + ["ipc:///a.sock"] and "tcp://127.0.0.1:5557" in found
     assert asyncio.run(resolve(["dns://no-such-host.invalid:5557"])) == []
+
+
+def test_metrics_show_each_replica():
+    from tessera.services.engine_pool import ReplicaView
+    from tessera.services.metrics import Metrics
+
+    reply = pb.StatusReply(load=pb.EngineLoad(num_running=3, num_waiting=2,
+                                              num_waiting_tokens=70))  # fmt: skip
+    views = [
+        ReplicaView("ipc:///r0.sock", True, "", reply, num_open=4, num_routed=9, num_resumed=0),
+        ReplicaView("ipc:///r1.sock", False, "lost", None, num_open=0, num_routed=5,
+                    num_resumed=2),
+    ]
+    metrics = Metrics()
+    metrics.track_replicas(lambda: views)
+    text = metrics.render(None).decode()
+    for line in (
+        'tessera_replica_up{replica="ipc:///r0.sock"} 1.0',
+        'tessera_replica_up{replica="ipc:///r1.sock"} 0.0',
+        'tessera_replica_open_sequences{replica="ipc:///r0.sock"} 4.0',
+        'tessera_replica_requests_running{replica="ipc:///r0.sock"} 3.0',
+        'tessera_replica_waiting_tokens{replica="ipc:///r0.sock"} 70.0',
+        'tessera_replica_routed_requests_total{replica="ipc:///r1.sock"} 5.0',
+        'tessera_replica_resumed_sequences_total{replica="ipc:///r1.sock"} 2.0',
+        'tessera_replica_requests_waiting{replica="ipc:///r1.sock"} 0.0',
+    ):
+        assert line in text.splitlines(), line

@@ -16,6 +16,7 @@ import signal
 import time
 
 import grpc
+import httpx
 import pytest
 
 from tessera import LLM, SamplingParams
@@ -123,6 +124,13 @@ def test_two_replicas_one_killed_mid_stream_every_stream_token_exact(tmp_path, e
             assert killed["tokens"][i] < len(expected[i]), f"stream {i} ended before the kill"
         after = replicas(server)
         assert after[1].num_resumed == 0 and after[0].num_resumed == open_at_kill[1]
+        assert [r.num_open for r in after] == [0, 0]
+        # /metrics shows each replica; the killed one is down until its restart serves
+        metrics = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+        resumed = [line for line in metrics.splitlines()
+                   if line.startswith("tessera_replica_resumed_sequences_total{")]  # fmt: skip
+        assert [float(line.split()[-1]) for line in resumed] == [open_at_kill[1], 0.0]
+        assert "scheduler-0.sock" in resumed[0] and "scheduler-1.sock" in resumed[1]
         # the killed scheduler is reaped with its executor; the launcher starts it again
         assert wait_gone(victim, 5) and all(wait_gone(p, 10) for p in victim_executor)
         deadline = time.monotonic() + 120

@@ -1,7 +1,8 @@
 """The gateway process: Tessera's public gRPC API (``tessera.v1.Tessera``, with health
 and reflection) and the OpenAI-compatible HTTP API (``services.openai_api``), both in
-one event loop over one ``ServingCore`` (``services.core``): one engine socket, one
-set of tokenizer replicas, one admission limit, one set of metrics.
+one event loop over one ``ServingCore`` (``services.core``): one link per engine
+replica (``services.engine_pool``, routed by ``services.routing``), one set of
+tokenizer replicas, one admission limit, one set of metrics.
 
 Security (``services.security``): the API key guards every gRPC method, reflection
 included, and every HTTP route, except the health checks; TLS (``--tls-cert-file``,

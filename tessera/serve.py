@@ -255,11 +255,39 @@ def _tls_flags(config: ServeConfig) -> list[str]:
     return flags
 
 
-def child_env(name: str, config: ServeConfig) -> dict[str, str] | None:
-    """The gateway gets the API key in its environment; the others inherit ours."""
-    if name != "gateway" or config.api_key is None:
+def child_env(
+    name: str, config: ServeConfig, environ: dict[str, str] | None = None
+) -> dict[str, str] | None:
+    """The gateway gets the API key in its environment; engine replica r of several gets
+    its own devices (CUDA_VISIBLE_DEVICES); the others inherit ours."""
+    environ = dict(os.environ if environ is None else environ)
+    if name == "gateway" and config.api_key is not None:
+        return {**environ, env_name("api_key"): config.api_key}
+    devices = replica_devices(name, config, environ.get("CUDA_VISIBLE_DEVICES"))
+    if devices is not None:
+        return {**environ, "CUDA_VISIBLE_DEVICES": devices}
+    return None
+
+
+def replica_devices(name: str, config: ServeConfig, visible: str | None) -> str | None:
+    """The GPUs of engine replica ``scheduler-r``: the r-th run of tensor_parallel_size
+    devices among those visible (all of them when CUDA_VISIBLE_DEVICES is unset), so that
+    replicas never share a device. None on the CPU, and for one replica."""
+    if config.replicas == 1 or config.device == "cpu" or not name.startswith("scheduler-"):
         return None
-    return {**os.environ, env_name("api_key"): config.api_key}
+    if visible is not None and not visible.strip():  # no GPU at all: nothing to split
+        return None
+    r, n = int(name.rpartition("-")[2]), config.tensor_parallel_size
+    if visible is None:
+        ids = [str(i) for i in range(config.replicas * n)]
+    else:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(ids) < config.replicas * n:
+        raise ValueError(
+            f"{config.replicas} replicas of {n} devices each need {config.replicas * n} "
+            f"devices; CUDA_VISIBLE_DEVICES={visible!r} lists {len(ids)}"
+        )
+    return ",".join(ids[r * n : (r + 1) * n])
 
 
 def run_serve(config: ServeConfig) -> int:
@@ -286,9 +314,11 @@ def _run(config: ServeConfig, run_dir: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     children: list[_Child] = []
-    for name, cmd in child_commands(config, run_dir):
+    # Every environment first: a setting at fault stops us before any child starts.
+    commands = [(name, cmd, child_env(name, config)) for name, cmd in
+                child_commands(config, run_dir)]  # fmt: skip
+    for name, cmd, env in commands:
         logger.info("starting %s", name)
-        env = child_env(name, config)
         children.append(_Child(name, cmd, subprocess.Popen(cmd, env=env), env))
     logger.info(
         "serving %s on %s: gRPC port %d, HTTP port %s (sockets in %s)",

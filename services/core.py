@@ -35,7 +35,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -137,8 +137,13 @@ class Delta:
     usage: Usage | None = None  # on the last delta of the whole request
 
 
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    """SamplingParams with the gateway's limits; every bad value is a RequestError."""
+def sampling_params(defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> SamplingParams:
+    """SamplingParams with the gateway's limits; every bad value is a RequestError.
+    ``defaults`` (the model's generation config) fill the fields ``kwargs`` leave unset
+    or None."""
+    for name, value in (defaults or {}).items():
+        if kwargs.get(name) is None:
+            kwargs[name] = value
     temperature = kwargs.get("temperature")
     if temperature is not None and temperature > MAX_TEMPERATURE:
         raise RequestError(
@@ -216,6 +221,10 @@ class ServingCore:
         self.tokenizer = tokenizer
         self.info = info
         self.metrics = metrics
+        # Every name clients may use for the model (--served-model-name), and the sampling
+        # settings a request that leaves them unset gets (common.generation_config).
+        self.served_names: tuple[str, ...] = (model,)
+        self.sampling_defaults: dict[str, Any] = {}
         self._open: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._background: set[asyncio.Task] = set()  # aborts sent from finally blocks
         self._serials = itertools.count(1)  # one per admitted request: its sequence ids
@@ -225,7 +234,7 @@ class ServingCore:
         return len(self._open)
 
     def serves(self, model: str) -> bool:
-        return not model or model in (self.model, self.info.model)
+        return not model or model in self.served_names or model in (self.model, self.info.model)
 
     async def open(self, request: GenerationRequest) -> Generation:
         """Admit, tokenize, validate and start ``request``; raises RequestError."""

@@ -39,7 +39,8 @@ _ENGINE_COUNTERS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_responses = Counter(

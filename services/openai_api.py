@@ -137,9 +137,9 @@ class OpenAIFront:
             return request_error_response(e)
         return JSONResponse({"num_blocks_dropped": num_dropped})
 
-    def _model_card(self) -> dict[str, Any]:
+    def _model_card(self, name: str) -> dict[str, Any]:
         return {
-            "id": self.core.model,
+            "id": name,
             "object": "model",
             "created": self.created,
             "owned_by": "tessera",
@@ -147,26 +147,27 @@ class OpenAIFront:
         }
 
     async def models(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        cards = [self._model_card(name) for name in self.core.served_names]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, model: str) -> JSONResponse:
-        if model != self.core.model:
+        if model not in self.core.served_names:
             raise RequestError(
                 ErrorKind.UNKNOWN_MODEL, f"the model {model!r} does not exist", "model"
             )
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card(model))
 
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         rid = f"cmpl-{uuid.uuid4().hex}"
-        requests = body.to_generation(rid)
+        requests = body.to_generation(rid, self.core.sampling_defaults)
         return await self._serve(request, CompletionFormat(self, body, rid, requests), requests,
                                  bool(body.stream))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = body.to_generation(rid)
+        requests = body.to_generation(rid, self.core.sampling_defaults)
         return await self._serve(request, ChatFormat(self, body, rid), requests,
                                  bool(body.stream))
 

@@ -45,7 +45,7 @@ from tessera.common.sampling_params import SamplingParams
 from tessera.common.wire import logprobs_from_pb, sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.engine_client import EngineClient, EngineUnavailable
-from tessera.services.metrics import Metrics
+from tessera.services.metrics import Metrics, RequestTimes
 from tessera.tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable
 from tessera.tokenizer_svc.text_stream import TextStream
 from tessera.tokenizer_svc.tokenizer import Tokenizer
@@ -470,6 +470,7 @@ class Generation:
         ]
         self._started = started
         self._first_token_at: float | None = None
+        self._times = RequestTimes(started, time.monotonic(), len(prompt_token_ids))
         self._completion_tokens = 0
         self._cached_tokens = 0  # as the scheduler reports it for sequence 0
         self._num_streamed = 0  # tokens handed out, finished sequences or not
@@ -493,17 +494,18 @@ class Generation:
                 raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
             if item.request_id not in self._pending:
                 continue
+            if item.queue_seconds and self._times.queue_seconds is None:
+                self._times.queue_seconds = item.queue_seconds  # before a merge drops it
             if self._coalesce:
                 item = self._merge_queued(item)
             if self._index[item.request_id] == 0:  # outputs made here (aborts) carry 0
                 self._cached_tokens = max(self._cached_tokens, item.num_cached_tokens)
             delta = self._delta(item)
             self._num_streamed += len(delta.token_ids)
-            if delta.token_ids and self._first_token_at is None:
-                self._first_token_at = time.monotonic()
-                if self._core.metrics is not None:
-                    self._core.metrics.first_token(self._first_token_at - self._started)
+            if delta.token_ids:
+                self._token_times(time.monotonic())
             if delta.finish_reason:
+                self._times.finish_reasons.append(delta.finish_reason)
                 self._pending.discard(item.request_id)
                 self._completion_tokens += item.num_output_tokens
                 if not item.finished:  # a stop string: the scheduler still runs it
@@ -513,6 +515,16 @@ class Generation:
                     len(self.prompt_token_ids), self._completion_tokens, self._cached_tokens
                 )
             yield delta
+
+    def _token_times(self, now: float) -> None:
+        metrics, times = self._core.metrics, self._times
+        if self._first_token_at is None:
+            self._first_token_at = times.first_token_at = now
+            if metrics is not None:
+                metrics.first_token(now - self._started)
+        elif metrics is not None and times.last_token_at is not None:
+            metrics.inter_token(now - times.last_token_at)
+        times.last_token_at = now
 
     def _merge_queued(self, item: engine_pb2.SequenceOutput) -> engine_pb2.SequenceOutput:
         """item with the outputs of its sequence queued right behind it appended."""
@@ -552,6 +564,9 @@ class Generation:
                 self._num_streamed,
                 completed=not self._pending,
             )
+            self._times.generation_tokens = self._num_streamed
+            self._times.completed = not self._pending
+            self._core.metrics.request_finished(self._times)
         self._core._release(self.request_id, list(self._pending), self._ids)
         self._pending.clear()
 

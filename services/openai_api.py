@@ -53,6 +53,7 @@ from tessera.services.openai_errors import (
     install_error_handlers,
     request_error_response,
 )
+from tessera.services.openai_extras import add_extra_routes, tessera_version
 from tessera.services.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,7 +83,9 @@ class _ClientGone(Exception):
 
 def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_body_bytes: int
                ) -> FastAPI:
-    app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI page at /docs (schema at /openapi.json), behind the API key like the rest.
+    app = FastAPI(title="Tessera", version=tessera_version(), docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     api = OpenAIFront(core, metrics)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.prometheus, methods=["GET"])
@@ -92,6 +95,7 @@ def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_bod
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     # vLLM's admin route (behind the API key like every route but /health and /metrics)
     app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
+    add_extra_routes(app, core)  # /tokenize, /detokenize, /version
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     app.state.front = api

@@ -68,7 +68,7 @@ import zmq
 
 from tessera.common.curve import ServerKeys
 from tessera.common.plan import StepPlan, StepResult
-from tessera.common.process import exit_with_parent, setup_logging
+from tessera.common.process import exit_with_parent, process_age, setup_logging
 from tessera.common.wire import (
     WireError,
     decode,
@@ -127,7 +127,8 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
         gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
         address = bind(gateways, config.gateway_address, keys)
         server = SchedulerServer(config, info, executor, gateways, stop)
-        logger.info("serving %s to gateways on %s", info.model, address)
+        logger.info("serving %s to gateways on %s (ready %.1fs after start)", info.model,
+                    address, process_age())
         return server.serve()
     except Interrupted:
         logger.info("stopped before the executor was ready")

@@ -42,7 +42,7 @@ from tessera.common.curve import check_link, check_pair, client_keys
 from tessera.common.generation_config import GENERATION_CONFIG_CHOICES, default_sampling
 from tessera.common.plan import TokenLogprobs
 from tessera.common.preflight import EXIT_CONFIG, check_port_free
-from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.process import exit_with_parent, install_uvloop, process_age, setup_logging
 from tessera.common.registry import resolve_model
 from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
@@ -499,10 +499,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     watcher = loop.create_task(_watch_engine(engine, health_servicer, TESSERA_SERVICE))
     logger.info(
-        "gateway serving %s: gRPC on %s, HTTP %s (%s, %s)", config.model, address,
+        "gateway serving %s: gRPC on %s, HTTP %s (%s, %s; ready %.1fs after start)",
+        config.model, address,
         f"on {config.host}:{config.http_port}" if http else "off",
         tls.describe() if tls is not None else "plaintext",
-        "API key required" if config.api_key else "no API key",
+        "API key required" if config.api_key else "no API key", process_age(),
     )
     if tls is None and config.api_key and not _is_loopback(config.host):
         logger.warning("the API key crosses the network in plaintext: set --tls-cert-file and "

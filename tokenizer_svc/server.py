@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.process import exit_with_parent, install_uvloop, process_age, setup_logging
 from tessera.common.registry import DEFAULT_MODEL, resolve_model
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -405,7 +405,8 @@ async def _serve(config: TokenizerServerConfig, tokenizer: Tokenizer) -> None:
         await server.start()
         for service in (health.OVERALL_HEALTH, SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving the tokenizer of %s on %s", tokenizer.name, listening)
+        logger.info("serving the tokenizer of %s on %s (ready %.1fs after start)",
+                    tokenizer.name, listening, process_age())
         await stop.wait()
         logger.info("stopping; in-flight calls have %.1fs to finish", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()

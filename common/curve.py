@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tessera.common.curve",
         description="write CURVE key pairs for Tessera's ZeroMQ links (existing ones are kept)",
+        allow_abbrev=False,
     )
     parser.add_argument("directory", help="where NAME.key and NAME.key_secret go")
     parser.add_argument("names", nargs="+", help="one key pair per name, e.g. scheduler gateway")

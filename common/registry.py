@@ -131,7 +131,43 @@ def resolve_model(model: str) -> ModelSource:
         return ModelSource(kind="gguf", path=str(path.resolve()), name=path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(kind="hf", path=str(path.resolve()), name=path.resolve().name)
+    snapshot = hf_cache_snapshot(model)
+    if snapshot is not None:
+        return ModelSource(kind="hf", path=str(snapshot), name=model)
     raise ValueError(f"cannot resolve model {model!r}. {_accepted()}")
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache, where huggingface_hub puts what it downloads:
+    HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def hf_cache_snapshot(model_id: str) -> Path | None:
+    """The cached snapshot directory of ``org/name`` (the revision refs/main points to,
+    else the only one there is), if it holds config.json; None otherwise. Nothing is
+    downloaded: a model is served from the cache or not at all."""
+    parts = model_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        return None
+    repo = hf_cache_dir() / f"models--{parts[0]}--{parts[1]}"
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    candidates: list[Path] = []
+    if ref.is_file():
+        candidates.append(snapshots / ref.read_text().strip())
+    elif snapshots.is_dir():
+        candidates = sorted(snapshots.iterdir())
+        if len(candidates) != 1:
+            return None  # several revisions and no ref: which one is meant is unknown
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
 
 
 def random_config(shape: str) -> ModelConfig:
@@ -170,5 +206,6 @@ def _accepted() -> str:
     return (
         f"Accepted: the name {DEFAULT_MODEL!r} (or 'HuggingFaceTB/SmolLM2-135M-Instruct'), "
         "a path to a .gguf file, a path to a Hugging Face model directory holding "
-        f"config.json and *.safetensors, or random weights: {shapes}"
+        "config.json and *.safetensors, a model id (org/name) already in the local Hugging "
+        f"Face cache ({hf_cache_dir()}; nothing is downloaded), or random weights: {shapes}"
     )

@@ -6,18 +6,17 @@ Normally started by the scheduler, which passes every setting as a flag. Each fl
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tessera.common.cli_args import add_config_args, config_from_args
+from tessera.common.cli_args import add_config_args, config_from_args, config_parser
 from tessera.common.executor_config import ExecutorServerConfig
 from tessera.executor.server import run_executor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tessera.executor",
-        description="Tessera executor: runs step plans on a device",
+    parser = config_parser(
+        "python -m tessera.executor",
+        "Tessera executor: runs step plans on a device",
     )
     add_config_args(parser, ExecutorServerConfig)
     args = parser.parse_args(argv)

@@ -61,7 +61,7 @@ import zmq
 from tessera.common.curve import client_keys
 from tessera.common.executor_config import ExecutorServerConfig
 from tessera.common.plan_bus import PlanSubscriber
-from tessera.common.process import exit_with_parent, setup_logging
+from tessera.common.process import exit_with_parent, process_age, setup_logging
 from tessera.common.wire import WireError, decode, encode, plan_from_pb, result_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 
@@ -146,11 +146,12 @@ class Executor:
         )
         self.socket.send(encode(ready))
         logger.info(
-            "ready: %s, max_model_len %d, %d KV blocks of %d tokens",
+            "ready: %s, max_model_len %d, %d KV blocks of %d tokens (%.1fs after start)",
             self.info.model,
             self.info.max_model_len,
             self.info.num_kv_blocks,
             self.info.block_size,
+            process_age(),
         )
 
     def serve_forever(self) -> NoReturn:

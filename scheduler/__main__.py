@@ -6,18 +6,17 @@ Starts the scheduler process, which starts its executor child. Every flag
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tessera.common.cli_args import add_config_args, config_from_args
+from tessera.common.cli_args import add_config_args, config_from_args, config_parser
 from tessera.scheduler.config import SchedulerServerConfig
 from tessera.scheduler.server import run_scheduler
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tessera.scheduler",
-        description="Tessera scheduler: batches the gateways' requests onto its executor",
+    parser = config_parser(
+        "python -m tessera.scheduler",
+        "Tessera scheduler: batches the gateways' requests onto its executor",
     )
     add_config_args(parser, SchedulerServerConfig)
     args = parser.parse_args(argv)

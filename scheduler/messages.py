@@ -62,7 +62,8 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
     )
 
 
-def output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.SequenceOutput:
+def output_to_pb(output: RequestOutput, error: str, kind: str, queue_seconds: float = 0.0
+                 ) -> engine_pb2.SequenceOutput:
     finish_reason = output.finish_reason or ""
     if error and output.finished:  # failed requests leave the scheduler as aborted ones
         finish_reason = "error"
@@ -77,6 +78,7 @@ def output_to_pb(output: RequestOutput, error: str, kind: str) -> engine_pb2.Seq
         num_cached_tokens=output.num_cached_tokens,
         error=error,
         error_kind=kind if finish_reason == "error" else "",
+        queue_seconds=queue_seconds,
     )
     if output.stop_token_id is not None:
         pb.stop_token_id = output.stop_token_id

@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -67,7 +68,7 @@ import zmq
 
 from tessera.common.curve import ServerKeys
 from tessera.common.plan import StepPlan, StepResult
-from tessera.common.process import exit_with_parent, setup_logging
+from tessera.common.process import exit_with_parent, process_age, setup_logging
 from tessera.common.wire import (
     WireError,
     decode,
@@ -126,7 +127,8 @@ def run_scheduler(config: SchedulerServerConfig) -> int:
         gateways.setsockopt(zmq.LINGER, 1000)  # the last outputs leave before we exit
         address = bind(gateways, config.gateway_address, keys)
         server = SchedulerServer(config, info, executor, gateways, stop)
-        logger.info("serving %s to gateways on %s", info.model, address)
+        logger.info("serving %s to gateways on %s (ready %.1fs after start)", info.model,
+                    address, process_age())
         return server.serve()
     except Interrupted:
         logger.info("stopped before the executor was ready")
@@ -181,6 +183,10 @@ class SchedulerServer:
         self.instance_id = uuid.uuid4().hex  # tells the gateways this process from the next
         self._stalled = False  # the last schedule() had nothing to run
         self._waiting_tokens: int | None = None  # within one recv_requests; None: recount
+        # Queue time, for the gateways' metrics: when each request arrived here (until
+        # its first admission), then how long it waited (until its first output).
+        self._queued_at: dict[str, float] = {}
+        self._queue_seconds: dict[str, float] = {}
 
     def serve(self) -> int:
         # Plans sent, oldest first. Async scheduling keeps two in flight: the executor
@@ -250,6 +256,11 @@ class SchedulerServer:
     def schedule(self) -> StepPlan | None:
         self._waiting_tokens = None  # requests leave the waiting queue: count again
         plan = self.scheduler.schedule()
+        now = time.monotonic()
+        for new in plan.new_requests:  # the first admission only: popped
+            queued_at = self._queued_at.pop(new.request_id, None)
+            if queued_at is not None:
+                self._queue_seconds[new.request_id] = now - queued_at
         self._stalled = plan.is_empty
         return None if plan.is_empty else plan
 
@@ -410,6 +421,7 @@ class SchedulerServer:
         self._waiting_tokens = waiting_tokens + num_tokens
         for request in requests:
             self.scheduler.add_request(request)
+            self._queued_at[request.request_id] = time.monotonic()
             self.sessions.own(request.request_id, gateway)
             self.counters.num_requests_added += 1
             self.counters.num_prompt_tokens += request.num_prompt_tokens
@@ -481,9 +493,13 @@ class SchedulerServer:
 
         ``error`` and its ``kind`` ("internal" or "unavailable") mark a failed request.
         """
+        queue_seconds = 0.0
+        if output.new_token_ids or output.finished:
+            queue_seconds = self._queue_seconds.pop(output.request_id, 0.0)
         if output.finished:
             self._count_finish(output.finish_reason, error)
-        self.sessions.route(output, error, kind)
+            self._queued_at.pop(output.request_id, None)  # never admitted
+        self.sessions.route(output, error, kind, queue_seconds)
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
         # Overload and unavailability come in floods; the state change was logged.

@@ -75,7 +75,8 @@ class GatewaySessions:
 
     # -- outputs ----------------------------------------------------------------------
 
-    def route(self, output: RequestOutput, error: str = "", kind: str = "") -> None:
+    def route(self, output: RequestOutput, error: str = "", kind: str = "",
+              queue_seconds: float = 0.0) -> None:
         """Queue one request's output for its gateway; forget the owner once finished."""
         if output.finished:
             gateway = self.owners.pop(output.request_id, None)
@@ -83,7 +84,7 @@ class GatewaySessions:
             gateway = self.owners.get(output.request_id)
         if gateway is None:
             return
-        pb = output_to_pb(output, error, kind)
+        pb = output_to_pb(output, error, kind, queue_seconds)
         self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).outputs.append(pb)
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:

@@ -1,12 +1,13 @@
 """``python -m tessera.services``: run one gateway process (flags or TESSERA_* variables)."""
 
-import argparse
+import sys
 
-from tessera.common.cli_args import add_config_args, config_from_args
+from tessera.common.cli_args import add_config_args, config_from_args, config_parser
 from tessera.services.gateway import GatewayConfig, run_gateway
 
-parser = argparse.ArgumentParser(
-    prog="python -m tessera.services", description="Tessera gRPC gateway"
+parser = config_parser(
+    "python -m tessera.services",
+    "Tessera gateway: the public gRPC API and the OpenAI-compatible HTTP API",
 )
 add_config_args(parser, GatewayConfig)
 args = parser.parse_args()
@@ -14,4 +15,4 @@ try:
     config = config_from_args(GatewayConfig, args)
 except ValueError as e:  # a setting at fault, named: no traceback
     parser.error(str(e))
-run_gateway(config)
+sys.exit(run_gateway(config))

@@ -35,7 +35,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,7 +45,7 @@ from tessera.common.sampling_params import SamplingParams
 from tessera.common.wire import logprobs_from_pb, sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.engine_client import EngineClient, EngineUnavailable
-from tessera.services.metrics import Metrics
+from tessera.services.metrics import Metrics, RequestTimes
 from tessera.tokenizer_svc.client import TokenizerClient, TokenizerInputError, TokenizerUnavailable
 from tessera.tokenizer_svc.text_stream import TextStream
 from tessera.tokenizer_svc.tokenizer import Tokenizer
@@ -137,8 +137,13 @@ class Delta:
     usage: Usage | None = None  # on the last delta of the whole request
 
 
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    """SamplingParams with the gateway's limits; every bad value is a RequestError."""
+def sampling_params(defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> SamplingParams:
+    """SamplingParams with the gateway's limits; every bad value is a RequestError.
+    ``defaults`` (the model's generation config) fill the fields ``kwargs`` leave unset
+    or None."""
+    for name, value in (defaults or {}).items():
+        if kwargs.get(name) is None:
+            kwargs[name] = value
     temperature = kwargs.get("temperature")
     if temperature is not None and temperature > MAX_TEMPERATURE:
         raise RequestError(
@@ -216,6 +221,10 @@ class ServingCore:
         self.tokenizer = tokenizer
         self.info = info
         self.metrics = metrics
+        # Every name clients may use for the model (--served-model-name), and the sampling
+        # settings a request that leaves them unset gets (common.generation_config).
+        self.served_names: tuple[str, ...] = (model,)
+        self.sampling_defaults: dict[str, Any] = {}
         self._open: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._background: set[asyncio.Task] = set()  # aborts sent from finally blocks
         self._serials = itertools.count(1)  # one per admitted request: its sequence ids
@@ -225,7 +234,7 @@ class ServingCore:
         return len(self._open)
 
     def serves(self, model: str) -> bool:
-        return not model or model in (self.model, self.info.model)
+        return not model or model in self.served_names or model in (self.model, self.info.model)
 
     async def open(self, request: GenerationRequest) -> Generation:
         """Admit, tokenize, validate and start ``request``; raises RequestError."""
@@ -461,6 +470,7 @@ class Generation:
         ]
         self._started = started
         self._first_token_at: float | None = None
+        self._times = RequestTimes(started, time.monotonic(), len(prompt_token_ids))
         self._completion_tokens = 0
         self._cached_tokens = 0  # as the scheduler reports it for sequence 0
         self._num_streamed = 0  # tokens handed out, finished sequences or not
@@ -484,17 +494,18 @@ class Generation:
                 raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
             if item.request_id not in self._pending:
                 continue
+            if item.queue_seconds and self._times.queue_seconds is None:
+                self._times.queue_seconds = item.queue_seconds  # before a merge drops it
             if self._coalesce:
                 item = self._merge_queued(item)
             if self._index[item.request_id] == 0:  # outputs made here (aborts) carry 0
                 self._cached_tokens = max(self._cached_tokens, item.num_cached_tokens)
             delta = self._delta(item)
             self._num_streamed += len(delta.token_ids)
-            if delta.token_ids and self._first_token_at is None:
-                self._first_token_at = time.monotonic()
-                if self._core.metrics is not None:
-                    self._core.metrics.first_token(self._first_token_at - self._started)
+            if delta.token_ids:
+                self._token_times(time.monotonic())
             if delta.finish_reason:
+                self._times.finish_reasons.append(delta.finish_reason)
                 self._pending.discard(item.request_id)
                 self._completion_tokens += item.num_output_tokens
                 if not item.finished:  # a stop string: the scheduler still runs it
@@ -504,6 +515,16 @@ class Generation:
                     len(self.prompt_token_ids), self._completion_tokens, self._cached_tokens
                 )
             yield delta
+
+    def _token_times(self, now: float) -> None:
+        metrics, times = self._core.metrics, self._times
+        if self._first_token_at is None:
+            self._first_token_at = times.first_token_at = now
+            if metrics is not None:
+                metrics.first_token(now - self._started)
+        elif metrics is not None and times.last_token_at is not None:
+            metrics.inter_token(now - times.last_token_at)
+        times.last_token_at = now
 
     def _merge_queued(self, item: engine_pb2.SequenceOutput) -> engine_pb2.SequenceOutput:
         """item with the outputs of its sequence queued right behind it appended."""
@@ -543,6 +564,9 @@ class Generation:
                 self._num_streamed,
                 completed=not self._pending,
             )
+            self._times.generation_tokens = self._num_streamed
+            self._times.completed = not self._pending
+            self._core.metrics.request_finished(self._times)
         self._core._release(self.request_id, list(self._pending), self._ids)
         self._pending.clear()
 

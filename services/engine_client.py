@@ -183,6 +183,7 @@ class EngineClient:
             heartbeat=engine_pb2.Heartbeat(timeout_ms=round(self._heartbeat_timeout * 1000))
         )
         query = engine_pb2.GatewayMessage(status=engine_pb2.StatusQuery(query_id=_PULSE_QUERY))
+        stalled = False
         while True:
             for msg in (heartbeat, query):
                 try:
@@ -190,11 +191,16 @@ class EngineClient:
                 except EngineUnavailable:
                     pass  # the silence says it
             heard = self._last_heard
-            if self.lost_reason is None and heard is not None:
+            # After a stall of our own loop (a start-up's CPU-bound work, a loaded machine)
+            # the replies wait unread in the socket: the reader gets a pulse to read them
+            # before the scheduler is blamed for a silence that was ours.
+            if self.lost_reason is None and heard is not None and not stalled:
                 silent = time.monotonic() - heard
                 if silent > self._scheduler_timeout:
                     self._lose(f"the scheduler sent nothing for {silent:.1f}s")
+            woke_at = time.monotonic() + self._pulse_interval
             await asyncio.sleep(self._pulse_interval)
+            stalled = time.monotonic() - woke_at > self._pulse_interval
 
     def _lose(self, reason: str) -> None:
         self.lost_reason = reason

@@ -40,8 +40,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tessera.common.curve import check_link, check_pair, client_keys
+from tessera.common.generation_config import GENERATION_CONFIG_CHOICES, default_sampling
 from tessera.common.plan import TokenLogprobs
-from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.preflight import EXIT_CONFIG, check_port_free
+from tessera.common.process import exit_with_parent, install_uvloop, process_age, setup_logging
 from tessera.common.registry import resolve_model
 from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
@@ -166,8 +168,22 @@ class GatewayConfig:
     curve_server_key_file: str | None = field(
         default=None, metadata={"help": "CURVE: the scheduler's public key (NAME.key)"}
     )
+    served_model_name: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "names clients may give as `model` (the first is the one "
+                  "responses carry); default: the model argument"},
+    )
+    generation_config: str = field(
+        default="auto",
+        metadata={"help": "auto: requests that leave a sampling setting unset get the "
+                  "model's generation_config.json value (the default model: temperature "
+                  "0.2, top_p 0.9); none: the API's defaults"},
+    )
 
     def __post_init__(self) -> None:
+        if self.generation_config not in GENERATION_CONFIG_CHOICES:
+            raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, "
+                             f"got {self.generation_config!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if not 0 <= self.http_port < 65536 or self.http_port == self.port:
@@ -232,7 +248,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
 
     async def _generate(self, request: generate_pb2.GenerateRequest, context):
         try:
-            gen = await self.core.open(_request_from_pb(request))
+            gen = await self.core.open(_request_from_pb(request, self.core.sampling_defaults))
         except RequestError as e:
             await _abort(context, e)
             return
@@ -317,7 +333,9 @@ async def _abort(context, e: RequestError) -> None:
     await context.abort(_CODES[e.kind], e.message, trailing_metadata=hint)
 
 
-def _request_from_pb(request: generate_pb2.GenerateRequest) -> GenerationRequest:
+def _request_from_pb(
+    request: generate_pb2.GenerateRequest, defaults: dict | None = None
+) -> GenerationRequest:
     kind = request.WhichOneof("input")
     prompt: Prompt | None = None
     if kind == "text":
@@ -328,7 +346,7 @@ def _request_from_pb(request: generate_pb2.GenerateRequest) -> GenerationRequest
         prompt = TokenPrompt(tuple(request.token_ids.ids))
     return GenerationRequest(
         prompt=prompt,
-        params=_sampling_params(request.sampling),
+        params=_sampling_params(request.sampling, defaults),
         request_id=request.request_id,
         model=request.model,
         priority=request.priority,
@@ -342,9 +360,12 @@ def _chat_from_pb(chat: generate_pb2.ChatMessages) -> ChatPrompt:
     return ChatPrompt(tuple((m.role, m.content) for m in chat.messages), add_prompt)
 
 
-def _sampling_params(s: generate_pb2.SamplingParameters) -> SamplingParams:
+def _sampling_params(
+    s: generate_pb2.SamplingParameters, defaults: dict | None = None
+) -> SamplingParams:
     kwargs = {name: getattr(s, name) for name in PUBLIC if s.HasField(name)}
     return sampling_params(
+        defaults,
         **kwargs,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         stop=list(s.stop),
@@ -446,6 +467,8 @@ def grpc_server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # A second gateway on a taken port is an error, not a silent share of it.
+            ("grpc.so_reuseport", 0),
         ],
     )
     generate_pb2_grpc.add_TesseraServicer_to_server(servicer, server)
@@ -479,9 +502,12 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     # Off the event loop, and while the scheduler comes up: the engine client's heartbeats
     # run on this loop, and a loop held for the seconds a tokenizer takes to load went
     # silent long enough for the scheduler to expire this gateway (issue 19).
-    loading = asyncio.ensure_future(
-        asyncio.to_thread(lambda: Tokenizer.load(resolve_model(config.model)))
-    )
+    source = resolve_model(config.model)
+    sampling_defaults = default_sampling(source, config.generation_config)
+    if sampling_defaults:
+        logger.info("sampling defaults from the model (%s): %s", config.generation_config,
+                    sampling_defaults)
+    loading = asyncio.ensure_future(asyncio.to_thread(Tokenizer.load, source))
     try:
         status = await _wait_for_engine(engine)
         tokenizer = await loading
@@ -494,29 +520,26 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
             f"model {config.model!r} {'has no' if tokenizer is None else 'has a'} tokenizer: "
             "tokenizer_addresses must be " + ("empty" if tokenizer is None else "set")
         )
-    metrics = Metrics()
+    names = config.served_model_name or (config.model,)
+    metrics = Metrics(names[0])
     core = ServingCore(
-        config.model, config.max_open_requests, engine, tokenizers, tokenizer, status.info, metrics
+        names[0], config.max_open_requests, engine, tokenizers, tokenizer, status.info, metrics
     )
+    core.served_names = names
+    core.sampling_defaults = sampling_defaults
     metrics.track_open_requests(lambda: core.num_open)
     metrics.track_replicas(engine.replicas)
     server, health_servicer = grpc_server(
         config, TesseraServicer(core, config.max_streams_per_connection)
     )
+    try:
+        http = await _listen(config, server, core, metrics, tls)
+    except BaseException:
+        await engine.close()
+        if tokenizers is not None:
+            await tokenizers.close()
+        raise
     address = f"{config.host}:{config.port}"
-    if tls is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, tls.grpc_credentials())
-    if bound == 0:
-        raise OSError(f"cannot bind the gateway to {address}")
-    http = None
-    if config.http_port:
-        app = create_app(core, metrics, config.api_key, config.max_message_bytes)
-        http = HttpServer(app, config.host, config.http_port, config.grace_seconds,
-                          tls.uvicorn_options() if tls is not None else None,
-                          limit_concurrency=config.max_open_requests + HTTP_HEADROOM)
-        await http.start()
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -524,10 +547,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     watcher = loop.create_task(_watch_engine(engine, health_servicer, TESSERA_SERVICE))
     logger.info(
-        "gateway serving %s: gRPC on %s, HTTP %s (%s, %s)", config.model, address,
+        "gateway serving %s: gRPC on %s, HTTP %s (%s, %s; ready %.1fs after start)",
+        config.model, address,
         f"on {config.host}:{config.http_port}" if http else "off",
         tls.describe() if tls is not None else "plaintext",
-        "API key required" if config.api_key else "no API key",
+        "API key required" if config.api_key else "no API key", process_age(),
     )
     if tls is None and config.api_key and not _is_loopback(config.host):
         logger.warning("the API key crosses the network in plaintext: set --tls-cert-file and "
@@ -552,6 +576,33 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         await tokenizers.close()
 
 
+async def _listen(config: GatewayConfig, server: grpc.aio.Server, core: ServingCore,
+                  metrics: Metrics, tls: TlsFiles | None) -> HttpServer | None:
+    """Bind the gRPC port and start the HTTP server; PortBusy if either is taken."""
+    address = f"{config.host}:{config.port}"
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.grpc_credentials())
+    except RuntimeError:  # grpc >= 1.60 raises where older ones returned 0
+        bound = 0
+    if bound == 0:
+        raise PortBusy(f"--port: cannot listen on {address} (in use by another process?)")
+    http = None
+    if config.http_port:
+        app = create_app(core, metrics, config.api_key, config.max_message_bytes)
+        http = HttpServer(app, config.host, config.http_port, config.grace_seconds,
+                          tls.uvicorn_options() if tls is not None else None,
+                          limit_concurrency=config.max_open_requests + HTTP_HEADROOM)
+        try:
+            await http.start()
+        except OSError as e:
+            raise PortBusy(f"--http-port: cannot listen on {config.host}:{config.http_port}: "
+                           f"{e.strerror}") from None
+    return http
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -560,12 +611,22 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _wait_for_engine(engine: EnginePool, attempts: int = 600) -> engine_pb2.StatusReply:
-    for _ in range(attempts):
+    """The scheduler's first status reply. It binds its socket once its executor has
+    loaded the model, so a wait of seconds is normal: said once, then every 30 s."""
+    loop = asyncio.get_running_loop()
+    started = said = loop.time()
+    for i in range(attempts):
         try:
-            return await engine.status(timeout=1.0)
+            status = await engine.status(timeout=1.0)
         except EngineUnavailable:
-            logger.info("waiting for the scheduler...")
+            if i == 0 or loop.time() - said >= 30:
+                logger.info("waiting for the scheduler (it loads the model first; %.0fs so far)",
+                            loop.time() - started)
+                said = loop.time()
             await asyncio.sleep(0.5)  # not connected yet fails at once: do not spin
+            continue
+        logger.info("the scheduler answered after %.1fs", loop.time() - started)
+        return status
     raise EngineUnavailable("the scheduler did not come up")
 
 
@@ -590,8 +651,29 @@ async def _watch_engine(engine: EnginePool, health_servicer, service: str) -> No
         await asyncio.sleep(0.25)
 
 
-def run_gateway(config: GatewayConfig) -> None:
+class PortBusy(OSError):
+    """A public port this gateway cannot listen on."""
+
+
+def preflight(config: GatewayConfig) -> None:
+    """Before loading anything: the model names something, the public ports are free.
+    ConfigError or ValueError, naming the setting."""
+    resolve_model(config.model)
+    check_port_free(config.host, config.port, "--port (gRPC)")
+    if config.http_port:
+        check_port_free(config.host, config.http_port, "--http-port (HTTP)")
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    """The process; the exit code: 0 after SIGTERM, EXIT_CONFIG for a setting that cannot
+    work (a model that names nothing, a busy port), which nothing should restart."""
     setup_logging("gateway")
     install_uvloop()
     exit_with_parent()
-    asyncio.run(serve(config))
+    try:
+        preflight(config)
+        asyncio.run(serve(config))
+    except (ValueError, PortBusy) as e:
+        logger.error("%s", e)
+        return EXIT_CONFIG
+    return 0

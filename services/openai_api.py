@@ -53,6 +53,7 @@ from tessera.services.openai_errors import (
     install_error_handlers,
     request_error_response,
 )
+from tessera.services.openai_extras import add_extra_routes, tessera_version
 from tessera.services.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,7 +83,9 @@ class _ClientGone(Exception):
 
 def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_body_bytes: int
                ) -> FastAPI:
-    app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI page at /docs (schema at /openapi.json), behind the API key like the rest.
+    app = FastAPI(title="Tessera", version=tessera_version(), docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     api = OpenAIFront(core, metrics)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.prometheus, methods=["GET"])
@@ -92,6 +95,7 @@ def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_bod
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     # vLLM's admin route (behind the API key like every route but /health and /metrics)
     app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
+    add_extra_routes(app, core)  # /tokenize, /detokenize, /version
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     app.state.front = api
@@ -137,9 +141,9 @@ class OpenAIFront:
             return request_error_response(e)
         return JSONResponse({"num_blocks_dropped": num_dropped})
 
-    def _model_card(self) -> dict[str, Any]:
+    def _model_card(self, name: str) -> dict[str, Any]:
         return {
-            "id": self.core.model,
+            "id": name,
             "object": "model",
             "created": self.created,
             "owned_by": "tessera",
@@ -147,26 +151,27 @@ class OpenAIFront:
         }
 
     async def models(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        cards = [self._model_card(name) for name in self.core.served_names]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, model: str) -> JSONResponse:
-        if model != self.core.model:
+        if model not in self.core.served_names:
             raise RequestError(
                 ErrorKind.UNKNOWN_MODEL, f"the model {model!r} does not exist", "model"
             )
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card(model))
 
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         rid = f"cmpl-{uuid.uuid4().hex}"
-        requests = body.to_generation(rid)
+        requests = body.to_generation(rid, self.core.sampling_defaults)
         return await self._serve(request, CompletionFormat(self, body, rid, requests), requests,
                                  bool(body.stream))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = body.to_generation(rid)
+        requests = body.to_generation(rid, self.core.sampling_defaults)
         return await self._serve(request, ChatFormat(self, body, rid), requests,
                                  bool(body.stream))
 

@@ -81,7 +81,8 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool | None = None
     cache_salt: str | None = None  # the tenant's prefix-cache namespace (generate.proto)
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None,
+                 defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise RequestError(
                 ErrorKind.INVALID, "stream_options is only allowed with stream: true",
@@ -94,7 +95,7 @@ class _SamplingFields(_Strict):
         }
         if self.logit_bias:
             kwargs["logit_bias"] = _logit_bias(self.logit_bias)
-        return sampling_params(**kwargs, max_tokens=max_tokens, logprobs=logprobs)
+        return sampling_params(defaults, **kwargs, max_tokens=max_tokens, logprobs=logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -109,7 +110,8 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None  # only best_of == n (no server-side ranking)
     suffix: str | None = None  # refused unless empty: no fill-in-the-middle
 
-    def to_generation(self, request_id: str) -> list[GenerationRequest]:
+    def to_generation(self, request_id: str, defaults: dict[str, Any] | None = None
+                      ) -> list[GenerationRequest]:
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise RequestError(
                 ErrorKind.INVALID, "best_of other than n is not supported", "best_of"
@@ -123,7 +125,7 @@ class CompletionRequest(_SamplingFields):
                 "prompt's logprobs",
                 "echo",
             )
-        params = self.sampling(self.max_tokens, self.logprobs)
+        params = self.sampling(self.max_tokens, self.logprobs, defaults)
         prompts = _prompts(self.prompt)
         return [
             GenerationRequest(
@@ -175,7 +177,8 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # engine extra: False continues the last turn
 
-    def to_generation(self, request_id: str) -> list[GenerationRequest]:
+    def to_generation(self, request_id: str, defaults: dict[str, Any] | None = None
+                      ) -> list[GenerationRequest]:
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError(
                 ErrorKind.INVALID, "top_logprobs needs logprobs: true", "top_logprobs"
@@ -184,7 +187,8 @@ class ChatCompletionRequest(_SamplingFields):
             self.max_completion_tokens if self.max_completion_tokens is not None
             else self.max_tokens
         )
-        params = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                               defaults)
         turns = tuple((m.role, m.text(i)) for i, m in enumerate(self.messages))
         prompt = ChatPrompt(turns, add_generation_prompt=self.add_generation_prompt)
         return [

@@ -28,7 +28,8 @@ from tessera.services.openai_errors import error_response
 from tessera.services.security import OPEN_HTTP_PATHS, BearerToken
 
 MAX_HEADER_BYTES = 16 * 1024  # names and values of all of a request's headers
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json")
 
 
 # -- the ASGI guard -------------------------------------------------------------------------

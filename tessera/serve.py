@@ -25,6 +25,12 @@ until the new one serves; a dead gateway's requests are aborted by the scheduler
 times. A scheduler or gateway that exits with an error code (it logged why: bad flags,
 a model that does not load) stops the rest, and the launcher exits 1. Every child dies
 with the launcher, however it dies (PDEATHSIG), so none is ever orphaned.
+
+Fail fast: before any child starts, ``preflight`` checks what would otherwise fail
+after a minute of loading (the model names something, the TLS files exist, both public
+ports are free), and a configuration error ends the launcher with one line and
+``EXIT_CONFIG`` (2). A child that exits with ``EXIT_CONFIG`` (a bad flag, a model it
+cannot load, a port it cannot bind) is never restarted: everything stops, exit code 2.
 """
 
 from __future__ import annotations
@@ -39,79 +45,152 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tessera.common.cli_args import env_name
+from tessera.common.cli_args import env_name, flag_name
+from tessera.common.generation_config import GENERATION_CONFIG_CHOICES
+from tessera.common.preflight import (
+    EXIT_CONFIG,
+    check_port_free,
+    check_ports_differ,
+    check_readable_file,
+)
 from tessera.common.process import setup_logging
+from tessera.common.registry import DEFAULT_MODEL, resolve_model
+from tessera.scheduler.config import SchedulerServerConfig
 
 logger = logging.getLogger(__name__)
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _same_as(config_cls: type, name: str):
+    """The field of that name of a stage's config, with its default and help: declared
+    once, where the stage reads it."""
+    f = config_cls.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
 @dataclass(slots=True, frozen=True)
 class ServeConfig:
-    model: str = "smollm2-135m-instruct"
-    host: str = "127.0.0.1"
-    port: int = 50051
+    """Every setting of ``tessera serve``; each reaches the stage that reads it
+    (``child_commands``), and ``--help`` lists each with its help and variable."""
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata=_help("model name, GGUF file, Hugging Face directory or model id in the "
+                       "local Hugging Face cache (HF_HOME; never downloaded), or "
+                       "random:<shape>; also the first positional argument"),
+    )
+    served_model_name: tuple[str, ...] = field(
+        default=(),
+        metadata=_help("names clients may give as `model` (several allowed; the first is "
+                       "the one /v1/models lists first and responses carry); default: "
+                       "the model argument"),
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_help("interface of the public gRPC and HTTP ports; 0.0.0.0 for every one"),
+    )
+    port: int = field(default=50051, metadata=_help("public gRPC port (tessera.v1.Tessera)"))
     http_port: int = field(
-        default=8000, metadata={"help": "OpenAI-compatible HTTP API port; 0 turns it off"}
+        default=8000, metadata=_help("OpenAI-compatible HTTP API port; 0 turns it off")
     )
     # Handed to the gateway in its environment, not its command line (which ps shows).
     api_key: str | None = field(
         default=None,
         repr=False,
-        metadata={"help": "require Authorization: Bearer <key> on every route but health"},
+        metadata=_help("require Authorization: Bearer <key> on every route but health; "
+                       "prefer the variable (a command line shows in ps)"),
     )
     tls_cert_file: str | None = field(
         default=None,
-        metadata={"help": "PEM certificate chain: TLS on the gRPC and HTTP ports (with "
-                  "tls_key_file)"},
+        metadata=_help("PEM certificate chain: TLS on the gRPC and HTTP ports (with "
+                       "tls_key_file)"),
     )
     tls_key_file: str | None = field(
-        default=None, metadata={"help": "PEM private key of tls_cert_file"}
+        default=None, metadata=_help("PEM private key of tls_cert_file")
     )
     tls_client_ca_file: str | None = field(
         default=None,
-        metadata={"help": "PEM CA bundle: mutual TLS, clients need a certificate it signed"},
+        metadata=_help("PEM CA bundle: mutual TLS, clients need a certificate it signed"),
     )
-    max_open_requests: int = 4096  # per gateway; past it clients get 429 / RESOURCE_EXHAUSTED
-    num_tokenizers: int = 2
-    device: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"  # auto | fp8 (executor/config.py)
-    quantization: str = field(
-        default="auto", metadata={"help": "4-bit weights: auto | none | gptq | awq"}
+    chat_template: str | None = field(
+        default=None,
+        metadata=_help("a Jinja chat template, or a file holding one, used instead of the "
+                       "model's own"),
     )
-    tensor_parallel_size: int = field(
-        default=1,
-        metadata={"help": "executor ranks, one process per device, that run each step "
-                  "together (gloo on the CPU, NCCL on CUDA)"},
+    generation_config: str = field(
+        default="auto",
+        metadata=_help("auto: sampling defaults (temperature, top_p, top_k, ...) for "
+                       "requests that set none come from the model's generation_config.json "
+                       "(the default model: temperature 0.2, top_p 0.9); none: the API's "
+                       "own defaults (temperature 1.0)"),
     )
-    policy: str = "fcfs"
+    max_open_requests: int = field(
+        default=4096,
+        metadata=_help("requests open on the gateway; past it clients get HTTP 429 / "
+                       "RESOURCE_EXHAUSTED"),
+    )
+    max_streams_per_connection: int = field(
+        default=256,
+        metadata=_help("Generate streams open at once on one gRPC client connection; past "
+                       "it RESOURCE_EXHAUSTED"),
+    )
+    num_tokenizers: int = field(
+        default=2,
+        metadata=_help("tokenizer replicas (processes); 0 only for a model without a "
+                       "tokenizer (random weights: token ids in and out)"),
+    )
+    device: str = _same_as(SchedulerServerConfig, "device")
+    dtype: str = _same_as(SchedulerServerConfig, "dtype")
+    block_size: int = _same_as(SchedulerServerConfig, "block_size")
+    max_num_seqs: int = _same_as(SchedulerServerConfig, "max_num_seqs")
+    max_num_batched_tokens: int = _same_as(SchedulerServerConfig, "max_num_batched_tokens")
+    max_model_len: int | None = _same_as(SchedulerServerConfig, "max_model_len")
+    kv_cache_memory: int | None = _same_as(SchedulerServerConfig, "kv_cache_memory")
+    gpu_memory_utilization: float = _same_as(SchedulerServerConfig, "gpu_memory_utilization")
+    kv_cache_dtype: str = _same_as(SchedulerServerConfig, "kv_cache_dtype")
+    attention_backend: str = _same_as(SchedulerServerConfig, "attention_backend")
+    cuda_graphs: bool = _same_as(SchedulerServerConfig, "cuda_graphs")
+    quantization: str = _same_as(SchedulerServerConfig, "quantization")
+    tensor_parallel_size: int = _same_as(SchedulerServerConfig, "tensor_parallel_size")
+    policy: str = _same_as(SchedulerServerConfig, "policy")
+    async_scheduling: bool = _same_as(SchedulerServerConfig, "async_scheduling")
+    enable_prefix_caching: bool = _same_as(SchedulerServerConfig, "enable_prefix_caching")
+    max_waiting: int = _same_as(SchedulerServerConfig, "max_waiting")
+    max_waiting_tokens: int = _same_as(SchedulerServerConfig, "max_waiting_tokens")
+    step_timeout: float | None = _same_as(SchedulerServerConfig, "step_timeout")
+    heartbeat_timeout: float = field(
+        default=10.0,
+        metadata=_help("seconds of silence from the gateway after which the scheduler "
+                       "aborts its requests (it sends a heartbeat every second)"),
+    )
+    scheduler_timeout: float = field(
+        default=5.0,
+        metadata=_help("seconds of silence from the scheduler after which the gateway ends "
+                       "open streams with UNAVAILABLE and health turns NOT_SERVING"),
+    )
+    grace_seconds: float = field(
+        default=30.0,
+        metadata=_help("on SIGTERM or Ctrl-C, seconds in-flight streams get to finish"),
+    )
+    run_dir: str | None = field(
+        default=None,
+        metadata=_help("directory of the internal unix sockets; default a fresh temporary "
+                       "one, removed at exit"),
+    )
     replicas: int = field(
         default=1,
-        metadata={"help": "engine replicas (a scheduler with its executor ranks each) behind "
-                  "the gateway, each with its own KV cache"},
+        metadata=_help("engine replicas (a scheduler with its executor ranks each) behind "
+                       "the gateway, each with its own KV cache"),
     )
     routing_policy: str = field(
         default="auto",
-        metadata={"help": "the gateway's choice of replica: cache_aware, least_loaded, "
-                  "round_robin, or auto (cache_aware with prefix caching, else least_loaded)"},
+        metadata=_help("the gateway's choice of replica: cache_aware, least_loaded, "
+                       "round_robin, or auto (cache_aware with prefix caching, else "
+                       "least_loaded)"),
     )
-    # Plan step N+1 while step N runs (scheduler/server.py); off: one step at a time.
-    async_scheduling: bool = True
-    # Share the KV of common prompt prefixes (scheduler/kv_cache_manager.py).
-    enable_prefix_caching: bool = True
-    max_waiting: int = 4096
-    max_waiting_tokens: int = 1 << 20  # prompt tokens waiting in the scheduler, at most
-    # Generate streams at once on one gRPC client connection; past it RESOURCE_EXHAUSTED.
-    max_streams_per_connection: int = 256
-    grace_seconds: float = 30.0
-    run_dir: str | None = None  # where the unix sockets live; a fresh temp dir by default,
-    # removed when the launcher exits
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -126,13 +205,43 @@ class ServeConfig:
             RoutingPolicy.parse(self.routing_policy)
         if self.num_tokenizers < 0:
             raise ValueError(f"num_tokenizers must be >= 0, got {self.num_tokenizers}")
-        if self.tensor_parallel_size != 1:  # a split the model refuses, before any process
-            from tessera.common.registry import resolve_model
-            from tessera.executor.parallel import check_splittable, read_model_config
-
-            shape = read_model_config(resolve_model(self.model))
-            check_splittable(shape, self.tensor_parallel_size)
+        if self.generation_config not in GENERATION_CONFIG_CHOICES:
+            raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, "
+                             f"got {self.generation_config!r}")
         # 0 only for a model without a tokenizer (random weights): token ids in and out.
+
+
+# The launcher's own settings; every other field goes to the stage(s) that read it.
+LAUNCHER_FIELDS = ("num_tokenizers", "run_dir", "api_key", "replicas", "routing_policy")
+GATEWAY_FIELDS = (
+    "model", "served_model_name", "host", "port", "http_port", "tls_cert_file",
+    "tls_key_file", "tls_client_ca_file", "generation_config",
+    "max_open_requests", "max_streams_per_connection", "heartbeat_timeout",
+    "scheduler_timeout", "grace_seconds",
+)  # fmt: skip
+TOKENIZER_FIELDS = ("model", "chat_template")
+SCHEDULER_FIELDS = tuple(
+    name for name in SchedulerServerConfig.__dataclass_fields__
+    if name in ServeConfig.__dataclass_fields__
+)
+
+
+def preflight(config: ServeConfig) -> None:
+    """What would fail after loading, checked before anything starts: the model names
+    something, the files exist, the public ports are free. ConfigError (or the model
+    registry's ValueError) names the setting."""
+    resolve_model(config.model)
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        check_readable_file(getattr(config, name), flag_name(name))
+    check_ports_differ((("--port", config.port), ("--http-port", config.http_port)))
+    check_port_free(config.host, config.port, "--port (gRPC)")
+    if config.http_port:
+        check_port_free(config.host, config.http_port, "--http-port (HTTP)")
+    if config.tensor_parallel_size != 1:  # a split the model refuses, before any process
+        from tessera.executor.parallel import check_splittable, read_model_config
+
+        check_splittable(read_model_config(resolve_model(config.model)),
+                         config.tensor_parallel_size)
 
 
 @dataclass(slots=True)
@@ -151,6 +260,8 @@ class _Child:
         which a restart would only repeat."""
         if self.restarts >= MAX_RESTARTS:
             return False
+        if self.proc.returncode == EXIT_CONFIG:
+            return False  # a bad setting: a restart would fail the same way
         return self.name.startswith("tokenizer-") or self.proc.returncode < 0
 
 
@@ -169,89 +280,49 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
     policy = config.routing_policy
     if policy == "auto":
         policy = "cache_aware" if config.enable_prefix_caching else "least_loaded"
-    engine_flags = [
-        "--model",
-        config.model,
-        "--device",
-        config.device,
-        "--dtype",
-        config.dtype,
-        "--block-size",
-        str(config.block_size),
-        "--max-num-seqs",
-        str(config.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(config.max_num_batched_tokens),
-        "--gpu-memory-utilization",
-        str(config.gpu_memory_utilization),
-        "--kv-cache-dtype",
-        config.kv_cache_dtype,
-        "--quantization",
-        config.quantization,
-        "--policy",
-        config.policy,
-        "--max-waiting",
-        str(config.max_waiting),
-        "--max-waiting-tokens",
-        str(config.max_waiting_tokens),
-    ]
-    if not config.async_scheduling:
-        engine_flags.append("--no-async-scheduling")
-    if not config.enable_prefix_caching:
-        engine_flags.append("--no-enable-prefix-caching")
-    if config.max_model_len is not None:
-        engine_flags += ["--max-model-len", str(config.max_model_len)]
-    if config.kv_cache_memory is not None:
-        engine_flags += ["--kv-cache-memory", str(config.kv_cache_memory)]
-    if config.tensor_parallel_size != 1:
-        engine_flags += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     commands = [
         (f"tokenizer-{i}",
-         py + ["tessera.tokenizer_svc", "--model", config.model, "--address", addr])
+         py + ["tessera.tokenizer_svc", *_flags(config, TOKENIZER_FIELDS, none=False),
+               "--address", addr])
         for i, addr in enumerate(tok_addrs)
     ]
     for name, sched_addr, exec_addr in zip(names, sched_addrs, exec_addrs, strict=True):
-        commands.append((name, py + ["tessera.scheduler"] + engine_flags + [
-            "--gateway-address", sched_addr, "--executor-address", exec_addr]))
-    commands.append(
-        (
-            "gateway",
-            py
-            + [
-                "tessera.services",
-                "--model",
-                config.model,
-                "--host",
-                config.host,
-                "--port",
-                str(config.port),
-                "--http-port",
-                str(config.http_port),
-                "--max-open-requests",
-                str(config.max_open_requests),
-                "--max-streams-per-connection",
-                str(config.max_streams_per_connection),
-                "--scheduler-address",
-                ",".join(sched_addrs),
-                "--routing-policy",
-                policy,
-                "--tokenizer-addresses",
-                ",".join(tok_addrs),
-                "--grace-seconds",
-                str(config.grace_seconds),
-                *_tls_flags(config),
-            ],
-        )
-    )
+        commands.append((
+            name,
+            py + ["tessera.scheduler", *_flags(config, SCHEDULER_FIELDS),
+                  "--gateway-address", sched_addr, "--executor-address", exec_addr],
+        ))  # fmt: skip
+    commands.append((
+        "gateway",
+        py + ["tessera.services", *_flags(config, GATEWAY_FIELDS),
+              "--scheduler-address", ",".join(sched_addrs), "--routing-policy", policy,
+              "--tokenizer-addresses", ",".join(tok_addrs)],
+    ))  # fmt: skip
     return commands
 
 
-def _tls_flags(config: ServeConfig) -> list[str]:
-    flags = []
-    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+def _flags(config: ServeConfig, names: tuple[str, ...], none: bool = True) -> list[str]:
+    """``names``' values as the flags of a stage's command line: every one, so that the
+    child's environment cannot change what the launcher chose; files as absolute paths.
+    ``none``: the stage reads ``none`` as None (common.cli_args); else a None is left out."""
+    flags: list[str] = []
+    for name in names:
         value = getattr(config, name)
-        if value is not None:
-            flags.append(f"--{name.replace('_', '-')}={os.path.abspath(value)}")
+        if isinstance(value, bool):
+            flags.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif isinstance(value, tuple):
+            if value:
+                flags += [flag_name(name), *value]
+        elif value is None:
+            if none:
+                flags += [flag_name(name), "none"]  # not absent: the stage's default may differ
+        else:
+            if isinstance(value, str) and (name.endswith("_file") or name == "chat_template"):
+                value = os.path.abspath(value) if os.path.isfile(value) else value
+            text = str(value)
+            # one token when the value could read as a flag
+            flags += [f"{flag_name(name)}={text}"] if text.startswith("-") else [
+                flag_name(name), text]
     return flags
 
 
@@ -291,7 +362,14 @@ def replica_devices(name: str, config: ServeConfig, visible: str | None) -> str 
 
 
 def run_serve(config: ServeConfig) -> int:
+    """Check, start, supervise; the exit code: 0 after a clean stop, EXIT_CONFIG for a
+    configuration error (found before anything starts, or by a child), 1 otherwise."""
     setup_logging("launcher")
+    try:
+        preflight(config)
+    except ValueError as e:  # ConfigError, or a model that names nothing: one line
+        logger.error("%s", e)
+        return EXIT_CONFIG
     if config.run_dir is not None:
         os.makedirs(config.run_dir, exist_ok=True)
         return _run(config, config.run_dir)
@@ -348,7 +426,7 @@ def _run(config: ServeConfig, run_dir: str) -> int:
         time.sleep(0.2)
     codes = _shutdown(children, config.grace_seconds)
     if failed is not None:
-        return 1
+        return EXIT_CONFIG if failed.proc.returncode == EXIT_CONFIG else 1
     bad = {name: code for name, code in codes.items() if code != 0}
     if bad:
         logger.error("children exited with errors: %s", bad)

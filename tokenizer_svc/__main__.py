@@ -7,12 +7,14 @@ over the variable, which wins over the default:
     --model           TESSERA_MODEL                      smollm2-135m-instruct
     --address         TESSERA_TOKENIZER_ADDRESS          127.0.0.1:50061
     --max-workers     TESSERA_TOKENIZER_MAX_WORKERS      2
+    --chat-template   TESSERA_CHAT_TEMPLATE              the model's own
     --grace-seconds   TESSERA_TOKENIZER_GRACE_SECONDS    5.0
 
 TESSERA_MODEL is shared with the other processes, so one variable names the served
 model everywhere. This module is the only place the tokenizer reads the environment.
-Exit codes: 0 after SIGTERM/SIGINT, 1 if the model cannot be loaded or the address
-cannot be bound, 2 for bad flags or variables.
+Exit codes: 0 after SIGTERM/SIGINT, 2 (a configuration error, never restarted by the
+launcher) for bad flags or variables, a model or chat template that cannot be loaded,
+or an address that cannot be bound.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tessera.common.preflight import EXIT_CONFIG
 from tessera.tokenizer_svc.server import TokenizerServerConfig, run_tokenizer_server
 
 
@@ -87,6 +90,13 @@ TOKENIZER_FLAGS = (
         "threads that tokenize",
     ),
     EnvFlag(
+        "--chat-template",
+        "TESSERA_CHAT_TEMPLATE",
+        str,
+        None,
+        "a Jinja chat template, or a file holding one, used instead of the model's own",
+    ),
+    EnvFlag(
         "--grace-seconds",
         "TESSERA_TOKENIZER_GRACE_SECONDS",
         float,
@@ -98,7 +108,8 @@ TOKENIZER_FLAGS = (
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tessera.tokenizer_svc", description="Run one Tessera tokenizer replica."
+        prog="python -m tessera.tokenizer_svc", description="Run one Tessera tokenizer replica.",
+        allow_abbrev=False,
     )
     add_env_flags(parser, TOKENIZER_FLAGS, os.environ if environ is None else environ)
     args = parser.parse_args(argv)
@@ -108,14 +119,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             address=args.address,
             max_workers=args.max_workers,
             grace_seconds=args.grace_seconds,
+            chat_template=args.chat_template,
         )
     except ValueError as exc:
         parser.error(str(exc))
     try:
         run_tokenizer_server(config)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # a model, template or address that cannot work
         logging.getLogger("tokenizer_svc").error("%s", exc)
-        return 1
+        return EXIT_CONFIG  # the launcher does not restart it: a restart fails the same way
     return 0
 
 

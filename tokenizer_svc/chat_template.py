@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -199,3 +201,16 @@ class _GenerationBlock(Extension):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return nodes.Scope(body).set_lineno(lineno)
+
+
+def read_chat_template(value: str) -> str:
+    """``--chat-template``'s value as a template: the text of the file it names, else the
+    value itself (a template has a ``{``; a value without one that names no file is a
+    mistyped path, and a ValueError says so)."""
+    path = Path(os.path.expanduser(value))
+    if path.is_file():
+        return path.read_text()
+    if "{" not in value:
+        raise ValueError(f"--chat-template: no such file: {value} (an inline template "
+                         "holds Jinja tags such as {{ }} or {% %})")
+    return value

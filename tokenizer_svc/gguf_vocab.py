@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 from tokenizers import pre_tokenizers as pre
+
+from tessera.common.gguf_metadata import read_gguf_metadata
 
 TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 2, 3, 4  # llama.cpp's llama_token_type
 
@@ -81,13 +82,11 @@ PRE_TOKENIZERS: dict[str, _ByteLevelStyle] = {
 
 
 def read_tokenizer_metadata(path: str) -> dict[str, Any]:
-    """Every `tokenizer.*` metadata value of the GGUF at `path`, plus general.architecture."""
-    reader = GGUFReader(path)
-    return {
-        key: field.contents()
-        for key, field in reader.fields.items()
-        if key.startswith("tokenizer.") or key == "general.architecture"
-    }
+    """Every `tokenizer.*` metadata value of the GGUF at `path`, plus general.architecture
+    (common.gguf_metadata: a fraction of a second where gguf.GGUFReader takes seconds)."""
+    return read_gguf_metadata(
+        path, lambda key: key.startswith("tokenizer.") or key == "general.architecture"
+    )
 
 
 def build_tokenizer(meta: dict[str, Any], add_bos: bool, add_eos: bool) -> Tokenizer:

@@ -15,6 +15,7 @@ are requests that do not parse (a pickle, garbage: ``proto.guard``), which are l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -29,11 +30,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
+from tessera.common.process import exit_with_parent, install_uvloop, process_age, setup_logging
 from tessera.common.registry import DEFAULT_MODEL, resolve_model
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tessera.tokenizer_svc.chat_template import ChatTemplateError
+from tessera.tokenizer_svc.chat_template import ChatTemplateError, read_chat_template
 from tessera.tokenizer_svc.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ class TokenizerServerConfig:
     address: str = "127.0.0.1:50061"  # host:port (port 0 picks one) or unix:/path
     max_workers: int = 2  # threads that tokenize; HF tokenizers also parallelize batches
     grace_seconds: float = 5.0  # in-flight calls may finish this long after SIGTERM
+    chat_template: str | None = None  # a template, or a file holding one: replaces the model's
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -340,14 +342,17 @@ def _refuse_live_socket(path: str) -> None:
     raise OSError(f"cannot listen on unix:{path}: another process is listening there")
 
 
-def load_tokenizer(model: str) -> Tokenizer:
-    """The model's tokenizer; ValueError if it names nothing or has none (random weights)."""
+def load_tokenizer(model: str, chat_template: str | None = None) -> Tokenizer:
+    """The model's tokenizer, with ``chat_template`` (text, or a file holding it) in place
+    of its own; ValueError if the model names nothing or has no tokenizer (random weights)."""
     tokenizer = Tokenizer.load(resolve_model(model))
     if tokenizer is None:
         raise ValueError(
             f"model {model!r} has random weights and no tokenizer; serve a GGUF file or a "
             "Hugging Face directory"
         )
+    if chat_template is not None:
+        tokenizer = dataclasses.replace(tokenizer, chat_template=read_chat_template(chat_template))
     return tokenizer
 
 
@@ -360,7 +365,7 @@ def run_tokenizer_server(config: TokenizerServerConfig) -> None:
     exit_with_parent()
     # Loaded before listening: until then connections are refused, so clients and
     # health probes move on to other replicas.
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.chat_template)
     asyncio.run(_serve(config, tokenizer))
 
 
@@ -400,7 +405,8 @@ async def _serve(config: TokenizerServerConfig, tokenizer: Tokenizer) -> None:
         await server.start()
         for service in (health.OVERALL_HEALTH, SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving the tokenizer of %s on %s", tokenizer.name, listening)
+        logger.info("serving the tokenizer of %s on %s (ready %.1fs after start)",
+                    tokenizer.name, listening, process_age())
         await stop.wait()
         logger.info("stopping; in-flight calls have %.1fs to finish", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()

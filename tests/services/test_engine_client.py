@@ -166,3 +166,24 @@ def test_sends_never_block_on_an_absent_scheduler():
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_stall_of_the_gateways_own_loop_is_not_blamed_on_the_scheduler():
+    """Issue 20: at start-up a gateway busy with CPU-bound work (a tokenizer loading)
+    logged `the scheduler sent nothing for 24s` although the replies sat unread in its
+    socket. Here the loop (the fake scheduler's too) is held past the timeout; once free,
+    the reader gets its turn before the silence is judged, and nothing is lost."""
+
+    async def check(scheduler: FakeScheduler, client: EngineClient) -> None:
+        await until(lambda: client.serving)
+        queue = client.open(["s/0"])
+        await client.add([pb.AddSequence(request_id="s/0")])
+        time.sleep(2 * SCHEDULER_TIMEOUT)  # the loop is held: nothing is read or sent
+        await asyncio.sleep(10 * PULSE)
+        assert client.lost_reason is None and client.serving
+        assert queue.empty()  # the open sequence was not failed
+        scheduler.answering = False  # a real silence is still noticed
+        out = await asyncio.wait_for(queue.get(), 3)
+        assert out.error_kind == "unavailable" and "sent nothing" in out.error
+
+    run(check)

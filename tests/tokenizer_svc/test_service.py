@@ -25,6 +25,7 @@ import tokenizers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tessera.common.preflight import EXIT_CONFIG
 from tessera.common.registry import resolve_model
 from tessera.proto.tessera.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tessera.tokenizer_svc import Tokenizer
@@ -495,7 +496,7 @@ def test_a_taken_address_is_refused_not_shared(fleet: Fleet, pair, strict, stric
     taken = serving(pair[0], strict)
     duplicates = [fleet.start(address, model=str(strict_model)) for address in taken]
     for duplicate in duplicates:
-        assert duplicate.process.wait(START_TIMEOUT) == 1
+        assert duplicate.process.wait(START_TIMEOUT) == EXIT_CONFIG  # never restarted
         assert f"cannot listen on {duplicate.address}" in duplicate.log.read_text()
     for replica in (pair[0], strict):  # the first owners still answer
         replica.ready = False

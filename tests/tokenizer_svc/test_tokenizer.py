@@ -309,3 +309,38 @@ def test_detokenizer_concatenation_equals_decode(ours: Tokenizer, data):
     pieces, rest = _stream(ours, prompt, output, chunks)
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + rest == ours.decode(output)
+
+
+@pytest.mark.slow  # the gguf package takes seconds over the default model's vocabulary
+def test_the_fast_gguf_metadata_reader_matches_the_gguf_package(tmp_path):
+    """common.gguf_metadata against gguf.GGUFReader (the outside reference): every key and
+    value of the default model's file, and of a file the gguf package writes with every
+    value type; a key the filter refuses is stepped over, not returned."""
+    from tessera.common.gguf_metadata import read_gguf_metadata
+
+    path = tmp_path / "all_types.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -5)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -3000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -7)
+    writer.add_float32("t.f32", 0.5)
+    writer.add_uint64("t.u64", 2**40)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float64("t.f64", 0.25)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo")
+    writer.add_array("t.strs", ["a", "", "ü"])
+    writer.add_array("t.ints", [1, 2, 3])
+    writer.add_array("t.floats", [0.5, -1.25])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    for file in (path, smollm2_gguf_path()):
+        reference = {k: f.contents() for k, f in gguf.GGUFReader(str(file)).fields.items()
+                     if not k.startswith("GGUF.")}
+        got = read_gguf_metadata(str(file))
+        assert got == reference
+    assert read_gguf_metadata(str(path), lambda k: k == "t.str") == {"t.str": "héllo"}

@@ -39,6 +39,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tessera.common import constraints
+from tessera.common.constraints import Constraint
 from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
 from tessera.common.request_fields import chat_role
 from tessera.common.sampling_params import SamplingParams
@@ -182,6 +184,15 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
         raise RequestError(ErrorKind.INVALID, str(e), param if param in kwargs else None) from e
 
 
+async def check_constraint(constraint: Constraint) -> None:
+    """RequestError (INVALID) unless the constraint compiles within the limits of
+    common/constraints.py; the compile runs off the event loop."""
+    try:
+        await asyncio.to_thread(constraints.check, constraint)
+    except constraints.ConstraintError as e:
+        raise RequestError(ErrorKind.INVALID, str(e), "constraint") from None
+
+
 def chat_prompt(prompt: ChatPrompt) -> ChatPrompt:
     """The chat with each role checked and named as the template takes it
     (common.request_fields), the same for either front; RequestError naming the turn."""
@@ -235,9 +246,11 @@ class ServingCore:
             check_cache_salt(request.cache_salt)
         except ValueError as e:
             raise RequestError(ErrorKind.INVALID, str(e), "cache_salt") from None
+        params = request.params
+        if params.constraint is not None:
+            await check_constraint(params.constraint)
         self._admit(rid, request.model)
         self._open[rid] = []  # holds the slot while the prompt is tokenized
-        params = request.params
         try:
             prompt = await self._prompt_ids(request.prompt, params)
             self._check(prompt, params)

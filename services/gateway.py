@@ -38,12 +38,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tessera.common.constraints import Constraint
 from tessera.common.curve import check_link, check_pair, client_keys
 from tessera.common.plan import TokenLogprobs
 from tessera.common.process import exit_with_parent, install_uvloop, setup_logging
 from tessera.common.registry import resolve_model
 from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
+from tessera.common.wire import constraint_from_pb
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
 from tessera.services.core import (
@@ -320,7 +322,15 @@ def _sampling_params(s: generate_pb2.SamplingParameters) -> SamplingParams:
         stop=list(s.stop),
         stop_token_ids=list(s.stop_token_ids),
         skip_special_tokens=not s.include_special_tokens,
+        constraint=_constraint(s),
     )
+
+
+def _constraint(s: generate_pb2.SamplingParameters) -> Constraint | None:
+    try:
+        return constraint_from_pb(s, "constraint")
+    except ValueError as e:
+        raise RequestError(ErrorKind.INVALID, str(e), "constraint") from None
 
 
 def _response_pb(rid: str, d: Delta) -> generate_pb2.GenerateResponse:

@@ -95,6 +95,9 @@ class TextPrompt:
 class ChatPrompt:
     messages: tuple[tuple[str, str], ...]  # (role, content) turns
     add_generation_prompt: bool = True
+    tools_json: str = ""  # tools for the template, OpenAI's JSON list; "": none
+    # (tool_calls_json, tool_call_id) of each turn, aligned with messages; (): none has any
+    tool_fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -311,9 +314,13 @@ class ServingCore:
         tokenizers = self._tokenizers()
         try:
             if isinstance(prompt, ChatPrompt):
+                turns = [{"role": r, "content": c} for r, c in prompt.messages]
+                for turn, (calls, call_id) in zip(turns, prompt.tool_fields, strict=False):
+                    turn.update(tool_calls_json=calls, tool_call_id=call_id)
                 result = await tokenizers.tokenize_chat(
-                    [{"role": r, "content": c} for r, c in prompt.messages],
+                    turns,
                     add_generation_prompt=prompt.add_generation_prompt,
+                    tools_json=prompt.tools_json,
                 )
                 return result.token_ids, result.text
             ids = await tokenizers.tokenize_text(prompt.text, add_special_tokens)

@@ -41,6 +41,9 @@ COMPILE_TIMEOUT_S = 5.0
 CACHE_SIZE = 512
 
 ANY_JSON_OBJECT = '{"type": "object"}'
+# JSON is written without free whitespace (one space after ':' and ','): a small model let
+# free would loop on newlines until max_tokens, and every output stays parseable anyway.
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,10 +120,10 @@ def to_grammar(constraint: Constraint) -> str:
     kind, spec = constraint.kind, constraint.spec
     try:
         if kind == "json_object":
-            return llguidance.grammar_from("json_schema", ANY_JSON_OBJECT)
+            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, JSON_OPTIONS)
         if kind == "json_schema":
             _parse_schema(spec)
-            return llguidance.grammar_from("json_schema", spec)
+            return llguidance.LLMatcher.grammar_from_json_schema(spec, JSON_OPTIONS)
         if kind == "choice":
             options = json.loads(spec)
             if not isinstance(options, list) or not options:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tessera.common.constraints import Constraint
+from tessera.common.constraints import JSON_OPTIONS, Constraint
 from tessera.services.core import ErrorKind, RequestError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -116,6 +116,7 @@ def tool_constraint(
         for t in tools
     ]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    schema["x-guidance"] = dict(JSON_OPTIONS)  # compact, as common/constraints.py writes JSON
     repeat = ' ("\\n" call)*' if parallel else ""
     grammar = (
         f"start: call{repeat}\n"

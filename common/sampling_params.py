@@ -67,6 +67,12 @@ class SamplingParams:
                 self.constraint is None or isinstance(self.constraint, Constraint),
                 "constraint must be a tessera.common.constraints.Constraint",
             ),
+            # A complete constrained output may only end (its mask allows EOS alone).
+            (
+                self.constraint is None or not (self.ignore_eos or self.min_tokens),
+                "ignore_eos and min_tokens cannot be combined with a constraint "
+                "(structured output), which ends the output once it is complete",
+            ),
         ]
         for ok, message in checks:
             if not ok:

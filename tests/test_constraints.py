@@ -191,3 +191,12 @@ def test_the_stream_splitter_holds_back_calls_at_any_chunking(size) -> None:
     text = "a < b, and <tool is not a call"
     out = "".join(plain.feed(text[i : i + size]) for i in range(0, len(text), size))
     assert out + plain.finish()[0] == text
+
+
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 3}])
+def test_a_constraint_refuses_settings_that_forbid_ending(extra) -> None:
+    req = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "p", "structured_outputs": {"regex": "a+"}, **extra}
+    )
+    with pytest.raises(RequestError, match="constraint"):
+        req.sampling(4, None)

@@ -155,7 +155,8 @@ class ChatFormat(Format):
         super().__init__(front, body, rid)
         self.logprobs = bool(body.logprobs)
         # With tools offered, <tool_call> blocks become tool_calls (services/openai_tools.py).
-        self.tools = bool(body.offered_tools())
+        self.tool_names = frozenset(t.function.name for t in body.offered_tools())
+        self.tools = bool(self.tool_names)
         self.splitters: dict[int, StreamSplitter] = {}
 
     def _logprobs(self, lps: list[TokenLogprobs]) -> dict[str, Any] | None:
@@ -165,7 +166,7 @@ class ChatFormat(Format):
         message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
         finish_reason = c.finish_reason
         if self.tools:
-            content, calls = parse_tool_calls(message["content"])
+            content, calls = parse_tool_calls(message["content"], self.tool_names)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -188,7 +189,7 @@ class ChatFormat(Format):
         text, finish_reason = d.text or "", d.finish_reason
         calls: list[dict[str, Any]] = []
         if self.tools:
-            splitter = self.splitters.setdefault(index, StreamSplitter())
+            splitter = self.splitters.setdefault(index, StreamSplitter(self.tool_names))
             text = splitter.feed(text)
             if finish_reason:
                 rest, calls = splitter.finish()

@@ -12,7 +12,9 @@
   JSON text), the text around them is the content, and ``finish_reason`` is
   "tool_calls". Streamed, a choice's text is held back from the first ``<tool_call>``
   on (text before it streams as content) and its calls go out as ``tool_calls`` deltas
-  when the choice ends; a block that does not parse stays content.
+  when the choice ends; a block that does not parse stays content. Llama 3's form (the
+  whole output one JSON object naming an offered tool, with "parameters") is a call
+  too; streamed, an output that starts with "{" is held to its end to tell.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tessera.common.constraints import JSON_OPTIONS, Constraint
 from tessera.services.core import ErrorKind, RequestError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3's mark before a call, when special tokens are shown
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 MAX_TOOLS = 128
 
@@ -126,9 +129,19 @@ def tool_constraint(
     return Constraint("grammar", grammar)
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_tool_calls(
+    text: str, names: set[str] | frozenset[str] = frozenset()
+) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, tool_calls) of a finished output. A block whose JSON is not a
-    {"name", "arguments"} object is left in the content."""
+    {"name", "arguments"} object is left in the content. Without blocks, an output that is
+    one JSON object naming an offered tool (``names``) is a call: Llama 3's JSON form,
+    ``{"name": ..., "parameters": {...}}``."""
+    if CALL_OPEN not in text and names:
+        whole = text.strip().removeprefix(PYTHON_TAG).strip()
+        call = _call(whole) if whole.startswith("{") else None
+        if call is not None and call["function"]["name"] in names:
+            return None, [call]
+        return text, []
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
     last = 0
@@ -163,9 +176,11 @@ class StreamSplitter:
     """One streamed choice's text: what may go out as content now, and the held-back
     rest from the first ``<tool_call>`` (or a prefix of it at the end) on."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: set[str] | frozenset[str] = frozenset()) -> None:
+        self.names = names
         self.held = ""
         self.holding = False
+        self.started = False  # some content went out: no longer a whole-JSON call
 
     def feed(self, text: str) -> str:
         """The part of ``text`` that is content for sure."""
@@ -173,17 +188,27 @@ class StreamSplitter:
             self.held += text
             return ""
         buffer = self.held + text
+        head = buffer.lstrip()
+        if not self.started and self.names and head:
+            if head.startswith(("{", PYTHON_TAG)):  # may be Llama 3's JSON call: hold it all
+                self.holding, self.held = True, buffer
+                return ""
+            if PYTHON_TAG.startswith(head):  # perhaps the start of the tag: wait
+                self.held = buffer
+                return ""
         start = buffer.find(CALL_OPEN)
         if start >= 0:
             self.holding, self.held = True, buffer[start:]
             return buffer[:start]
         keep = _partial_prefix(buffer)  # a "<tool" at the end may open a call
         self.held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep]
+        out = buffer[: len(buffer) - keep]
+        self.started = self.started or bool(out.strip())
+        return out
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """(content still to send, tool calls) once the choice has ended."""
-        content, calls = parse_tool_calls(self.held)
+        content, calls = parse_tool_calls(self.held, frozenset() if self.started else self.names)
         self.held = ""
         return content or "", calls
 

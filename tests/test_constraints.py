@@ -200,3 +200,21 @@ def test_a_constraint_refuses_settings_that_forbid_ending(extra) -> None:
     )
     with pytest.raises(RequestError, match="constraint"):
         req.sampling(4, None)
+
+
+LLAMA = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_llama3_json_calls_parse_for_offered_tools_only(size) -> None:
+    names = frozenset({"get_weather"})
+    content, calls = parse_tool_calls(LLAMA, names)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert parse_tool_calls(LLAMA, frozenset({"other"})) == (LLAMA, [])
+    assert parse_tool_calls(LLAMA) == (LLAMA, [])  # without tools it is only text
+    splitter = StreamSplitter(names)
+    streamed = "".join(splitter.feed(LLAMA[i : i + size]) for i in range(0, len(LLAMA), size))
+    rest, calls = splitter.finish()
+    assert streamed == "" and rest == "" and calls[0]["function"]["name"] == "get_weather"
+    answer = StreamSplitter(names)  # plain text streams as it comes, even with tools
+    assert answer.feed("Sunny ") == "Sunny " and answer.feed('{"name": "get_weather"}') != ""

@@ -21,8 +21,10 @@ before sampling, for the constrained rows of the batch only.
   model's EOS ids, so the request ends on EOS and the scheduler reports "stop". A matcher
   that errs (a token it refused, or llguidance's per-step fuel limit) allows only EOS too.
 
-The vocabulary (llguidance's ``LLTokenizer``, ~1 s to build) is built on first use from
-the model's own tokenizer and kept.
+The vocabulary (llguidance's ``LLTokenizer`` over the model's own tokenizer; a few
+seconds on a small CPU, mostly reading the GGUF) is built once, in a background thread
+started with the executor (``warm_up``), so that the first constrained request does not
+stall the step loop for it; a request that comes sooner waits for it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ class Grammars:
         self._eos_ids: tuple[int, ...] = ()
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Build the vocabulary in a daemon thread (models without a tokenizer: nothing)."""
+        if self.source.kind == "random":
+            return
+
+        def build() -> None:
+            try:
+                self._vocabulary()
+            except Exception:  # logged; the first constrained request raises it again
+                logger.exception("could not build the vocabulary for constraints")
+
+        threading.Thread(target=build, name="grammar-vocabulary", daemon=True).start()
+
     def _vocabulary(self):
         with self._lock:
             if self._tokenizer is None:
@@ -81,10 +96,11 @@ class Grammars:
 
         try:
             grammar = _grammar(constraint)
+            vocabulary = self._vocabulary()
         except ConstraintError as e:  # the gateway checks first; an offline caller may not
             logger.warning("constraint refused, the request may only end: %s", e)
             return _Refused()
-        matcher = llguidance.LLMatcher(self._vocabulary(), grammar, log_level=0)
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
         if matcher.is_error():
             logger.warning("constraint failed to compile: %s", matcher.get_error())
         if output_token_ids and not matcher.consume_tokens(list(output_token_ids)):

@@ -211,6 +211,8 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.grammars = Grammars(self.source, mc.vocab_size)
+        if self.group.rank == 0:  # the rank that samples, and so masks
+            self.grammars.warm_up()
         self.block_size = config.block_size
         self.num_blocks = self.group.min_int(self._size_kv_pool())  # the smallest rank's
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)

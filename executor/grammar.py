@@ -49,12 +49,14 @@ def _grammar(constraint: Constraint) -> str:
 class Grammars:
     """Matchers for one model's vocabulary; ``vocab_size``: the logits' width."""
 
-    def __init__(self, source: ModelSource, vocab_size: int) -> None:
+    def __init__(
+        self, source: ModelSource, vocab_size: int, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
         self.source = source
         self.vocab_size = vocab_size
         self.num_words = (vocab_size + 31) // 32
         self._tokenizer = None
-        self._eos_ids: tuple[int, ...] = ()
+        self._eos_ids: tuple[int, ...] = eos_token_ids  # the tokenizer's, once it is read
         self._lock = threading.Lock()
 
     def warm_up(self) -> None:
@@ -82,7 +84,7 @@ class Grammars:
                     raise ConstraintError(
                         f"model {self.source.name!r} has no tokenizer, so no constraint"
                     )
-                self._eos_ids = tokenizer.eos_token_ids
+                self._eos_ids = tokenizer.eos_token_ids or self._eos_ids
                 self._tokenizer = llguidance.LLTokenizer(
                     tokenizer.backend.to_str(),
                     n_vocab=self.vocab_size,
@@ -127,6 +129,9 @@ class Grammars:
         return out
 
     def _allow_only_eos(self, row: np.ndarray) -> None:
+        if not any(eos < self.vocab_size for eos in self._eos_ids):
+            row[:] = -1  # no EOS to end on: a row of -inf logits would sample garbage
+            return
         view = row.view(np.uint32)
         for eos in self._eos_ids:
             if eos < self.vocab_size:

@@ -210,7 +210,7 @@ class ModelRunner:
             group=self.group,
         )
         self.sampler = Sampler()
-        self.grammars = Grammars(self.source, mc.vocab_size)
+        self.grammars = Grammars(self.source, mc.vocab_size, tuple(mc.eos_token_ids))
         if self.group.rank == 0:  # the rank that samples, and so masks
             self.grammars.warm_up()
         self.block_size = config.block_size

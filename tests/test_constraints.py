@@ -218,3 +218,21 @@ def test_llama3_json_calls_parse_for_offered_tools_only(size) -> None:
     assert streamed == "" and rest == "" and calls[0]["function"]["name"] == "get_weather"
     answer = StreamSplitter(names)  # plain text streams as it comes, even with tools
     assert answer.feed("Sunny ") == "Sunny " and answer.feed('{"name": "get_weather"}') != ""
+
+
+def test_every_grpc_constraint_becomes_the_same_constraint() -> None:
+    from tessera.proto.tessera.v1 import generate_pb2 as pb
+    from tessera.services.gateway import _sampling_params
+
+    for c in KINDS:
+        sampling = pb.SamplingParameters()
+        if c.kind == "json_object":
+            sampling.json_object = True
+        elif c.kind == "choice":
+            sampling.choice.choices.extend(json.loads(c.spec))
+        else:
+            setattr(sampling, c.kind, c.spec)
+        assert _sampling_params(sampling).constraint == c
+    assert _sampling_params(pb.SamplingParameters()).constraint is None
+    with pytest.raises(RequestError, match="choice"):
+        _sampling_params(pb.SamplingParameters(choice=pb.Choices()))

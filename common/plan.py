@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tessera.common.constraints import Constraint
+
 MAX_CACHE_SALT_BYTES = 256
 
 
@@ -71,6 +73,8 @@ class SamplingOptions:
     min_tokens: int = 0
     min_tokens_blocked_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Structured output: the output must match this (executor/grammar.py); None: free.
+    constraint: Constraint | None = None
 
     @property
     def is_greedy(self) -> bool:

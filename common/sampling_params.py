@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tessera.common.constraints import Constraint
 from tessera.common.plan import SamplingOptions
 from tessera.common.sampling_fields import ENGINE, MAX_LOGPROBS, check_all
 
@@ -31,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each token
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # Structured output (common/constraints.py): checked by the caller's edge, off its
+    # thread (common.constraints.check), since a compile may take up to its time limit.
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +63,16 @@ class SamplingParams:
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
             ),
+            (
+                self.constraint is None or isinstance(self.constraint, Constraint),
+                "constraint must be a tessera.common.constraints.Constraint",
+            ),
+            # A complete constrained output may only end (its mask allows EOS alone).
+            (
+                self.constraint is None or not (self.ignore_eos or self.min_tokens),
+                "ignore_eos and min_tokens cannot be combined with a constraint "
+                "(structured output), which ends the output once it is complete",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,4 +94,5 @@ class SamplingParams:
             **engine,
             min_tokens_blocked_ids=blocked if self.min_tokens else (),
             logit_bias=tuple(sorted((self.logit_bias or {}).items())),
+            constraint=self.constraint,
         )

@@ -18,12 +18,14 @@ type, imported only by ``stop_from_pb``, which only the scheduler calls.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from tessera.common.constraints import Constraint
 from tessera.common.plan import (
     CachedRequestData,
     NewRequestData,
@@ -84,7 +86,34 @@ def sampling_to_pb(options: SamplingOptions) -> engine_pb2.SamplingOptions:
         value = getattr(options, spec.name)
         if value is not None:
             setattr(pb, spec.name, value)
+    if options.constraint is not None:
+        constraint_to_pb(options.constraint, pb.constraint)
     return pb
+
+
+def constraint_to_pb(constraint: Constraint, pb) -> None:
+    """Fill ``pb`` (engine Constraint, or any message with the same oneof) from it."""
+    if constraint.kind == "json_object":
+        pb.json_object = True
+    elif constraint.kind == "choice":
+        pb.choice.choices.extend(json.loads(constraint.spec))
+    else:
+        setattr(pb, constraint.kind, constraint.spec)
+
+
+def constraint_from_pb(pb, oneof: str = "kind") -> Constraint | None:
+    """The Constraint a message's oneof holds; None if unset. WireError if malformed."""
+    kind = pb.WhichOneof(oneof)
+    if kind is None:
+        return None
+    try:
+        if kind == "json_object":
+            return Constraint("json_object") if pb.json_object else None
+        if kind == "choice":
+            return Constraint.choice(list(pb.choice.choices))
+        return Constraint(kind, getattr(pb, kind))
+    except ValueError as e:
+        raise WireError(f"constraint: {e}") from e
 
 
 def sampling_from_pb(pb: engine_pb2.SamplingOptions) -> SamplingOptions:
@@ -103,6 +132,7 @@ def sampling_from_pb(pb: engine_pb2.SamplingOptions) -> SamplingOptions:
         scalars[spec.name] = value
     return SamplingOptions(
         **scalars,
+        constraint=constraint_from_pb(pb.constraint) if pb.HasField("constraint") else None,
         min_tokens_blocked_ids=tuple(pb.min_tokens_blocked_ids),
         logit_bias=tuple(
             (token, _decimal(bias))

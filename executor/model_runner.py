@@ -34,6 +34,7 @@ from tessera.common.plan import SamplingOptions, StepPlan, StepResult
 from tessera.common.registry import resolve_model
 from tessera.executor import cpu_attention
 from tessera.executor.attention import TorchAttentionBackend
+from tessera.executor.grammar import Grammars
 from tessera.executor.models import model_class
 from tessera.executor.parallel import (
     TensorShard,
@@ -69,6 +70,8 @@ class _RequestState:
     # Tokens sampled by submitted, uncollected steps, in order: (step, row of its
     # sampled ids). They follow output_token_ids; collect() moves them there.
     pending: deque[tuple[Step, int]] = field(default_factory=deque)
+    # The constrained request's grammar state (executor.grammar), advanced per token.
+    grammar: object | None = None
 
     def add_blocks(self, block_ids: list[int]) -> None:
         start = len(self.block_ids)
@@ -207,6 +210,9 @@ class ModelRunner:
             group=self.group,
         )
         self.sampler = Sampler()
+        self.grammars = Grammars(self.source, mc.vocab_size, tuple(mc.eos_token_ids))
+        if self.group.rank == 0:  # the rank that samples, and so masks
+            self.grammars.warm_up()
         self.block_size = config.block_size
         self.num_blocks = self.group.min_int(self._size_kv_pool())  # the smallest rank's
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
@@ -366,6 +372,8 @@ class ModelRunner:
             done, _ = state.pending.popleft()
             assert done is step, "steps collected out of order"
             state.output_token_ids.append(token)
+            if state.grammar is not None:
+                Grammars.advance(state.grammar, token)
             result.sampled_token_ids[request_id] = token
             if lp is not None:
                 result.logprobs[request_id] = lp
@@ -373,11 +381,12 @@ class ModelRunner:
         step.result = result
 
     def _collect_pending_for_penalties(self, plan: StepPlan) -> None:
-        """Penalties count a request's outputs on the host: collect the steps whose
-        tokens such a request still waits for (rare: penalties and a pipelined loop)."""
+        """Penalties count a request's outputs on the host, and a grammar needs the last
+        token for its next mask (executor/grammar.py): collect the steps whose tokens such
+        a request still waits for (correct, not overlapped)."""
         for request_id in plan.num_scheduled_tokens:
             state = self.requests[request_id]
-            if state.pending and state.sampling.has_penalty:
+            if state.pending and (state.sampling.has_penalty or state.grammar is not None):
                 self.collect(state.pending[-1][0])
 
     def _run_lists(self, plan: StepPlan, step: Step) -> None:
@@ -389,6 +398,7 @@ class ModelRunner:
             return
         states = [self.requests[r] for r in sample_ids]
         if self.group.rank == 0:
+            self._apply_grammars(logits, states)
             batch = SamplingBatch(
                 options=[s.sampling for s in states],
                 prompt_token_ids=[s.prompt_token_ids for s in states],
@@ -401,6 +411,8 @@ class ModelRunner:
             tokens = self.group.broadcast(torch.tensor(tokens, dtype=torch.int64)).tolist()
         for request_id, state, token, lp in zip(sample_ids, states, tokens, logprobs, strict=True):
             state.output_token_ids.append(token)
+            if state.grammar is not None:
+                Grammars.advance(state.grammar, token)
             result.sampled_token_ids[request_id] = token
             if lp is not None:
                 result.logprobs[request_id] = lp
@@ -419,6 +431,7 @@ class ModelRunner:
             step.tokens = torch.empty(len(states), dtype=torch.int64, device=self.device)
             self.group.broadcast(step.tokens)
             return None
+        self._apply_grammars(logits, states)
         options = [s.sampling for s in states]
         params = sampling_tensors(
             options,
@@ -435,6 +448,21 @@ class ModelRunner:
         self.group.broadcast(step.tokens)
         # log_softmax of logprobs is the same logprobs: logprob_tensors takes either.
         return logprob_tensors(logprobs, step.tokens, step.wanted)
+
+    def _apply_grammars(self, logits: torch.Tensor, states: list[_RequestState]) -> None:
+        """Forbid, in the rows of constrained requests, the tokens their grammar forbids
+        (logits: [B, V], in place; the Triton kernel on the device, torch on the CPU)."""
+        rows = [i for i, s in enumerate(states) if s.grammar is not None]
+        if not rows:
+            return
+        bitmask = self.grammars.bitmask([states[i].grammar for i in rows])  # [R, W] int32
+        row_ids = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        words = to_device(bitmask, self.device)
+        from tessera.kernels.bitmask import apply_token_bitmask_, apply_token_bitmask_ref_
+
+        apply = apply_token_bitmask_ if self.use_triton else apply_token_bitmask_ref_
+        with torch.inference_mode():  # the logits are inference tensors, changed in place
+            apply(logits, words, row_ids)
 
     def _scheduled(self, plan: StepPlan):
         """(request id, state, start, end) of every scheduled request, checked and advanced.
@@ -575,6 +603,11 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens,
             )
             state.add_blocks(list(new.block_ids))
+            if new.sampling.constraint is not None and self.group.rank == 0:
+                # a replay after a preemption or a restart: the outputs so far
+                state.grammar = self.grammars.start(
+                    new.sampling.constraint, state.output_token_ids
+                )
             self.requests[new.request_id] = state
         for cached in plan.cached_requests:
             self.requests[cached.request_id].add_blocks(cached.new_block_ids)

@@ -39,6 +39,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tessera.common import constraints
+from tessera.common.constraints import Constraint
 from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
 from tessera.common.request_fields import chat_role
 from tessera.common.sampling_params import SamplingParams
@@ -93,6 +95,9 @@ class TextPrompt:
 class ChatPrompt:
     messages: tuple[tuple[str, str], ...]  # (role, content) turns
     add_generation_prompt: bool = True
+    tools_json: str = ""  # tools for the template, OpenAI's JSON list; "": none
+    # (tool_calls_json, tool_call_id) of each turn, aligned with messages; (): none has any
+    tool_fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,6 +192,15 @@ def sampling_params(defaults: Mapping[str, Any] | None = None, **kwargs: Any) ->
         raise RequestError(ErrorKind.INVALID, str(e), param if param in kwargs else None) from e
 
 
+async def check_constraint(constraint: Constraint) -> None:
+    """RequestError (INVALID) unless the constraint compiles within the limits of
+    common/constraints.py; the compile runs off the event loop."""
+    try:
+        await asyncio.to_thread(constraints.check, constraint)
+    except constraints.ConstraintError as e:
+        raise RequestError(ErrorKind.INVALID, str(e), "constraint") from None
+
+
 def chat_prompt(prompt: ChatPrompt) -> ChatPrompt:
     """The chat with each role checked and named as the template takes it
     (common.request_fields), the same for either front; RequestError naming the turn."""
@@ -244,9 +258,11 @@ class ServingCore:
             check_cache_salt(request.cache_salt)
         except ValueError as e:
             raise RequestError(ErrorKind.INVALID, str(e), "cache_salt") from None
+        params = request.params
+        if params.constraint is not None:
+            await check_constraint(params.constraint)
         self._admit(rid, request.model)
         self._open[rid] = []  # holds the slot while the prompt is tokenized
-        params = request.params
         try:
             prompt = await self._prompt_ids(request.prompt, params)
             self._check(prompt, params)
@@ -307,9 +323,13 @@ class ServingCore:
         tokenizers = self._tokenizers()
         try:
             if isinstance(prompt, ChatPrompt):
+                turns = [{"role": r, "content": c} for r, c in prompt.messages]
+                for turn, (calls, call_id) in zip(turns, prompt.tool_fields, strict=False):
+                    turn.update(tool_calls_json=calls, tool_call_id=call_id)
                 result = await tokenizers.tokenize_chat(
-                    [{"role": r, "content": c} for r, c in prompt.messages],
+                    turns,
                     add_generation_prompt=prompt.add_generation_prompt,
+                    tools_json=prompt.tools_json,
                 )
                 return result.token_ids, result.text
             ids = await tokenizers.tokenize_text(prompt.text, add_special_tokens)

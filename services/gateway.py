@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tessera.common.constraints import Constraint
 from tessera.common.curve import check_link, check_pair, client_keys
 from tessera.common.generation_config import GENERATION_CONFIG_CHOICES, default_sampling
 from tessera.common.plan import TokenLogprobs
@@ -47,6 +48,7 @@ from tessera.common.process import exit_with_parent, install_uvloop, process_age
 from tessera.common.registry import resolve_model
 from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
+from tessera.common.wire import constraint_from_pb
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
 from tessera.services.core import (
@@ -371,7 +373,15 @@ def _sampling_params(
         stop=list(s.stop),
         stop_token_ids=list(s.stop_token_ids),
         skip_special_tokens=not s.include_special_tokens,
+        constraint=_constraint(s),
     )
+
+
+def _constraint(s: generate_pb2.SamplingParameters) -> Constraint | None:
+    try:
+        return constraint_from_pb(s, "constraint")
+    except ValueError as e:
+        raise RequestError(ErrorKind.INVALID, str(e), "constraint") from None
 
 
 def _response_pb(rid: str, d: Delta) -> generate_pb2.GenerateResponse:

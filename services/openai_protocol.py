@@ -13,10 +13,12 @@ client sends ``extra_body``.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tessera.common.constraints import Constraint
 from tessera.common.plan import TokenLogprobs
 from tessera.common.sampling_fields import PUBLIC
 from tessera.common.sampling_params import SamplingParams
@@ -28,6 +30,19 @@ from tessera.services.core import (
     TextPrompt,
     TokenPrompt,
     sampling_params,
+)
+from tessera.services.openai_structured import (
+    ResponseFormat,
+    StructuredOutputs,
+    constraint_of,
+)
+from tessera.services.openai_tools import (
+    Tool,
+    ToolCall,
+    ToolChoice,
+    offered_tools,
+    tool_constraint,
+    tools_json,
 )
 from tessera.tokenizer_svc.tokenizer import Tokenizer
 
@@ -80,6 +95,12 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     cache_salt: str | None = None  # the tenant's prefix-cache namespace (generate.proto)
+    # structured output (services/openai_structured.py)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra body
+
+    def constraint(self) -> Constraint | None:
+        return constraint_of(self.response_format, self.structured_outputs)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None,
                  defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -95,7 +116,10 @@ class _SamplingFields(_Strict):
         }
         if self.logit_bias:
             kwargs["logit_bias"] = _logit_bias(self.logit_bias)
-        return sampling_params(defaults, **kwargs, max_tokens=max_tokens, logprobs=logprobs)
+        return sampling_params(
+            defaults, **kwargs, max_tokens=max_tokens, logprobs=logprobs,
+            constraint=self.constraint(),
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -150,6 +174,12 @@ class ChatMessage(_Strict):
     role: str  # checked by the core, as on gRPC (common.request_fields.chat_role)
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted; the chat template does not show names
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls (services/openai_tools.py)
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
+
+    def tool_fields(self) -> tuple[str, str]:
+        calls = json.dumps([c.model_dump() for c in self.tool_calls]) if self.tool_calls else ""
+        return calls, self.tool_call_id or ""
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -176,6 +206,26 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # engine extra: False continues the last turn
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # default true, as OpenAI's
+
+    def offered_tools(self) -> list[Tool]:
+        return offered_tools(self.tools, self.tool_choice)
+
+    def constraint(self) -> Constraint | None:
+        forced = tool_constraint(
+            self.offered_tools(), self.tool_choice, self.parallel_tool_calls is not False
+        )
+        structured = super().constraint()
+        if forced is not None and structured is not None:
+            raise RequestError(
+                ErrorKind.INVALID,
+                "tool_choice required or a named function cannot be combined with "
+                "response_format or structured_outputs",
+                "tool_choice",
+            )
+        return forced or structured
 
     def to_generation(self, request_id: str, defaults: dict[str, Any] | None = None
                       ) -> list[GenerationRequest]:
@@ -190,7 +240,13 @@ class ChatCompletionRequest(_SamplingFields):
         params = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
                                defaults)
         turns = tuple((m.role, m.text(i)) for i, m in enumerate(self.messages))
-        prompt = ChatPrompt(turns, add_generation_prompt=self.add_generation_prompt)
+        fields = tuple(m.tool_fields() for m in self.messages)
+        prompt = ChatPrompt(
+            turns,
+            add_generation_prompt=self.add_generation_prompt,
+            tools_json=tools_json(self.offered_tools()),
+            tool_fields=fields if any(any(f) for f in fields) else (),
+        )
         return [
             GenerationRequest(
                 prompt, params, request_id, self.model, self.priority or 0, self.cache_salt or ""

@@ -36,6 +36,7 @@ from tessera.services.openai_protocol import (
     error_body,
     usage_body,
 )
+from tessera.services.openai_tools import StreamSplitter, parse_tool_calls
 
 if TYPE_CHECKING:
     from tessera.services.openai_api import OpenAIFront
@@ -153,16 +154,27 @@ class ChatFormat(Format):
     def __init__(self, front: OpenAIFront, body: ChatCompletionRequest, rid: str) -> None:
         super().__init__(front, body, rid)
         self.logprobs = bool(body.logprobs)
+        # With tools offered, <tool_call> blocks become tool_calls (services/openai_tools.py).
+        self.tool_names = frozenset(t.function.name for t in body.offered_tools())
+        self.tools = bool(self.tool_names)
+        self.splitters: dict[int, StreamSplitter] = {}
 
     def _logprobs(self, lps: list[TokenLogprobs]) -> dict[str, Any] | None:
         return {"content": chat_logprobs(lps, self.front.speller)} if self.logprobs else None
 
     def choice(self, index: int, c: Choice) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
+        finish_reason = c.finish_reason
+        if self.tools:
+            content, calls = parse_tool_calls(message["content"], self.tool_names)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {
             "index": index,
-            "message": {"role": "assistant", "content": "".join(c.text)},
+            "message": message,
             "logprobs": self._logprobs(c.logprobs),
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
         }
 
     def opening(self) -> list[str]:
@@ -174,13 +186,26 @@ class ChatFormat(Format):
 
     def delta_chunks(self, index: int, d: Delta) -> list[str]:
         out = []
-        if d.text or d.logprobs:
-            out.append(self.chunk([{"index": index, "delta": {"content": d.text or ""},
+        text, finish_reason = d.text or "", d.finish_reason
+        calls: list[dict[str, Any]] = []
+        if self.tools:
+            splitter = self.splitters.setdefault(index, StreamSplitter(self.tool_names))
+            text = splitter.feed(text)
+            if finish_reason:
+                rest, calls = splitter.finish()
+                text += rest
+        if text or d.logprobs:
+            out.append(self.chunk([{"index": index, "delta": {"content": text},
                                     "logprobs": self._logprobs(d.logprobs),
                                     "finish_reason": None}]))
-        if d.finish_reason:
+        for i, call in enumerate(calls):  # OpenAI's shape: index, id, type, function
+            out.append(self.chunk([{"index": index, "delta": {"tool_calls": [{"index": i, **call}]},
+                                    "logprobs": None, "finish_reason": None}]))
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        if finish_reason:
             out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None,
-                                    "finish_reason": d.finish_reason}]))
+                                    "finish_reason": finish_reason}]))
         return out
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from tessera.common import constraints
 from tessera.common.executor_config import ExecutorConfig
 from tessera.common.sampling_params import SamplingParams
 from tessera.engine import Engine, SequenceState
@@ -226,10 +227,13 @@ class LLM:
         if sp is None:
             return [SamplingParams()] * n
         if isinstance(sp, SamplingParams):
-            return [sp] * n
+            sp = [sp] * n
         sp = list(sp)
         if len(sp) != n:
             raise ValueError(f"{len(sp)} sampling params for {n} prompts")
+        for p in sp:
+            if p.constraint is not None:
+                constraints.check(p.constraint)  # ConstraintError, a ValueError, if bad
         return sp
 
     def _encode(self, prompt: Prompt) -> list[int]:

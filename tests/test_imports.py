@@ -30,7 +30,8 @@ BELOW = {
     "proto": set(),
     "common": {"proto"},
     "kernels": {"common", "proto"},
-    "executor": {"kernels", "common", "proto"},
+    # tokenizer_svc: a constrained request's grammar needs the vocabulary (executor/grammar.py)
+    "executor": {"kernels", "tokenizer_svc", "common", "proto"},
     "scheduler": {"executor", "kernels", "common", "proto"},
     "tokenizer_svc": {"common", "proto"},
     "services": {"tokenizer_svc", "scheduler", "executor", "kernels", "common", "proto"},

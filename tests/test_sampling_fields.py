@@ -90,3 +90,18 @@ def test_edge_values_pass_every_layer_and_survive_the_wire():
     assert back.min_tokens_blocked_ids == (2,)
     unset = sampling_from_pb(sampling_to_pb(SamplingOptions()))
     assert unset.seed is None and unset.logprobs is None
+
+
+def test_constraint_kinds_are_the_same_on_every_layer():
+    """The constraint kinds (common/constraints.py KINDS) are the members of the public
+    oneof, of the engine's Constraint oneof, and of vLLM's structured_outputs body (where
+    json_schema is spelled json)."""
+    from tessera.common.constraints import KINDS
+    from tessera.services.openai_structured import StructuredOutputs
+
+    public = generate_pb2.SamplingParameters.DESCRIPTOR.oneofs_by_name["constraint"]
+    engine = engine_pb2.Constraint.DESCRIPTOR.oneofs_by_name["kind"]
+    assert [f.name for f in public.fields] == list(KINDS)
+    assert [f.name for f in engine.fields] == list(KINDS)
+    body = {f.alias or name for name, f in StructuredOutputs.model_fields.items()}
+    assert body == {"json" if k == "json_schema" else k for k in KINDS}

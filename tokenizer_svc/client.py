@@ -108,10 +108,13 @@ class TokenizerClient:
         return result.token_ids
 
     async def tokenize_chat(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        tools_json: str = "",
     ) -> Tokenized:
         """The chat rendered with the model's template, and its token ids (no extra BOS)."""
-        chat = ChatInput.from_messages(messages, add_generation_prompt)
+        chat = ChatInput.from_messages(messages, add_generation_prompt, tools_json)
         (result,) = await self.tokenize([chat])
         return result
 
@@ -225,8 +228,17 @@ def _input_to_pb(index: int, item: TextInput | ChatInput) -> tokenizer_pb2.Token
         _check_text(f"inputs[{index}].messages[{turn}].role", m.role)
         _check_text(f"inputs[{index}].messages[{turn}].content", m.content)
     chat = generate_pb2.ChatMessages(
-        messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in item.messages],
+        messages=[
+            generate_pb2.ChatMessage(
+                role=m.role,
+                content=m.content,
+                tool_calls_json=m.tool_calls_json,
+                tool_call_id=m.tool_call_id,
+            )
+            for m in item.messages
+        ],
         add_generation_prompt=item.add_generation_prompt,
+        tools_json=item.tools_json,
     )
     return tokenizer_pb2.TokenizeInput(chat=chat, add_special_tokens=item.add_special_tokens)
 

@@ -34,8 +34,9 @@ from tessera.common.process import exit_with_parent, install_uvloop, process_age
 from tessera.common.registry import DEFAULT_MODEL, resolve_model
 from tessera.proto.guard import DecodeGuard
 from tessera.proto.tessera.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tessera.tokenizer_svc.chat_template import ChatTemplateError, read_chat_template
+from tessera.tokenizer_svc.chat_template import read_chat_template
 from tessera.tokenizer_svc.tokenizer import Tokenizer
+from tessera.tokenizer_svc.tool_prompt import tool_messages
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class TextInput:
 class ChatTurn:
     role: str  # "system", "user", "assistant" or "tool"
     content: str
+    tool_calls_json: str = ""  # an assistant turn's calls, OpenAI's JSON list
+    tool_call_id: str = ""  # a tool turn: the call it answers
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,12 +78,16 @@ class ChatInput:
     add_generation_prompt: bool = True
     # The template writes its own BOS; True adds the model's special tokens, never a second BOS.
     add_special_tokens: bool = False
+    tools_json: str = ""  # the tools offered, OpenAI's JSON list (tokenizer_svc/tool_prompt.py)
 
     @staticmethod
     def from_messages(
-        messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        tools_json: str = "",
     ) -> ChatInput:
-        """From OpenAI-style dicts; only "role" and "content" (both text) cross the wire."""
+        """From OpenAI-style dicts: "role" and "content" (both text) cross the wire, and
+        "tool_calls_json" and "tool_call_id" where a turn has them."""
         turns = []
         for index, message in enumerate(messages):
             if not isinstance(message, Mapping):
@@ -88,11 +95,11 @@ class ChatInput:
                     f"messages[{index}] must be a dict with 'role' and 'content', "
                     f"got {type(message).__name__}"
                 )
-            extra = sorted(set(message) - {"role", "content"})
+            extra = sorted(set(message) - {"role", "content", *_TOOL_KEYS})
             if extra:
                 raise TokenizerInputError(
                     f"messages[{index}] has keys {extra}; the tokenizer service takes only "
-                    "'role' and 'content'"
+                    "'role' and 'content' (and 'tool_calls_json', 'tool_call_id')"
                 )
             role, content = message.get("role"), message.get("content")
             if not isinstance(role, str) or not isinstance(content, str):
@@ -100,8 +107,12 @@ class ChatInput:
                     f"messages[{index}] needs 'role' and 'content' as text, got "
                     f"role={role!r}, content of type {type(content).__name__}"
                 )
-            turns.append(ChatTurn(role, content))
-        return ChatInput(tuple(turns), add_generation_prompt)
+            tools = {key: str(message.get(key) or "") for key in _TOOL_KEYS}
+            turns.append(ChatTurn(role, content, **tools))
+        return ChatInput(tuple(turns), add_generation_prompt, tools_json=tools_json)
+
+
+_TOOL_KEYS = ("tool_calls_json", "tool_call_id")
 
 
 class Tokenized(NamedTuple):
@@ -178,10 +189,10 @@ def _render(tokenizer: Tokenizer, index: int, item: TextInput | ChatInput) -> st
     for turn, message in enumerate(item.messages):
         if not message.role:
             raise TokenizerInputError(f"inputs[{index}]: messages[{turn}] has an empty role")
-    messages = [{"role": m.role, "content": m.content} for m in item.messages]
     try:
-        return tokenizer.apply_chat_template(messages, item.add_generation_prompt)
-    except ChatTemplateError as exc:
+        messages, tools = tool_messages(item.messages, item.tools_json, tokenizer.chat_template)
+        return tokenizer.apply_chat_template(messages, item.add_generation_prompt, tools=tools)
+    except ValueError as exc:  # ChatTemplateError, or tools that are not JSON
         raise TokenizerInputError(f"inputs[{index}]: {exc}") from exc
 
 
@@ -199,7 +210,11 @@ def inputs_from_pb(request: tokenizer_pb2.TokenizeBatchRequest) -> list[TextInpu
             chat = item.chat
             inputs.append(
                 ChatInput(
-                    messages=tuple(ChatTurn(m.role, m.content) for m in chat.messages),
+                    messages=tuple(
+                        ChatTurn(m.role, m.content, m.tool_calls_json, m.tool_call_id)
+                        for m in chat.messages
+                    ),
+                    tools_json=chat.tools_json,
                     add_generation_prompt=(
                         chat.add_generation_prompt
                         if chat.HasField("add_generation_prompt")

@@ -76,9 +76,10 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PACK = 8  # 4-bit codes per int32 word
 SYMMETRIC_ZERO = 8  # the implied zero point when a checkpoint stores none
 # From this many rows up, dequantize W and let torch (cuBLAS) multiply. H200, 2026-12-05,
-# benchmarks/w4a16.py on the 8B layer shapes: dequantize + mm was faster than this kernel
-# on every shape from M = 64 on (qkv 35 vs 48 us, down 83 vs 108 us at M = 64; 0.90-0.94
-# of bf16 at M = 4096), the kernel faster at M = 16 (qkv 27 vs 34 us).
+# benchmarks/w4a16.py --sweep on the 8B layer shapes with the tiles of TUNED: the kernel
+# wins at 1 row (0.52-0.71x of bf16's time) and at 16 rows against dequantize + mm; at
+# 64 rows it wins on gate_up and down and loses on qkv and o; dequantize + mm wins on
+# every shape from 128 rows (0.93-0.94 of bf16 at 4096).
 DEQUANT_MIN_M = 64
 
 
@@ -446,10 +447,28 @@ def _check_weight(
     return k, n, group
 
 
-# Tiles measured fastest on an H200 by ``benchmarks/w4a16.py --sweep`` for Llama-3.1-8B's
-# layers (group 128), keyed by (rows bucket, K, N); other shapes take the heuristic. Empty
-# until such a run: paste the ``TUNED`` table it prints.
-TUNED: dict[tuple[int, int, int], W4Config] = {}
+# Tiles measured fastest on an H200 by ``benchmarks/w4a16.py --sweep 70`` (2026-12-05,
+# results/w4a16_h200.json) for Llama-3.1-8B's layers (group 128), keyed by (rows bucket,
+# K, N); other shapes take the heuristic. Buckets from DEQUANT_MIN_M up are not kept:
+# dequantize + mm runs there.
+TUNED: dict[tuple[int, int, int], W4Config] = {
+    (1, 4096, 4096): W4Config(1, 128, 128, fixup=True),
+    (1, 4096, 6144): W4Config(1, 128, 128, fixup=True),
+    (1, 4096, 28672): W4Config(1, 64, 128, num_warps=2, programs_per_sm=16),
+    (1, 14336, 4096): W4Config(1, 128, 128, fixup=True),
+    (16, 4096, 4096): W4Config(16, 128, 128, programs_per_sm=2),
+    (16, 4096, 6144): W4Config(16, 128, 128),
+    (16, 4096, 28672): W4Config(16, 128, 128),
+    (16, 14336, 4096): W4Config(16, 128, 128),
+    (32, 4096, 4096): W4Config(32, 64, 64, num_stages=4),
+    (32, 4096, 6144): W4Config(32, 64, 64, num_stages=4),
+    (32, 4096, 28672): W4Config(32, 64, 64, num_stages=4),
+    (32, 14336, 4096): W4Config(32, 64, 64, num_stages=4),
+    (64, 4096, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 4096, 6144): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 4096, 28672): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 14336, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
+}  # fmt: skip
 
 
 def rows_bucket(m: int) -> int:

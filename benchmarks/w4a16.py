@@ -18,7 +18,12 @@ Decode step at batch 1, 16, 64 (``random:llama-3.1-8b``, bf16 activations, ``--c
 tokens of KV): ``ModelRunner.execute`` of one decode step, bf16 weights against 4-bit
 (``quantization="gptq"``), with the KV pool each gets at the same memory utilization.
 
-    python benchmarks/w4a16.py --json benchmarks/results/w4a16_h200.json
+``--sweep SECONDS`` first times candidate tile configs of the fused kernel (each result
+checked against float32; the in-kernel split-K fixup against the second sum kernel), puts
+the fastest of each shape and row count into ``w4a16.TUNED`` for the rest of the run,
+and prints that table and the row counts at which dequantize + mm won on every shape.
+
+    python benchmarks/w4a16.py --sweep 120 --json benchmarks/results/w4a16_h200.json
     python benchmarks/w4a16.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
 """
 
@@ -203,6 +208,128 @@ def bench_decode(model: str, batches: list[int], context: int, steps: int, devic
     return results
 
 
+def _sweep_configs(m: int) -> list:
+    """Candidate tiles of the fused kernel at ``m`` rows (benchmarks the heuristic's table)."""
+    from tessera.kernels.w4a16 import W4Config
+
+    if m == 1:
+        return [W4Config(1, bn, 128, 0, w, 3, programs_per_sm=p)
+                for bn in (64, 128, 256) for w in (2, 4, 8) for p in (4, 8, 16)] + [
+                W4Config(1, 128, 64, 0, 4, 3, programs_per_sm=8)]  # fmt: skip
+    if m <= 64:
+        bm = max(16, m)
+        return [W4Config(bm, bn, 128, 0, 4, st, programs_per_sm=p)
+                for bn in (64, 128) for st in (3, 4) for p in (2, 4)] + [
+                W4Config(bm, 64, 64, 0, 4, 4), W4Config(bm, 64, 128, 0, 4, 4, planes=False)
+                ]  # fmt: skip
+    return [W4Config(64, 128, 128, s, w, 3, programs_per_sm=p)
+            for w in (4, 8) for s, p in ((1, 1), (0, 2))]  # fmt: skip
+
+
+def _sweep_weights(k: int, n: int, device, gen):
+    import torch
+
+    from tessera.kernels.w4a16 import dequantize_w4
+
+    group = 128 if k % 128 == 0 else 32
+    copies = max(2, -(-(256 << 20) // (k * n // 2))) if device.type == "cuda" else 1
+    qweights = [
+        torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, device=device,
+                      dtype=torch.int32)
+        for _ in range(copies)
+    ]  # fmt: skip
+    scales = torch.full((k // group, n), 0.02 / 4.6, dtype=torch.float16, device=device)
+    ref_w = dequantize_w4(qweights[0], scales, None, None, group, dtype=torch.float32)
+    return qweights, scales, group, ref_w
+
+
+def _sweep_one(weights, m: int, device, iters: int, deadline: float, gen):
+    """Every candidate config at ``m`` rows of one shape, then dequantize + mm."""
+    import dataclasses
+
+    import torch
+
+    from tessera.kernels.w4a16 import default_config, dequantize_w4, w4a16_matmul
+
+    qweights, scales, group, ref_w = weights
+    k, n = ref_w.shape
+    state = {"i": 0}
+
+    def fused(x, config):
+        state["i"] = (state["i"] + 1) % len(qweights)
+        return w4a16_matmul(x, qweights[state["i"]], scales, None, None, group, config=config,
+                            dequant_min_m=None)  # fmt: skip
+
+    def dequant_mm(x):
+        state["i"] = (state["i"] + 1) % len(qweights)
+        return x @ dequantize_w4(qweights[state["i"]], scales, None, None, group, dtype=x.dtype)
+
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+    ref = x.float() @ ref_w
+    base = default_config(m, n, k, group, device)
+    for config in _sweep_configs(m) + [base, dataclasses.replace(base, fixup=not base.fixup)]:
+        if time.perf_counter() > deadline:
+            return
+        r = {"M": m, **dataclasses.asdict(config)}
+        try:
+            out = torch.full((m, n), float("nan"), device=device, dtype=x.dtype)
+            y = w4a16_matmul(x, qweights[0], scales, None, None, group, out=out, config=config,
+                             dequant_min_m=None)  # fmt: skip
+            r["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+            r["us"] = _timer(lambda c=config: fused(x, c), device, iters) * 1e6
+        except Exception as e:  # a config that does not compile or run
+            r["error"] = repr(e)[:300]
+        yield r
+    yield {"M": m, "dequant_mm": True, "us": _timer(lambda: dequant_mm(x), device, iters) * 1e6}
+
+
+def sweep(shapes: dict, rows: list[int], device, iters: int, budget_s: float) -> list[dict]:
+    """Time every candidate config (with the split-sum kernel against the in-kernel fixup
+    for the default config) at every row count and shape, most important rows first; each
+    config's result is checked against float32."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = {name: _sweep_weights(k, n, device, gen) for name, (k, n) in shapes.items()}
+    results = []
+    deadline = time.perf_counter() + budget_s
+    for m in rows:
+        for name, (k, n) in shapes.items():
+            for r in _sweep_one(weights[name], m, device, iters, deadline, gen):
+                r = {"shape": name, "K": k, "N": n, **r}
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    return results
+
+
+def install_fastest(results: list[dict]) -> dict:
+    """Put the fastest correct config of each (rows bucket, K, N) into ``w4a16.TUNED`` for
+    the rest of this run; returns the table and the row counts at which dequantize + mm
+    beat the fastest fused config on every shape."""
+    from tessera.kernels import w4a16
+
+    fields = list(w4a16.W4Config.__slots__)
+    best: dict[tuple[int, int, int], dict] = {}
+    for r in results:
+        if "us" not in r or r.get("dequant_mm") or not r.get("rel_err", 1.0) <= 1e-2:
+            continue
+        key = (w4a16.rows_bucket(r["M"]), r["K"], r["N"])
+        if key[0] == r["M"] and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    for key, r in best.items():
+        w4a16.TUNED[key] = w4a16.W4Config(**{f: r[f] for f in fields})
+    fused_wins: dict[int, list[bool]] = {}
+    for r in results:
+        key = (w4a16.rows_bucket(r["M"]), r["K"], r["N"])
+        if r.get("dequant_mm") and key in best:
+            fused_wins.setdefault(r["M"], []).append(best[key]["us"] < r["us"])
+    losing = [m for m, wins in sorted(fused_wins.items()) if not any(wins)]
+    table = {f"{m},{k},{n}": {f: r[f] for f in fields} for (m, k, n), r in sorted(best.items())}
+    print("TUNED =", json.dumps(table), flush=True)
+    print("dequant_mm wins on every shape at M =", losing, flush=True)
+    return {"tuned": table, "dequant_mm_wins_at": losing}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,6 +344,14 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--sweep",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first time candidate tile configs for up to SECONDS, then run with the "
+        "fastest of each shape and row count (printed as TUNED)",
+    )
     args = ap.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
@@ -234,6 +369,11 @@ def main() -> None:
     if not args.dry_run:
         result["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
         print(json.dumps(result), flush=True)
+    if args.sweep:
+        shapes = TINY if args.dry_run else LLAMA_8B
+        rows = [1, 16, 64, 256, 32, 128, 512] if not args.dry_run else args.rows
+        result["sweep"] = sweep(shapes, rows, device, args.iters, args.sweep)
+        result.update(install_fastest(result["sweep"]))
     result["gemm"] = bench_gemm(
         TINY if args.dry_run else LLAMA_8B, args.rows, device, args.act_order, args.iters
     )
@@ -242,11 +382,16 @@ def main() -> None:
             r["fused_weight_bw_vs_copy"] = r["fused_weight_GBps"] / result["copy_bandwidth_GBps"]
             r["fused_TFLOPs_vs_bf16"] = r["fused_TFLOPs"] / r["bf16_TFLOPs"]
             r["dequant_mm_TFLOPs_vs_bf16"] = r["dequant_mm_TFLOPs"] / r["bf16_TFLOPs"]
+    _save(result, args.json)  # the GEMMs kept should the decode part not finish
     if not args.skip_decode:
         result["decode"] = bench_decode(args.model, args.batch, args.context, args.steps, device)
+        _save(result, args.json)
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+
+
+def _save(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
 
 

@@ -14,18 +14,45 @@ Act-order checkpoints (GPTQ ``desc_act``) scatter a group's rows over K; the loa
 sorts the rows by group once, and the kernel reads the activation columns through
 ``perm`` instead, so a K tile never straddles two groups (BLOCK_K divides the group).
 
-Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), S)``. Split ``s`` covers the K tiles
-``[s * T, (s + 1) * T)``; with ``S = 1`` the program writes ``out`` (bias added), else
-each split writes float32 partials to a workspace ``[S, M, N]`` and a second kernel sums
-them in a fixed order (deterministic, unlike atomics) and adds the bias. Split-K is for
-small M (decode), where ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` tiles alone would leave
-most multiprocessors idle while the weights stream from memory.
+Grid ``(tiles, S)``. Split ``s`` covers the K tiles ``[s * T, (s + 1) * T)``; with
+``S = 1`` the program writes ``out`` (bias added), else each split writes float32
+partials to a workspace ``[S, M, N]``. Split-K is for small M (decode), where the output
+tiles alone would leave most multiprocessors idle while the weights stream from memory.
+The splits are summed in a fixed order (deterministic, unlike atomics) by a second
+kernel, ``_sum_splits_kernel``, or, with ``fixup``, by the split that finishes last: each
+split counts itself in on a per-tile counter (release/acquire), and the one that sees
+``S - 1`` earlier arrivals reads the workspace back, writes ``out`` and resets the counter
+to 0 for the next launch. That saves the launch of a second kernel (about a microsecond
+in a CUDA graph, a large share of a 10 us decode GEMM), but its memory ordering has only
+been checked under the interpreter so far, so it stays off until a GPU run of
+``benchmarks/w4a16.py --sweep`` (which checks every config's result) measures it. The
+counters are one zeroed buffer per device: two fixup launches must not run concurrently
+on two streams.
 
-Two inner loops: with ``BLOCK_M == 1`` (one row, a decode step of batch 1) a GEMV that
-multiplies in float32 on the CUDA cores and sums over the tile's K rows; otherwise
-``tl.dot`` on dequantized tiles in the activation dtype (float32 accumulation). Codes
-become floats by the exponent trick, ``bits(0x4B000000 | q) = 2**23 + q`` exactly, which
-costs one OR instead of an int-to-float conversion (a quarter-rate instruction).
+Two kernels; both turn codes into floats by the exponent trick,
+``bits(0x4B000000 | q) = 2**23 + q`` exactly for ``0 <= q < 2**23``: one OR and one
+subtraction instead of an int-to-float conversion (a quarter-rate instruction).
+
+With one row (a decode step of batch 1) ``_w4a16_gemv_kernel`` reads a
+``[BLOCK_K / 8, BLOCK_N]`` tile of words, each word once with 16-byte loads along N, and
+multiplies on the CUDA cores in float32, one nibble plane (rows 8i + j of the tile) at a
+time. The exponent bits go into each word once, then one AND per nibble makes a float::
+
+    low  = (words & 0xFFFFF)       | 0x4B000000       nibbles 0..4
+    high = ((words >> 20) & 0xFFF) | 0x4B000000       nibbles 5..7, at bits 0, 4, 8
+    bits(low & (0x4B000000 | 0xF << 4j)) = 2**23 + code * 16**j     (code * 16**j < 2**20)
+
+Subtracting ``2**23 + zero * 16**j`` leaves ``(code - zero) * 16**j`` exactly, and the
+activation of plane j is pre-scaled by ``16**-j`` (a power of two: exact), so a nibble
+costs one AND, one subtraction and one FMA. The scale multiplies once per group and
+column; the tile's rows are summed once, after the K loop.
+
+With more rows ``_w4a16_kernel`` runs ``tl.dot`` on dequantized tiles in the activation
+dtype (float32 accumulation). With ``BLOCK_K >= 128`` (``planes``) it reads
+``[BLOCK_K / 8, BLOCK_N]`` words once and runs eight dots of depth ``BLOCK_K / 8``, nibble
+plane j against activation columns ``k0 + 8i + j``; otherwise it loads each word once for
+each of its 8 rows, which costs 8x the load instructions and, through ``cp.async``
+(which bypasses L1), 8x the L2 traffic.
 
 For large M a fused kernel competes with cuBLAS on tensor-core efficiency; there
 ``dequantize_w4`` writes W once in the activation dtype (rows back in input order) and the
@@ -49,16 +76,21 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PACK = 8  # 4-bit codes per int32 word
 SYMMETRIC_ZERO = 8  # the implied zero point when a checkpoint stores none
 # From this many rows up, dequantize W and let torch (cuBLAS) multiply. H200, 2026-12-05,
-# benchmarks/w4a16.py on the 8B layer shapes: dequantize + mm was faster than this kernel
-# on every shape from M = 64 on (qkv 35 vs 48 us, down 83 vs 108 us at M = 64; 0.90-0.94
-# of bf16 at M = 4096), the kernel faster at M = 16 (qkv 27 vs 34 us).
+# benchmarks/w4a16.py --sweep on the 8B layer shapes with the tiles of TUNED: the kernel
+# wins at 1 row (0.52-0.71x of bf16's time) and at 16 rows against dequantize + mm; at
+# 64 rows it wins on gate_up and down and loses on qkv and o; dequantize + mm wins on
+# every shape from 128 rows (0.93-0.94 of bf16 at 4096).
 DEQUANT_MIN_M = 64
 
 
 @dataclass(slots=True, frozen=True)
 class W4Config:
-    """Tile shape of one launch. ``block_k`` must divide the group size; ``split_k``
-    0 picks the split from the device's multiprocessor count."""
+    """Tile shape of one launch. ``block_m == 1`` (one row only) runs the GEMV kernel;
+    ``block_k`` must divide the group size; ``split_k`` 0 picks the split from the
+    device's multiprocessor count (``programs_per_sm`` programs per multiprocessor);
+    ``fixup`` sums the splits in the last split's program rather than a second kernel;
+    ``planes`` (dot kernel, ``block_k >= 128``) reads each word once and multiplies its
+    eight nibble planes separately, instead of reading each word for each of its rows."""
 
     block_m: int
     block_n: int
@@ -67,6 +99,9 @@ class W4Config:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    programs_per_sm: int = 4
+    fixup: bool = False
+    planes: bool = True
 
 
 @triton.jit
@@ -77,14 +112,145 @@ def _codes_to_float(words, shifts):
 
 
 @triton.jit
+def _write_out(
+    acc, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr
+):
+    # acc: [BM, BN] fp32, rows: int64 [BM, 1] row indices
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + rows * stride_om + offs_n[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish(
+    acc,  # [BM, BN] fp32: this split's sum
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    tile,  # this program's output tile, the index of its counter
+    out_ptr,
+    part_ptr,  # [S, M, N] fp32 workspace, with SPLIT
+    lock_ptr,  # [tiles] int32 arrival counters, zero between launches, with FIXUP
+    bias_ptr,
+    stride_om,
+    stride_pm,
+    stride_ps,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+):
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if SPLIT:
+        parts = part_ptr + rows * stride_pm + offs_n[None, :]
+        tl.store(parts + tl.program_id(1).to(tl.int64) * stride_ps, acc, mask=mask)
+        if FIXUP:
+            num_splits = tl.num_programs(1)
+            # Every thread's partials are stored before the (release) arrival; the last
+            # split's acquire makes the other splits' partials visible to its loads.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                total = tl.zeros_like(acc)
+                for s in range(num_splits):  # in order: the same sum whoever is last
+                    src = parts + s * stride_ps  # [S, M, N] stays far below 2**31 elements
+                    total += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
+                _write_out(total, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om,
+                           HAS_BIAS)  # fmt: skip
+                tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        _write_out(acc, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr,  # [K]: the one activation row
+    qw_ptr,  # [K/8, N] int32
+    scales_ptr,  # [G, N]
+    zeros_ptr,  # [G, N] uint8, read when HAS_ZEROS
+    perm_ptr,  # [K] int32, read when HAS_PERM
+    bias_ptr,  # [N], read when HAS_BIAS
+    out_ptr,  # [1, N]
+    part_ptr,  # [S, 1, N] fp32, with SPLIT
+    lock_ptr,  # [cdiv(N, BLOCK_N)] int32, with FIXUP
+    N,
+    K,
+    k_per_split,  # a multiple of BLOCK_K
+    group_size,  # a multiple of BLOCK_K
+    stride_qk,
+    stride_sg,
+    stride_zg,
+    stride_ps,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    BLOCK_W: tl.constexpr = BLOCK_K // 8  # words per column in a tile
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # Per-row partial sums; the rows are summed once, after the loop.
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        word_rows = k0 // 8 + tl.arange(0, BLOCK_W)
+        mask_w = word_rows * 8 < k_end
+        words = tl.load(
+            qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+            mask=mask_w[:, None] & mask_n[None, :],
+            other=0,
+        )  # [BW, BN]
+        # The exponent bits of 2**23 ORed in once per word, then one AND per nibble:
+        # nibbles 0..4 (bits 0..19) from `low`, 5..7 from `high` (shifted down by 20).
+        low = (words & 0xFFFFF) | 0x4B000000
+        high = ((words >> 20) & 0xFFF) | 0x4B000000
+        group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)
+            zero = zero.to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
+        part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            pos = 4 * (j % 5)  # bit of nibble j in src
+            if j < 5:
+                src = low
+            else:
+                src = high
+            cols = word_rows * 8 + j
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + cols, mask=mask_w, other=0)
+            a = tl.load(x_ptr + cols, mask=mask_w, other=0.0).to(tl.float32)
+            a = a * (1.0 / (1 << pos))  # x / 16**(pos / 4), exact
+            biased = (src & (0x4B000000 | (0xF << pos))).to(tl.float32, bitcast=True)
+            w = biased - (zero * (1 << pos) + 8388608.0)[None, :]  # (code - zero) << pos
+            part += w * a[:, None]
+        acc += part * scale.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=0)[None, :]  # [1, BN]
+    offs_m = tl.arange(0, 1)
+    _finish(out, offs_m, offs_n, offs_m < 1, mask_n, pid_n, out_ptr, part_ptr, lock_ptr,
+            bias_ptr, 0, 0, stride_ps, HAS_BIAS, SPLIT, FIXUP)  # fmt: skip
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr,  # [M, K]
     qw_ptr,  # [K/8, N] int32
     scales_ptr,  # [G, N]
     zeros_ptr,  # [G, N] uint8, read when HAS_ZEROS
     perm_ptr,  # [K] int32, read when HAS_PERM
-    bias_ptr,  # [N], read when HAS_BIAS and not SPLIT
-    out_ptr,  # [M, N]; with SPLIT the fp32 workspace [S, M, N]
+    bias_ptr,  # [N], read when HAS_BIAS
+    out_ptr,  # [M, N]
+    part_ptr,  # [S, M, N] fp32, with SPLIT
+    lock_ptr,  # [tiles] int32, with FIXUP
     M,
     N,
     K,
@@ -95,11 +261,14 @@ def _w4a16_kernel(
     stride_sg,
     stride_zg,
     stride_om,
-    stride_os,
+    stride_pm,
+    stride_ps,
     HAS_ZEROS: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+    PLANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -128,53 +297,53 @@ def _w4a16_kernel(
     arange_k = tl.arange(0, BLOCK_K)
     shifts = ((arange_k % 8) * 4)[:, None]  # nibble of row k in its word; tiles start at 8k
 
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + arange_k
-        mask_k = offs_k < k_end
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
-        else:
-            cols = offs_k
-        words = tl.load(
-            qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0,
-        )  # [BK, BN]: each word read for its 8 rows, from L1 after the first
-        biased = _codes_to_float(words, shifts)  # [BK, BN]: 2**23 + code
         group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
+        scale = scale.to(tl.float32)[None, :]
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)
-            zero = zero.to(tl.float32) + 8388608.0  # 2**23 + zero point
+            zero = zero.to(tl.float32)[None, :] + 8388608.0  # 2**23 + zero point
         else:
-            zero = tl.full((BLOCK_N,), 8388608.0 + 8.0, dtype=tl.float32)
-        centered = biased - zero[None, :]  # code - zero, exact
-        if BLOCK_M == 1:
-            a = tl.load(x_rows + cols[:, None], mask=mask_m[:, None] & mask_k[:, None], other=0.0)
-            # a: [BK, 1]; the scale is one per column in this tile, applied after the sum.
-            acc += tl.sum(a.to(tl.float32) * centered, axis=0) * scale.to(tl.float32)
+            zero = 8388608.0 + 8.0
+        if PLANES:
+            # Each word read once; nibble plane j (rows 8i + j of the tile) is a dot of
+            # its own with the activation columns k0 + 8i + j.
+            word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            mask_w = word_rows * 8 < k_end
+            words = tl.load(
+                qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                mask=mask_w[:, None] & mask_n[None, :],
+                other=0,
+            )  # [BK/8, BN]
+            for j in tl.static_range(8):
+                cols = word_rows * 8 + j
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + cols, mask=mask_w, other=0)
+                a = tl.load(
+                    x_rows + cols[None, :], mask=mask_m[:, None] & mask_w[None, :], other=0.0
+                )
+                w = ((_codes_to_float(words, 4 * j) - zero) * scale).to(a.dtype)
+                acc += _dot(a, w, PRECISION, UPCAST)
         else:
+            offs_k = k0 + arange_k
+            mask_k = offs_k < k_end
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                cols = offs_k
+            words = tl.load(
+                qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0,
+            )  # [BK, BN]: each word read for its 8 rows, from L1 after the first
             a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = (centered * scale.to(tl.float32)[None, :]).to(a.dtype)
+            w = ((_codes_to_float(words, shifts) - zero) * scale).to(a.dtype)  # code - zero, exact
             acc += _dot(a, w, PRECISION, UPCAST)
 
-    if BLOCK_M == 1:
-        out = acc[None, :]
-    else:
-        out = acc
-    mask = mask_m[:, None] & mask_n[None, :]
-    rows = offs_m.to(tl.int64)[:, None] * stride_om
-    if SPLIT:
-        tl.store(out_ptr + split.to(tl.int64) * stride_os + rows + offs_n[None, :], out, mask=mask)
-    else:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            out += bias.to(tl.float32)[None, :]
-        tl.store(out_ptr + rows + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    _finish(acc, offs_m, offs_n, mask_m, mask_n, pid, out_ptr, part_ptr, lock_ptr, bias_ptr,
+            stride_om, stride_pm, stride_ps, HAS_BIAS, SPLIT, FIXUP)  # fmt: skip
 
 
 @triton.jit
@@ -278,25 +447,70 @@ def _check_weight(
     return k, n, group
 
 
+# Tiles measured fastest on an H200 by ``benchmarks/w4a16.py --sweep 70`` (2026-12-05,
+# results/w4a16_h200.json) for Llama-3.1-8B's layers (group 128), keyed by (rows bucket,
+# K, N); other shapes take the heuristic. Buckets from DEQUANT_MIN_M up are not kept:
+# dequantize + mm runs there.
+TUNED: dict[tuple[int, int, int], W4Config] = {
+    (1, 4096, 4096): W4Config(1, 128, 128, fixup=True),
+    (1, 4096, 6144): W4Config(1, 128, 128, fixup=True),
+    (1, 4096, 28672): W4Config(1, 64, 128, num_warps=2, programs_per_sm=16),
+    (1, 14336, 4096): W4Config(1, 128, 128, fixup=True),
+    (16, 4096, 4096): W4Config(16, 128, 128, programs_per_sm=2),
+    (16, 4096, 6144): W4Config(16, 128, 128),
+    (16, 4096, 28672): W4Config(16, 128, 128),
+    (16, 14336, 4096): W4Config(16, 128, 128),
+    (32, 4096, 4096): W4Config(32, 64, 64, num_stages=4),
+    (32, 4096, 6144): W4Config(32, 64, 64, num_stages=4),
+    (32, 4096, 28672): W4Config(32, 64, 64, num_stages=4),
+    (32, 14336, 4096): W4Config(32, 64, 64, num_stages=4),
+    (64, 4096, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 4096, 6144): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 4096, 28672): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (64, 14336, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
+}  # fmt: skip
+
+
+def rows_bucket(m: int) -> int:
+    """The row count ``TUNED`` is keyed by: 1, or the next power of two from 16 up."""
+    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+
+
 def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> W4Config:
     """Tiles by the row count: a GEMV for one row, 16-64-row dot tiles with split-K for
-    small M (decode), 64x128 or 128x128 tiles without split for large M."""
+    small M (decode), 64x128 tiles without split for large M."""
+    tuned = TUNED.get((rows_bucket(m), k, n))
+    if tuned is not None and group % tuned.block_k == 0:
+        return tuned
     block_k = next((b for b in (128, 64, 32, 16) if group % b == 0), 128)  # 128: one group
     if m == 1:
-        return W4Config(1, 64, block_k, num_warps=4, num_stages=4)
+        return W4Config(1, 128, block_k, num_warps=4, num_stages=3)
     if m <= 64:
-        block_m = max(16, triton.next_power_of_2(m))
-        return W4Config(block_m, 64, min(block_k, 64), num_warps=4, num_stages=4)
-    block_m = 64 if m <= 256 else 128
-    return W4Config(block_m, 128, min(block_k, 64), split_k=1, num_warps=8, num_stages=3)
+        return W4Config(rows_bucket(m), 64, block_k, num_warps=4, num_stages=4)
+    return W4Config(64, 128, block_k, split_k=1, num_warps=8, num_stages=3)
 
 
 def _num_splits(config: W4Config, tiles: int, k_tiles: int, device: torch.device) -> int:
     if config.split_k:
         return max(1, min(config.split_k, k_tiles))
-    # About two programs per multiprocessor, with at least 4 K tiles in a split.
-    target = -(-2 * num_sms(device) // max(1, tiles))
-    return max(1, min(target, k_tiles // 4, 64))
+    # programs_per_sm programs per multiprocessor, with at least 2 K tiles in a split.
+    target = -(-config.programs_per_sm * num_sms(device) // max(1, tiles))
+    return max(1, min(target, k_tiles // 2, 64))
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, count: int) -> torch.Tensor | None:
+    """The per-device zeroed arrival counters of the split-K fixup (at least ``count``),
+    or None when they would have to grow inside a CUDA graph capture."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        locks = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
 
 
 def w4a16_matmul(
@@ -343,6 +557,8 @@ def w4a16_matmul(
         raise ValueError(
             f"block_k {config.block_k} must be a multiple of 16 that divides the group size {group}"
         )
+    if config.block_m == 1 and m != 1:
+        raise ValueError(f"block_m 1 (the GEMV) takes one row, got M = {m}")
     k_tiles = triton.cdiv(k, config.block_k)
     if group_size == -1:
         group = k_tiles * config.block_k  # every tile in group 0, K a tile multiple or not
@@ -351,52 +567,56 @@ def w4a16_matmul(
     tiles_per_split = triton.cdiv(k_tiles, splits)
     splits = triton.cdiv(k_tiles, tiles_per_split)  # no split left without work
     split = splits > 1
-    target = (
-        torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else out
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else out
+    locks = _locks(x.device, tiles) if split and config.fixup else None
+    fixup = locks is not None
+    common = dict(
+        HAS_ZEROS=zeros is not None,
+        HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None,
+        SPLIT=split,
+        FIXUP=fixup,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
-    precision, upcast = dot_mode(x.dtype, _w4a16_kernel)
-    _w4a16_kernel[(tiles, splits)](
-        x,
+    weight = (
         qweight,
         scales,
         zeros if zeros is not None else scales,
         perm if perm is not None else qweight,
         bias if bias is not None else scales,
-        target,
-        m,
-        n,
-        k,
-        tiles_per_split * config.block_k,
-        group,
-        x.stride(0),
-        qweight.stride(0),
-        scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0,
-        target.stride(-2),
-        target.stride(0) if split else 0,
-        HAS_ZEROS=zeros is not None,
-        HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None,
-        SPLIT=split,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=config.group_m,
-        PRECISION=precision,
-        UPCAST=upcast,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        out,
+        part,
+        locks if fixup else qweight,
     )
-    if split:
+    k_per_split = tiles_per_split * config.block_k
+    zero_stride = zeros.stride(0) if zeros is not None else 0
+    if config.block_m == 1:
+        _w4a16_gemv_kernel[(tiles, splits)](
+            x, *weight, n, k, k_per_split, group, qweight.stride(0), scales.stride(0),
+            zero_stride, part.stride(0) if split else 0, **common,
+        )  # fmt: skip
+    else:
+        precision, upcast = dot_mode(x.dtype, _w4a16_kernel)
+        _w4a16_kernel[(tiles, splits)](
+            x, *weight, m, n, k, k_per_split, group, x.stride(0), qweight.stride(0),
+            scales.stride(0), zero_stride, out.stride(0), part.stride(1) if split else 0,
+            part.stride(0) if split else 0, BLOCK_M=config.block_m, GROUP_M=config.group_m,
+            PRECISION=precision, UPCAST=upcast, PLANES=config.planes and config.block_k >= 128,
+            **common,
+        )  # fmt: skip
+    if split and not fixup:
         block = min(1024, triton.next_power_of_2(n))
         _sum_splits_kernel[(m, triton.cdiv(n, block))](
-            target,
-            bias if bias is not None else target,
+            part,
+            bias if bias is not None else part,
             out,
             n,
             splits,
-            target.stride(0),
-            target.stride(1),
+            part.stride(0),
+            part.stride(1),
             out.stride(0),
             HAS_BIAS=bias is not None,
             BLOCK=block,

@@ -85,6 +85,25 @@ def test_split_k_agrees(split_k, block_m):
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 32, bias), torch.float32)
 
 
+@pytest.mark.parametrize("fixup", [True, False])
+@pytest.mark.parametrize("block_m, planes", [(1, False), (16, False), (16, True)])
+def test_group_128_tiles(block_m, planes, fixup):
+    """BLOCK_K = 128 (a GPTQ group per tile): the GEMV, and the dot kernel reading each
+    word once (nibble planes) or once per row; splits summed in-kernel or by a second
+    kernel; zero points, act-order and a bias."""
+    qweight, scales, zero, perm = _weight(512, 72, 128, True, True, seed=8)
+    m = 1 if block_m == 1 else 5
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    bias = torch.randn(72, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    config = W4Config(block_m, 64, 128, split_k=3, fixup=fixup, planes=planes)
+    out = torch.full((m, 72), float("nan"), device=DEVICE)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 128, bias, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 128, bias), torch.float32)
+    # Run twice: the fixup's counters must be back at zero after a launch.
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 128, bias, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 128, bias), torch.float32)
+
+
 def test_strided_rows_and_large_m_path():
     qweight, scales, zero, perm = _weight(128, 40, 64, True, True, seed=5)
     wide = torch.randn(9, 200, generator=torch.Generator().manual_seed(6)).to(DEVICE)

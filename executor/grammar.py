@@ -21,10 +21,10 @@ before sampling, for the constrained rows of the batch only.
   model's EOS ids, so the request ends on EOS and the scheduler reports "stop". A matcher
   that errs (a token it refused, or llguidance's per-step fuel limit) allows only EOS too.
 
-The vocabulary (llguidance's ``LLTokenizer`` over the model's own tokenizer; a few
-seconds on a small CPU, mostly reading the GGUF) is built once, in a background thread
-started with the executor (``warm_up``), so that the first constrained request does not
-stall the step loop for it; a request that comes sooner waits for it.
+The vocabulary (llguidance's ``LLTokenizer`` over the model's own tokenizer) is built
+once, on the first constrained request, in that step. Built in a thread at executor
+start it held the GIL through the first steps after a restart, and on 2 cores the
+scheduler then went silent past the gateway's timeout; the lock keeps one build.
 """
 
 from __future__ import annotations
@@ -58,19 +58,6 @@ class Grammars:
         self._tokenizer = None
         self._eos_ids: tuple[int, ...] = eos_token_ids  # the tokenizer's, once it is read
         self._lock = threading.Lock()
-
-    def warm_up(self) -> None:
-        """Build the vocabulary in a daemon thread (models without a tokenizer: nothing)."""
-        if self.source.kind == "random":
-            return
-
-        def build() -> None:
-            try:
-                self._vocabulary()
-            except Exception:  # logged; the first constrained request raises it again
-                logger.exception("could not build the vocabulary for constraints")
-
-        threading.Thread(target=build, name="grammar-vocabulary", daemon=True).start()
 
     def _vocabulary(self):
         with self._lock:

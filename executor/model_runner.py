@@ -214,8 +214,7 @@ class ModelRunner:
         # The constraint vocabulary is built on the first constrained request, not here:
         # built in a thread at start-up it held the GIL through the first steps after an
         # executor restart, and on 2 cores the scheduler went silent past the gateway's
-        # timeout (tests/services/test_failures.py). Grammars.warm_up() remains for callers
-        # that want it ahead.
+        # timeout (tests/services/test_failures.py).
         self.block_size = config.block_size
         self.num_blocks = self.group.min_int(self._size_kv_pool())  # the smallest rank's
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)

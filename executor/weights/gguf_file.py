@@ -6,10 +6,10 @@ the tensor bytes memory-mapped.
 for arrays the executor never reads (the tokenizer service reads them). This reader
 decodes scalars and strings, records only the item type and length of an array (its
 bytes are stepped over), and hands out each tensor's bytes as a view of the mapped
-file. Layout (little-endian, GGUF versions 2 and 3):
+file. The header and the key/value section are walked by common/gguf_metadata.py (the
+tokenizer's reader too); this module reads what follows them (little-endian, GGUF
+versions 2 and 3):
 
-    magic "GGUF" | version: u32 | n_tensors: u64 | n_kv: u64
-    n_kv      x  key: str | value_type: u32 | value
     n_tensors x  name: str | n_dims: u32 | dims: u64[n_dims] | ggml_type: u32 | offset: u64
     padding up to a multiple of general.alignment (32 when absent)
     tensor data: each tensor at data_start + offset
@@ -28,33 +28,9 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
-_MAGIC = b"GGUF"
-_VERSIONS = (2, 3)
+from tessera.common.gguf_metadata import GGUFArray, read_header, read_str
+
 _DEFAULT_ALIGNMENT = 32
-# struct formats of the scalar value types; a BOOL is one byte, 0 or 1.
-_SCALARS: dict[int, struct.Struct] = {
-    GGUFValueType.UINT8: struct.Struct("<B"),
-    GGUFValueType.INT8: struct.Struct("<b"),
-    GGUFValueType.UINT16: struct.Struct("<H"),
-    GGUFValueType.INT16: struct.Struct("<h"),
-    GGUFValueType.UINT32: struct.Struct("<I"),
-    GGUFValueType.INT32: struct.Struct("<i"),
-    GGUFValueType.FLOAT32: struct.Struct("<f"),
-    GGUFValueType.BOOL: struct.Struct("<?"),
-    GGUFValueType.UINT64: struct.Struct("<Q"),
-    GGUFValueType.INT64: struct.Struct("<q"),
-    GGUFValueType.FLOAT64: struct.Struct("<d"),
-}
-_U32 = _SCALARS[GGUFValueType.UINT32]
-_U64 = _SCALARS[GGUFValueType.UINT64]
-
-
-@dataclass(slots=True, frozen=True)
-class GGUFArray:
-    """An array value, left unread: its item type (a `GGUFValueType`) and length."""
-
-    item_type: int
-    count: int
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -91,30 +67,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
 
 
 def _parse(buf: mmap.mmap) -> GGUFFile:
-    if buf[:4] != _MAGIC:
-        raise ValueError(f"not a GGUF file (its first bytes are {buf[:4]!r})")
-    (version,) = _U32.unpack_from(buf, 4)
-    if version not in _VERSIONS:
-        # A big-endian file reads as a version whose low 16 bits are zero.
-        raise ValueError(
-            f"version {version} (or big-endian); Tessera reads little-endian GGUF "
-            f"versions {', '.join(map(str, _VERSIONS))}"
-        )
-    (n_tensors,) = _U64.unpack_from(buf, 8)
-    (n_kv,) = _U64.unpack_from(buf, 16)
-    offset = 24
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, offset = _read_str(buf, offset)
-        (value_type,) = _U32.unpack_from(buf, offset)
-        value, offset = _read_value(buf, offset + 4, value_type)
-        if key in metadata:
-            raise ValueError(f"the metadata key {key!r} appears twice")
-        metadata[key] = value
+    header = read_header(buf)
+    metadata, offset = header.metadata, header.end
     infos = []
-    for _ in range(n_tensors):
-        name, offset = _read_str(buf, offset)
-        (n_dims,) = _U32.unpack_from(buf, offset)
+    for _ in range(header.n_tensors):
+        name, offset = read_str(buf, offset)
+        (n_dims,) = struct.unpack_from("<I", buf, offset)
         shape = struct.unpack_from(f"<{n_dims}Q", buf, offset + 4)
         offset += 4 + 8 * n_dims
         ggml_type, tensor_offset = struct.unpack_from("<IQ", buf, offset)
@@ -147,50 +105,6 @@ def _tensors(data: np.ndarray, data_start: int, infos: list[tuple]) -> list[GGUF
             raise ValueError(f"truncated: tensor {name!r} ends at byte {end} of {data.size}")
         tensors.append(GGUFTensor(name, ggml_type, shape, n_elements, data[start:end]))
     return tensors
-
-
-def _read_str(buf: mmap.mmap, offset: int) -> tuple[str, int]:
-    (length,) = _U64.unpack_from(buf, offset)
-    end = offset + 8 + length
-    if end > len(buf):
-        raise ValueError(f"truncated: a string of {length} bytes at byte {offset}")
-    return str(buf[offset + 8 : end], "utf-8"), end
-
-
-def _read_value(buf: mmap.mmap, offset: int, value_type: int) -> tuple[Any, int]:
-    """The value of `value_type` at `offset` (arrays: a `GGUFArray`), and the offset after it."""
-    scalar = _SCALARS.get(value_type)
-    if scalar is not None:
-        return scalar.unpack_from(buf, offset)[0], offset + scalar.size
-    if value_type == GGUFValueType.STRING:
-        return _read_str(buf, offset)
-    if value_type == GGUFValueType.ARRAY:
-        item_type, count = struct.unpack_from("<IQ", buf, offset)
-        return GGUFArray(item_type, count), _skip_items(buf, offset + 12, item_type, count)
-    raise ValueError(f"unknown value type {value_type} at byte {offset}")
-
-
-def _skip_items(buf: mmap.mmap, offset: int, item_type: int, count: int) -> int:
-    """The offset after `count` items of `item_type` starting at `offset`."""
-    scalar = _SCALARS.get(item_type)
-    if scalar is not None:
-        end = offset + count * scalar.size
-    elif item_type == GGUFValueType.STRING:
-        # Only the lengths are read: SmolLM2's ~100k token and merge strings take ~20 ms.
-        unpack_u64 = _U64.unpack_from
-        end = offset
-        for _ in range(count):
-            end += 8 + unpack_u64(buf, end)[0]
-    elif item_type == GGUFValueType.ARRAY:  # arrays of arrays: each has its own header
-        end = offset
-        for _ in range(count):
-            inner_type, inner_count = struct.unpack_from("<IQ", buf, end)
-            end = _skip_items(buf, end + 12, inner_type, inner_count)
-    else:
-        raise ValueError(f"unknown array item type {item_type} at byte {offset}")
-    if end > len(buf):
-        raise ValueError(f"truncated: an array at byte {offset} runs past the end")
-    return end
 
 
 def from_reader(reader: GGUFReader) -> GGUFFile:

@@ -200,8 +200,20 @@ def assert_process_table_whole(server: Server, timeout: float = 30.0) -> dict[st
     return table
 
 
-def generate_ok(server: Server) -> None:
-    ids = [t for m in server.stub().Generate(request(0, 3), timeout=60) for t in m.token_ids]
+def generate_ok(server: Server, unavailable_for: float = 0.0) -> None:
+    """A short request completes. ``unavailable_for``: for that long, an UNAVAILABLE answer
+    is retried, as a client does (health is polled by the gateway and may still read
+    SERVING in the moment between a scheduler's loss and the gateway noticing it)."""
+    deadline = time.monotonic() + unavailable_for
+    while True:
+        try:
+            stream = server.stub().Generate(request(0, 3), timeout=60)
+            ids = [t for m in stream for t in m.token_ids]
+            break
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     assert len(ids) == 3
 
 
@@ -370,12 +382,15 @@ def test_a_killed_scheduler_takes_its_executor_down_and_is_replaced(server):
     # The new scheduler and its executor are up in a few seconds; when the new process
     # answers before the gateway's --scheduler-timeout, the gateway learns of the loss
     # and of the replacement at once, and health may never show NOT_SERVING. What must
-    # hold: the old streams ended UNAVAILABLE (above), and the new process serves.
+    # hold: the old streams ended UNAVAILABLE (above), and the new process serves. Health
+    # is the gateway's poll of its link (every 0.25 s), so a request sent as the old
+    # streams end may still be refused UNAVAILABLE: it is retried, as clients do.
     wait_health(server, SERVING, 90)
     after = assert_process_table_whole(server)
     assert after["services"] == before["services"]
     assert after["tokenizer_svc"] == before["tokenizer_svc"]
-    generate_ok(server)
+    generate_ok(server, unavailable_for=60)
+    wait_health(server, SERVING, 30)
     wait_pool_whole(server)
 
 

@@ -1,7 +1,7 @@
 """CURVE authentication and encryption for Tessera's internal ZeroMQ links.
 
 DESIGN. Two kinds of link carry protobuf between processes: gateway DEALERs to the
-scheduler's ROUTER, and the scheduler's PAIR to its executor. The scheduler binds both;
+scheduler's ROUTER, and the scheduler's ROUTER to its executors. The scheduler binds both;
 gateways and executors connect. By default every link is on an ``ipc://`` path (guarded
 by the socket file's permissions) or loopback TCP, which only this machine can reach.
 A link that other machines can reach must use CURVE, ZeroMQ's Curve25519 handshake:

@@ -103,7 +103,7 @@ def check_tensor_parallel(size: int, rank: int, init_method: str) -> None:
 @dataclass(slots=True, frozen=True)
 class ExecutorServerConfig:
     executor_address: str = field(
-        metadata={"help": "ZeroMQ address of the scheduler's PAIR socket to connect to"}
+        metadata={"help": "ZeroMQ address of the scheduler's ROUTER socket to connect to"}
     )
     model: str = field(
         default=DEFAULT_MODEL,
@@ -175,7 +175,19 @@ class ExecutorServerConfig:
                   "under (the scheduler draws one per start)"},
     )
 
+    # Never on a command line (``ps`` shows those) nor in a repr (logs): the scheduler
+    # passes it in the child's environment, TESSERA_LINK_TOKEN (scheduler/executor_link.py).
+    link_token: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "the secret the scheduler drew for this start of an executor it "
+                  "starts itself, presented as this executor's ZeroMQ routing id; leave "
+                  "it unset for an executor started elsewhere"},
+    )
+
     def __post_init__(self) -> None:
+        if len(self.link_token.encode()) > 255 or self.link_token.startswith("\0"):
+            raise ValueError("link_token must be at most 255 bytes and not start with NUL")
         if self.tensor_parallel_size > 1 and not self.plan_address:
             raise ValueError("tensor_parallel_size > 1 needs plan_address (the plans' PUB)")
         if not self.executor_address and self.tensor_parallel_rank == 0:

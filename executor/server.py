@@ -1,11 +1,11 @@
 """The executor process: loads the model, then runs each step plan the scheduler sends.
 
-Socket: one ZeroMQ PAIR. The scheduler binds it (it starts first and starts this
-process as its child, on a private ``ipc://`` path by default) and the executor
-connects; both directions share it:
+Socket: one ZeroMQ DEALER, connected to the scheduler's ROUTER. The scheduler binds
+it (it starts first and starts this process as its child, on a private ``ipc://`` path
+by default) and the executor connects; both directions share it:
 
     scheduler                          executor
-       bind PAIR  <──────────────────  connect PAIR
+     bind ROUTER  <──────────────────  connect DEALER (routing id: link_token)
                   <── ExecutorReady ──   (model loaded, KV pool sized)
                   ─── StepPlan 1 ────>
                   ─── StepPlan 2 ────>   (async scheduling: sent while 1 runs)
@@ -28,12 +28,15 @@ parent dies. If it dies otherwise, or hangs, the scheduler kills it and starts a
 
 The link to the scheduler is plain on ipc:// and loopback; on any other address it
 needs CURVE keys (``executor.curve``): this process's key pair and the scheduler's
-public key, checked when the config is built.
+public key, checked when the config is built. Other peers may connect to the
+scheduler's ROUTER too; it hears only the executor whose routing id is the token it
+drew for this start (``link_token``, passed in this process's environment), so a stray
+peer can neither hold the link nor speak for the executor (scheduler/executor_link.py).
 
 Tensor parallel (``tensor_parallel_size`` N > 1): N such processes, one per device,
 join one torch.distributed group (``executor.parallel``). Every rank reads the plans
 from the scheduler's PUB (``common.plan_bus``), under the topic of this start, and runs
-them in lockstep; rank 0 alone has the PAIR, and sends ExecutorReady (once every rank
+them in lockstep; rank 0 alone has the DEALER, and sends ExecutorReady (once every rank
 has loaded) and the results. A step that raises on a rank ends that rank (exit code
 1): its peers would wait on it in the next collective, so the group fails as a whole
 and the scheduler replaces every rank.
@@ -85,8 +88,10 @@ def run_executor(config: ExecutorServerConfig) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     ctx = zmq.Context()
-    to_scheduler = ctx.socket(zmq.PAIR)
+    to_scheduler = ctx.socket(zmq.DEALER)
     to_scheduler.setsockopt(zmq.LINGER, 0)
+    if config.link_token:  # how the scheduler tells us from any other peer
+        to_scheduler.setsockopt(zmq.ROUTING_ID, config.link_token.encode())
     plans = None
     try:
         keys = client_keys(config.curve_secret_key_file, config.curve_server_key_file)

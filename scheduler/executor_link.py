@@ -1,4 +1,4 @@
-"""The scheduler's end of one executor: its PAIR socket and (usually) its child process.
+"""The scheduler's end of one executor: its ROUTER socket and (usually) its child process.
 
     ExecutorLink.start()        spawn ``python -m tessera.executor`` (unless started elsewhere)
     ExecutorLink.poll_ready()   its ExecutorReady, once the model is loaded
@@ -15,6 +15,24 @@ recognised and dropped. An executor that dies (its process exits, or with
 another (scheduler/recovery.py). Whatever arrives on the socket is decoded strictly;
 what does not parse is logged, never unpickled.
 
+Only the executor of this start is heard. Anyone who can reach the address (the same
+user, on the run directory's ipc path) can connect, so the socket is a ROUTER, which
+takes every peer and names each message's sender, and the scheduler talks to one:
+
+    scheduler ROUTER (binds)  <── DEALER, routing id = this start's token: the executor
+                              <── any other peer: its messages dropped, logged at most
+                                  once per _STRAY_LOG_S; it is sent nothing
+
+Each start of an executor this link spawns draws a fresh random token, which rank 0
+gets in its environment (``TESSERA_LINK_TOKEN``: a command line is public, and the
+token is never logged) and presents as its routing id when it connects. A stray
+peer, an executor of an earlier start, or one that guessed wrong is never admitted
+and never blocks the right one, which may connect before or after it (a PAIR, by
+contrast, belonged to whoever connected first). An executor started elsewhere cannot
+know a token: the first peer to send a valid ExecutorReady is adopted, and only its
+connection's drop counts as the executor's; beyond this machine CURVE decides who may
+connect at all.
+
 The first executor sizes the KV pool; every later one is started with that exact pool
 (``--num-kv-blocks``, ``--max-model-len``) and must report the same EngineInfo, since
 the scheduler's block tables outlive it.
@@ -22,7 +40,7 @@ the scheduler's block tables outlive it.
 Tensor parallel (``tensor_parallel_size`` N > 1): the executor is a group of N ranks,
 started together, meeting at a fresh torch.distributed rendezvous file each start. The
 plans go out once on a PUB that every rank reads (``common.plan_bus``), under a topic
-drawn for that start; the PAIR carries rank 0's ExecutorReady and results. The group is
+drawn for that start; the ROUTER carries rank 0's ExecutorReady and results. The group is
 ready once rank 0 says so (every rank has loaded; their pools agreed on the smallest)
 and all N ranks have subscribed. Any rank that exits, or a step past the timeout, loses
 the whole group: every rank is killed and reaped, and the next start replaces them all.
@@ -33,6 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -45,7 +65,7 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tessera.common.cli_args import config_to_argv
+from tessera.common.cli_args import config_to_argv, env_name
 from tessera.common.curve import ServerKeys
 from tessera.common.plan import StepPlan, StepResult
 from tessera.common.plan_bus import PlanPublisher, new_topic
@@ -56,11 +76,8 @@ from tessera.scheduler.config import SchedulerServerConfig
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often a wait on the executor looks at its process and SIGTERM
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
+_STRAY_LOG_S = 10.0  # messages from other peers are logged at most this often
+LINK_TOKEN_ENV = env_name("link_token")  # ExecutorServerConfig.link_token, for the child
 
 
 class Interrupted(Exception):
@@ -80,7 +97,7 @@ class StepFailed(RuntimeError):
 
 
 class ExecutorLink:
-    """The executor process and the PAIR socket to it."""
+    """The executor process and the ROUTER socket to it."""
 
     def __init__(
         self,
@@ -99,14 +116,18 @@ class ExecutorLink:
             address = f"ipc://{self._private_dir}/executor.sock"
         self.address = address
         self._config = config.executor_config(address)
-        self.socket = ctx.socket(zmq.PAIR)
+        self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to no one raises
         bind(self.socket, address, keys)
-        # Connections that drop: how an executor started elsewhere is seen to die. A
-        # failed handshake (a port scan, a peer without an authorized CURVE key) is
-        # followed by its connection's drop, which must not count.
-        self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
-        self._after_failed_handshake = False
+        # Connections that drop: how an executor started elsewhere is seen to die (its
+        # own connection's, told by its file descriptor; other peers come and go).
+        self._events = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # The routing id of this start's executor: its token when this link started it;
+        # None until an executor started elsewhere has sent its ExecutorReady.
+        self._peer: bytes | None = None
+        self._peer_fd = -1  # the file descriptor of its connection, once it spoke
+        self._strays = _Strays()
         self.info: engine_pb2.EngineInfo | None = None  # the first executor's
         self.process: subprocess.Popen | None = None  # rank 0
         self.others: list[subprocess.Popen] = []  # ranks 1 .. N-1
@@ -132,6 +153,7 @@ class ExecutorLink:
         self._ready_deadline = time.monotonic() + timeout
         self._drain_events()
         self._ready = None
+        self._peer, self._peer_fd = None, -1
         self._num_starts += 1
         if self.plans is not None:  # ranks started elsewhere cannot know a drawn topic
             self.plans.expect(new_topic() if self.start_executor else "")
@@ -158,14 +180,20 @@ class ExecutorLink:
                 )
                 for rank in range(self.tensor_parallel_size)
             ]
+        token = secrets.token_hex(16)  # rank 0's routing id; the other ranks get none
+        self._peer = token.encode()
         # Its own session: Ctrl-C in a terminal reaches the scheduler, which stops it.
         started = [
             subprocess.Popen(
-                [sys.executable, "-P", "-m", "tessera.executor", *config_to_argv(c)],
+                [
+                    sys.executable, "-P", "-m", "tessera.executor",
+                    *config_to_argv(c, skip=("link_token",)),
+                ],
                 start_new_session=True,
+                env={**os.environ, LINK_TOKEN_ENV: token if rank == 0 else ""},
             )
-            for c in ranks
-        ]
+            for rank, c in enumerate(ranks)
+        ]  # fmt: skip
         self.process, self.others = started[0], started[1:]
         logger.info(
             "started executor pid %s on %s", ", ".join(str(p.pid) for p in started), self.address
@@ -179,12 +207,18 @@ class ExecutorLink:
         """
         while self._ready is None and self.socket.poll(0):
             try:
-                ready = decode(engine_pb2.ExecutorReady, self._recv_one())
+                if (message := self._recv_one()) is None:
+                    continue
+                ready = decode(engine_pb2.ExecutorReady, message.data)
                 _check_info(ready.info)
             except WireError as e:  # garbage, or a result of an executor gone before
                 logger.warning("ignored a message from the executor (not ExecutorReady): %s", e)
                 continue
             self._ready = ready.info
+            # Drops reported so far are of earlier connections, one of which may have
+            # had the descriptor this one reuses.
+            self._drain_events()
+            self._peer, self._peer_fd = message.peer, message.fd
         if self._ready is not None and (
             self.plans is None or self.plans.poll_subscriptions() >= self.tensor_parallel_size
         ):
@@ -272,10 +306,14 @@ class ExecutorLink:
             if len(self._in_flight) == 1:
                 self._start_clock()
             return
+        assert self._peer is not None, "submit before the executor was ready"
         try:
-            # Without a peer a PAIR would block: a send that cannot go means it is gone.
-            self.socket.send(encode(plan_to_pb(plan, step_id)), flags=zmq.NOBLOCK)
-        except zmq.Again:
+            # Not connected (EHOSTUNREACH: ROUTER_MANDATORY) or not reading (EAGAIN): a
+            # send that cannot go means it is gone.
+            self.socket.send_multipart(
+                [self._peer, encode(plan_to_pb(plan, step_id))], flags=zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
             # The same loss as the one poll_result reports: say why when it is known
             # (with two steps in flight a send can be the first to meet it).
             self.check_alive()
@@ -299,7 +337,9 @@ class ExecutorLink:
         step_id = self._in_flight[0]
         while self.socket.poll(0):
             try:
-                pb = decode(engine_pb2.StepResult, self._recv_one())
+                if (message := self._recv_one()) is None:
+                    continue
+                pb = decode(engine_pb2.StepResult, message.data)
             except WireError as e:
                 self._step_done()
                 raise StepFailed(f"unreadable step result: {e}") from e
@@ -349,12 +389,17 @@ class ExecutorLink:
                 "the executor hung and was killed"
             )
 
-    def _recv_one(self) -> bytes:
-        """The next message, which must be one frame (WireError otherwise)."""
-        frames = self.socket.recv_multipart()
-        if len(frames) != 1:
-            raise WireError(f"{len(frames)} frames instead of 1")
-        return frames[0]
+    def _recv_one(self) -> _Message | None:
+        """The next message if the executor sent it (one frame, WireError otherwise);
+        None for a message of another peer, which is dropped."""
+        frames = self.socket.recv_multipart(copy=False)
+        peer = frames[0].bytes
+        if self._peer is not None and peer != self._peer:
+            self._strays.dropped()
+            return None
+        if len(frames) != 2:
+            raise WireError(f"{len(frames) - 1} frames instead of 1")
+        return _Message(peer, frames[0].get(zmq.SRCFD), frames[1].bytes)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -392,18 +437,47 @@ class ExecutorLink:
         return self._drain_events()
 
     def _drain_events(self) -> bool:
-        """Read the socket's events; whether a connection that got through its
-        handshake dropped. (One I/O thread: a connection's failed handshake is the
-        event right before its drop.)"""
+        """Read the socket's events; whether the executor's connection dropped. (A
+        descriptor is reused only once its connection's drop is in this queue, so an
+        event read after the executor's first message is of its connection.)"""
         dropped = False
         while self._events.poll(0):
-            event = recv_monitor_message(self._events)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                dropped |= not self._after_failed_handshake
-                self._after_failed_handshake = False
-            else:
-                self._after_failed_handshake = True
+            event = recv_monitor_message(self._events)
+            dropped |= self._peer_fd >= 0 and int(event["value"]) == self._peer_fd
         return dropped
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class _Message:
+    """One message of the executor: who sent it, on which connection, and its bytes."""
+
+    peer: bytes  # routing id
+    fd: int  # the connection's file descriptor
+    data: bytes
+
+
+class _Strays:
+    """Messages of peers that are not this start's executor: dropped, and logged at
+    most once per _STRAY_LOG_S, so a chatty stray cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.num_dropped = 0
+        self._num_logged = 0
+        self._log_at = 0.0
+
+    def dropped(self) -> None:
+        # No routing id in the log: an executor of an earlier start sends its token.
+        self.num_dropped += 1
+        now = time.monotonic()
+        if now < self._log_at:
+            return
+        self._log_at = now + _STRAY_LOG_S
+        logger.warning(
+            "dropped %d message(s) from peers that are not the executor: only the "
+            "executor started for this link is heard",
+            self.num_dropped - self._num_logged,
+        )
+        self._num_logged = self.num_dropped
 
 
 def bind(socket: zmq.Socket, address: str, keys: ServerKeys | None = None) -> str:

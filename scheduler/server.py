@@ -1,11 +1,14 @@
 """The scheduler process: gateways in, executor below, one step at a time.
 
-    gateway DEALER ──┐                                 ┌── PAIR (connects): executor
-    gateway DEALER ──┴─► ROUTER (binds) ── scheduler ──┴── PAIR (binds)      child process
+    gateway DEALER ──┐                                 ┌── ROUTER (binds)
+    gateway DEALER ──┴─► ROUTER (binds) ── scheduler ──┘      ▲
+                                                              └── DEALER (connects):
+                                                                  executor child process
 
-The scheduler binds a ROUTER for the gateways (``gateway_address``) and a PAIR for its
-executor (``executor_address``, a private ``ipc://`` path by default), then starts the
-executor as its child process (``python -m tessera.executor``), which exits with it. It waits
+The scheduler binds a ROUTER for the gateways (``gateway_address``) and a ROUTER for its
+executor (``executor_address``, a private ``ipc://`` path by default), on which it hears
+only the executor it started (scheduler/executor_link.py). Then it starts the executor
+as its child process (``python -m tessera.executor``), which exits with it. It waits
 for ``ExecutorReady`` and sizes its block pool from it. Then the loop:
 
     recv_requests -> finish_step -> process_result -> schedule -> start_step -> send_outputs

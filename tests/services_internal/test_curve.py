@@ -102,7 +102,7 @@ class FakeExecutor(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, keys: ClientKeys | None,
                  info: pb.EngineInfo) -> None:
         super().__init__(daemon=True)
-        self.socket = ctx.socket(zmq.PAIR)
+        self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if keys is not None:
             keys.secure(self.socket, address)

@@ -278,7 +278,7 @@ class FakeExecutor(threading.Thread):
         self.num_steps = 0
 
     def run(self) -> None:
-        socket = self.ctx.socket(zmq.PAIR)
+        socket = self.ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self.address)
         try:
@@ -383,7 +383,7 @@ def test_an_outside_executor_that_vanishes_is_replaced_by_the_next_one(external,
 
 def test_pickles_on_the_executors_socket_are_rejected_and_logged(tmp_path, ctx):
     address = f"ipc://{tmp_path}/executor.sock"
-    to_executor = ctx.socket(zmq.PAIR)
+    to_executor = ctx.socket(zmq.DEALER)
     to_executor.setsockopt(zmq.LINGER, 0)
     to_executor.bind(address)
     log_path = tmp_path / "executor.log"

@@ -36,7 +36,7 @@ from tessera.services.openai_protocol import (
     error_body,
     usage_body,
 )
-from tessera.services.openai_tools import StreamSplitter, parse_tool_calls
+from tessera.services.openai_tools import Event, StreamSplitter, parse_tool_calls
 
 if TYPE_CHECKING:
     from tessera.services.openai_api import OpenAIFront
@@ -185,24 +185,34 @@ class ChatFormat(Format):
         ]
 
     def delta_chunks(self, index: int, d: Delta) -> list[str]:
-        out = []
         text, finish_reason = d.text or "", d.finish_reason
-        calls: list[dict[str, Any]] = []
-        if self.tools:
+        if not self.tools:
+            events: list[Event] = [("content", text)] if text else []
+        else:
             splitter = self.splitters.setdefault(index, StreamSplitter(self.tool_names))
-            text = splitter.feed(text)
+            events = splitter.feed(text)
             if finish_reason:
-                rest, calls = splitter.finish()
-                text += rest
-        if text or d.logprobs:
-            out.append(self.chunk([{"index": index, "delta": {"content": text},
-                                    "logprobs": self._logprobs(d.logprobs),
+                events += splitter.finish()
+                if splitter.num_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+        out = []
+        logprobs = self._logprobs(d.logprobs) if d.logprobs else None
+        if logprobs is not None and not any(e[0] == "content" for e in events):
+            events.insert(0, ("content", ""))  # the step's logprobs ride on a content delta
+        for event in events:
+            if event[0] == "content":
+                delta: dict[str, Any] = {"content": event[1]}
+            elif event[0] == "call":  # OpenAI's shape: index, id, type, name, empty arguments
+                _, i, call_id, name = event
+                delta = {"tool_calls": [{"index": i, "id": call_id, "type": "function",
+                                         "function": {"name": name, "arguments": ""}}]}
+            else:
+                delta = {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
+            out.append(self.chunk([{"index": index, "delta": delta,
+                                    "logprobs": logprobs if event[0] == "content" else None,
                                     "finish_reason": None}]))
-        for i, call in enumerate(calls):  # OpenAI's shape: index, id, type, function
-            out.append(self.chunk([{"index": index, "delta": {"tool_calls": [{"index": i, **call}]},
-                                    "logprobs": None, "finish_reason": None}]))
-        if calls and finish_reason == "stop":
-            finish_reason = "tool_calls"
+            if event[0] == "content":
+                logprobs = None  # once per step
         if finish_reason:
             out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None,
                                     "finish_reason": finish_reason}]))

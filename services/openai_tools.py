@@ -10,11 +10,12 @@
   valid against that function's ``parameters`` schema.
 - Output: ``<tool_call>`` blocks are parsed into OpenAI's ``tool_calls`` (arguments as
   JSON text), the text around them is the content, and ``finish_reason`` is
-  "tool_calls". Streamed, a choice's text is held back from the first ``<tool_call>``
-  on (text before it streams as content) and its calls go out as ``tool_calls`` deltas
-  when the choice ends; a block that does not parse stays content. Llama 3's form (the
-  whole output one JSON object naming an offered tool, with "parameters") is a call
-  too; streamed, an output that starts with "{" is held to its end to tell.
+  "tool_calls". Streamed (``StreamSplitter``), each call goes out as OpenAI streams one:
+  a ``tool_calls`` delta with its index, id and name, then its arguments in fragments as
+  the model writes them; text outside the blocks is content, and a block that does not
+  parse stays content. Llama 3's form (the whole output one JSON object naming an
+  offered tool, with "parameters") is a call too; streamed, an output that starts with
+  "{" is held to its end to tell.
 """
 
 from __future__ import annotations
@@ -172,49 +173,150 @@ def _call(body: str) -> dict[str, Any] | None:
     }
 
 
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+Event = tuple  # ("content", text) | ("call", index, id, name) | ("arguments", index, text)
+
+
 class StreamSplitter:
-    """One streamed choice's text: what may go out as content now, and the held-back
-    rest from the first ``<tool_call>`` (or a prefix of it at the end) on."""
+    """One streamed choice's text, cut into events as OpenAI streams a choice: content,
+    then for each ``<tool_call>`` block a call (index, id, name) and its arguments in
+    fragments, sent as they are written.
+
+    A block goes out as it is written once it reads ``{"name": "...", "arguments": {``
+    (Hermes order, as the grammar of a forced call writes it): the arguments text streams
+    with only its possible end held back (the object's closing brace, whitespace, a
+    partial ``</tool_call>``). A block written otherwise is parsed when it closes, and sent
+    whole if it parses, else as content, as the non-streamed answer does. A block whose
+    start streamed but whose end does not parse cannot be taken back: its call keeps the
+    arguments as written. Text between and after calls is content, whitespace only
+    dropped. With ``names`` (the offered tools), an output that starts with "{" or
+    Llama 3's tag is held to its end and parsed as Llama 3's JSON call."""
 
     def __init__(self, names: set[str] | frozenset[str] = frozenset()) -> None:
         self.names = names
-        self.held = ""
-        self.holding = False
+        self.held = ""  # text not yet decided on, in the current state
+        self.state = "text"  # "text" | "block" (before its header) | "arguments" | "whole"
         self.started = False  # some content went out: no longer a whole-JSON call
+        self.num_calls = 0
+        self._sent = 0  # characters of the current block's arguments already sent
 
-    def feed(self, text: str) -> str:
-        """The part of ``text`` that is content for sure."""
-        if self.holding:
-            self.held += text
-            return ""
-        buffer = self.held + text
+    def feed(self, text: str) -> list[Event]:
+        """The events that ``text``, appended to what came before, decides."""
+        self.held += text
+        events: list[Event] = []
+        while self._step(events):
+            pass
+        return events
+
+    def finish(self) -> list[Event]:
+        """The events still to send once the choice has ended."""
+        events = self.feed("")
+        held, self.held = self.held, ""
+        if self.state == "whole":
+            content, calls = parse_tool_calls(held, self.names)
+            if calls:
+                for call in calls:
+                    events += self._whole_call(call)
+            elif content:
+                events.append(("content", content))
+        elif self.state == "block":  # never closed: it stays text, as unparsed
+            events.append(("content", CALL_OPEN + held))
+        elif self.state == "arguments":  # cut off (length): send what was written
+            end = len(held[: len(held) - _partial_prefix(held, CALL_CLOSE)].rstrip())
+            if end > self._sent:
+                events.append(("arguments", self.num_calls - 1, held[self._sent : end]))
+        elif held and not (self.num_calls and not held.strip()):
+            events.append(("content", held))
+        return events
+
+    def _step(self, events: list[Event]) -> bool:
+        """Decide what the held text allows; whether to look again (the state changed)."""
+        if self.state == "text":
+            return self._text(events)
+        if self.state == "block":
+            return self._block(events)
+        if self.state == "arguments":
+            return self._arguments(events)
+        return False  # "whole": decided at the end
+
+    def _text(self, events: list[Event]) -> bool:
+        buffer = self.held
         head = buffer.lstrip()
-        if not self.started and self.names and head:
+        if not self.started and not self.num_calls and self.names and head:
             if head.startswith(("{", PYTHON_TAG)):  # may be Llama 3's JSON call: hold it all
-                self.holding, self.held = True, buffer
-                return ""
+                self.state = "whole"
+                return False
             if PYTHON_TAG.startswith(head):  # perhaps the start of the tag: wait
-                self.held = buffer
-                return ""
+                return False
         start = buffer.find(CALL_OPEN)
         if start >= 0:
-            self.holding, self.held = True, buffer[start:]
-            return buffer[:start]
+            self._content(events, buffer[:start])
+            self.held, self.state = buffer[start + len(CALL_OPEN) :], "block"
+            return True
         keep = _partial_prefix(buffer)  # a "<tool" at the end may open a call
-        self.held = buffer[len(buffer) - keep :] if keep else ""
         out = buffer[: len(buffer) - keep]
-        self.started = self.started or bool(out.strip())
-        return out
+        if self.num_calls and not out.strip():  # whitespace after a call: wait and see
+            return False
+        self.held = buffer[len(out) :]
+        self._content(events, out)
+        return False
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(content still to send, tool calls) once the choice has ended."""
-        content, calls = parse_tool_calls(self.held, frozenset() if self.started else self.names)
-        self.held = ""
-        return content or "", calls
+    def _content(self, events: list[Event], text: str) -> None:
+        if self.num_calls and not text.strip():
+            return
+        if text:
+            events.append(("content", text))
+            self.started = self.started or bool(text.strip())
+
+    def _block(self, events: list[Event]) -> bool:
+        body = self.held
+        close = body.find(CALL_CLOSE)
+        header = _HEADER.match(body, 0, close if close >= 0 else len(body))
+        if header is not None:
+            try:
+                name = json.loads(header.group(1))
+            except ValueError:
+                name = None
+            if isinstance(name, str):
+                events.append(("call", self.num_calls, f"call_{uuid.uuid4().hex[:24]}", name))
+                self.num_calls += 1
+                self.held, self._sent, self.state = body[header.end() :], 0, "arguments"
+                return True
+        if close < 0:
+            return False
+        call = _call(body[:close].strip())
+        if call is not None:
+            events += self._whole_call(call)
+        else:
+            self._content(events, CALL_OPEN + body[: close + len(CALL_CLOSE)])
+        self.held, self.state = body[close + len(CALL_CLOSE) :], "text"
+        return True
+
+    def _arguments(self, events: list[Event]) -> bool:
+        text = self.held
+        close = text.find(CALL_CLOSE)
+        end = text[: close if close >= 0 else len(text) - _partial_prefix(text, CALL_CLOSE)]
+        end = end.rstrip()
+        end = end[:-1].rstrip() if end.endswith("}") else end  # the call object's own brace
+        if len(end) > self._sent:
+            events.append(("arguments", self.num_calls - 1, end[self._sent :]))
+            self._sent = len(end)
+        if close < 0:
+            return False
+        self.held, self.state = text[close + len(CALL_CLOSE) :], "text"
+        return True
+
+    def _whole_call(self, call: dict[str, Any]) -> list[Event]:
+        index, self.num_calls = self.num_calls, self.num_calls + 1
+        function = call["function"]
+        return [("call", index, call["id"], function["name"]),
+                ("arguments", index, function["arguments"])]
 
 
-def _partial_prefix(text: str) -> int:
-    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-n:]):
+def _partial_prefix(text: str, tag: str = CALL_OPEN) -> int:
+    """How many characters at the end of ``text`` may begin ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0

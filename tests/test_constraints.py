@@ -180,17 +180,68 @@ def test_tool_calls_are_parsed_out_of_the_text() -> None:
     )
 
 
+def _stream(splitter: StreamSplitter, text: str, size: int) -> list:
+    events = []
+    for i in range(0, len(text), size):
+        events += splitter.feed(text[i : i + size])
+    return events + splitter.finish()
+
+
+def _replay(events: list) -> tuple[str, list[tuple[str, str, str]]]:
+    """What a client puts together from the deltas: content, and (id, name, arguments)
+    per call index."""
+    content, calls = "", {}
+    for event in events:
+        if event[0] == "content":
+            content += event[1]
+        elif event[0] == "call":
+            assert event[1] == len(calls)  # indexes count up from 0, each opened once
+            calls[event[1]] = [event[2], event[3], ""]
+        else:
+            calls[event[1]][2] += event[2]
+    return content, [tuple(c) for c in calls.values()]
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 1000])
-def test_the_stream_splitter_holds_back_calls_at_any_chunking(size) -> None:
-    splitter = StreamSplitter()
-    streamed = "".join(splitter.feed(OUTPUT[i : i + size]) for i in range(0, len(OUTPUT), size))
-    rest, calls = splitter.finish()
-    assert (streamed + rest).strip() == "Let me look."
-    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+def test_the_stream_splitter_gives_the_parsed_calls_at_any_chunking(size) -> None:
+    content, calls = _replay(_stream(StreamSplitter(), OUTPUT, size))
+    assert content.strip() == "Let me look."
+    expected = parse_tool_calls(OUTPUT)[1]
+    assert [(name, json.loads(args)) for _, name, args in calls] == [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in expected
+    ]
+    assert len({call_id for call_id, _, _ in calls}) == 2
     plain = StreamSplitter()
     text = "a < b, and <tool is not a call"
-    out = "".join(plain.feed(text[i : i + size]) for i in range(0, len(text), size))
-    assert out + plain.finish()[0] == text
+    assert _replay(_stream(plain, text, size)) == (text, [])
+
+
+def test_arguments_stream_as_they_are_written() -> None:
+    """The call opens once its name is read, and each argument fragment goes out as soon
+    as it cannot be the call's own closing brace or tag: a client sees a long call grow."""
+    splitter = StreamSplitter()
+    assert splitter.feed("<tool_call>\n") == []
+    assert splitter.feed('{"name": "get_weather", "arguments": ') == []  # no "{" yet
+    opened = splitter.feed('{"city": "Pa')
+    assert [e[0] for e in opened] == ["call", "arguments"]
+    assert opened[0][1] == 0 and opened[0][3] == "get_weather"
+    assert opened[1] == ("arguments", 0, '{"city": "Pa')
+    assert splitter.feed('ris"}') == [("arguments", 0, 'ris"')]  # "}" may be the call's
+    assert splitter.feed("}") == [("arguments", 0, "}")]  # the first was the arguments'
+    assert splitter.feed("\n</tool") == []
+    assert splitter.feed("_call>") == []  # the block is done, nothing more to send
+    assert splitter.finish() == []
+    assert splitter.num_calls == 1
+
+
+def test_blocks_in_another_order_or_broken_are_decided_when_they_close() -> None:
+    other = '<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>'
+    content, calls = _replay(_stream(StreamSplitter(), other, 5))
+    assert content == "" and [(n, json.loads(a)) for _, n, a in calls] == [("f", {"x": 1})]
+    broken = "<tool_call>\nnot json\n</tool_call> after"
+    assert _replay(_stream(StreamSplitter(), broken, 4)) == (broken, [])
+    unclosed = '<tool_call>\n{"na'
+    assert _replay(_stream(StreamSplitter(), unclosed, 3)) == (unclosed, [])
 
 
 @pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 3}])
@@ -212,12 +263,13 @@ def test_llama3_json_calls_parse_for_offered_tools_only(size) -> None:
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     assert parse_tool_calls(LLAMA, frozenset({"other"})) == (LLAMA, [])
     assert parse_tool_calls(LLAMA) == (LLAMA, [])  # without tools it is only text
-    splitter = StreamSplitter(names)
-    streamed = "".join(splitter.feed(LLAMA[i : i + size]) for i in range(0, len(LLAMA), size))
-    rest, calls = splitter.finish()
-    assert streamed == "" and rest == "" and calls[0]["function"]["name"] == "get_weather"
+    content, calls = _replay(_stream(StreamSplitter(names), LLAMA, size))
+    assert content == "" and [(n, json.loads(a)) for _, n, a in calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
     answer = StreamSplitter(names)  # plain text streams as it comes, even with tools
-    assert answer.feed("Sunny ") == "Sunny " and answer.feed('{"name": "get_weather"}') != ""
+    assert answer.feed("Sunny ") == [("content", "Sunny ")]
+    assert answer.feed('{"name": "get_weather"}') == [("content", '{"name": "get_weather"}')]
 
 
 def test_every_grpc_constraint_becomes_the_same_constraint() -> None:

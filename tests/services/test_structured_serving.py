@@ -117,11 +117,16 @@ def test_forced_tool_calls_validate(client, tool_choice) -> None:
     for chunk in stream:
         for c in chunk.choices:
             for d in c.delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                if d.index not in calls:  # the first delta of a call opens it, named
+                    assert d.id and d.type == "function" and d.function.name
+                entry = calls.setdefault(d.index, {"name": "", "arguments": "", "deltas": 0})
                 entry["name"] += d.function.name or ""
                 entry["arguments"] += d.function.arguments or ""
+                entry["deltas"] += bool(d.function.arguments)
             finish = c.finish_reason or finish
     assert finish == "tool_calls"
+    # the arguments came as they were written, a fragment per step, not in one piece
+    assert all(c["deltas"] > 1 for c in calls.values())
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
         (t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls
     ]

@@ -9,7 +9,14 @@ is the cost of the masks (computed on the host per step) and of the steps the ex
 no longer overlaps for constrained rows.
 
     python benchmarks/structured.py                   # default model, CPU
-    python benchmarks/structured.py --num-prompts 64 --device cuda --model <8B shape>
+    python benchmarks/structured.py --num-prompts 64 --device cuda \
+        --model random:llama-3.1-8b --tokenizer-from <dir with tokenizer.json>
+
+Random weights have no tokenizer, and a constraint needs one (the grammar is over
+token strings). ``--tokenizer-from`` lends the random shape another model's tokenizer
+(a Hugging Face directory or a model name): the grammar allows only that tokenizer's
+ids, and the logits beyond them are masked off like any disallowed token. The mask
+work per row is what it would be with the model's own tokenizer of that size.
 """
 
 from __future__ import annotations
@@ -54,9 +61,26 @@ def compile_times() -> dict:
             "cold_ms_max": 1e3 * max(cold), "cached_ms_total": 1e3 * sum(warm)}
 
 
+def lend_tokenizer(donor: str) -> None:
+    """Random weights get ``donor``'s tokenizer, in this process (the in-process engine
+    and its grammar read it through Tokenizer.load)."""
+    from tessera.common.registry import resolve_model
+    from tessera.tokenizer_svc.tokenizer import Tokenizer
+
+    source = resolve_model(donor)
+    lent = Tokenizer.load(source)
+    if lent is None:
+        raise SystemExit(f"--tokenizer-from {donor!r} has no tokenizer")
+    own = Tokenizer.load
+    Tokenizer.load = staticmethod(lambda s: lent if s.kind == "random" else own(s))
+
+
 def run(args) -> dict:
     from tessera import LLM, SamplingParams
     from tessera.common.constraints import Constraint
+
+    if args.tokenizer_from:
+        lend_tokenizer(args.tokenizer_from)
 
     SCHEMAS = load_schemas()
     # No prefix cache: the second run would find the first one's prompts cached.
@@ -100,10 +124,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tokenizer-from", default="",
+                   help="with random:<shape> weights: the model whose tokenizer they use")
     p.add_argument("--out", default="")
     args = p.parse_args()
     result = {"date": str(date.today()), "host": platform.node(), "device": args.device,
-              "model": args.model, "compile": compile_times(), "throughput": run(args)}
+              "model": args.model, "tokenizer_from": args.tokenizer_from, "compile": compile_times(), "throughput": run(args)}
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -129,7 +129,8 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
     result = {"date": str(date.today()), "host": platform.node(), "device": args.device,
-              "model": args.model, "tokenizer_from": args.tokenizer_from, "compile": compile_times(), "throughput": run(args)}
+              "model": args.model, "tokenizer_from": args.tokenizer_from,
+              "compile": compile_times(), "throughput": run(args)}
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -111,10 +111,13 @@ class Grammars:
         work grew with the batch and cost 14% of an 8B decode step at batch 64 (H100)."""
         out = np.zeros((len(matchers), self.num_words), dtype=np.int32)
         live = [(m, row) for row, m in enumerate(matchers) if not m.is_error()]
-        if live:
+        if len(live) >= PARALLEL_FROM:
             self._executor().unsafe_compute_mask_ptr(
                 live, out.ctypes.data, self.num_words * 4, len(matchers)
             )
+        else:  # a few rows: in this thread, with no handoff to the pool
+            for matcher, row in live:
+                matcher.unsafe_compute_mask_ptr(out[row].ctypes.data, self.num_words * 4)
         for row, matcher in enumerate(matchers):
             if matcher.is_error() or not out[row].any():
                 self._allow_only_eos(out[row])
@@ -136,6 +139,11 @@ class Grammars:
         for eos in self._eos_ids:
             if eos < self.vocab_size:
                 view[eos // 32] |= np.uint32(1 << (eos % 32))
+
+
+# Rows from which a step's masks go to the thread pool (benchmarks/structured.py sets
+# it past any batch to measure the masks computed one after another).
+PARALLEL_FROM = 4
 
 
 def _mask_threads() -> int:

@@ -93,3 +93,40 @@ def test_tools_go_into_the_system_turn_of_a_template_without_tools(tokenizer) ->
         "city": "Oslo"}
     with pytest.raises(ValueError, match="tools"):
         tool_messages(turns, "{not json", tokenizer.chat_template)
+
+
+def test_masks_from_the_thread_pool_equal_each_matchers_own(grammars, tokenizer) -> None:
+    """A batch large enough for the pool (executor/grammar.py PARALLEL_FROM) gives every
+    row the mask its matcher computes alone (llguidance's compute_bitmask), in its own
+    row: matchers in different states, a refused constraint and a finished one mixed in."""
+    from tessera.executor import grammar
+
+    kinds = [
+        Constraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}),
+        Constraint.choice(["red", "green", "blue"]),
+        Constraint("regex", r"[0-9]{2,4}-[a-z]+"),
+        Constraint("json_object"),
+    ]
+    prefixes = ['{"a":', "gr", "12", '{"k": "v', ""]
+    matchers = []
+    for i in range(24):
+        matcher = grammars.start(kinds[i % len(kinds)], [])
+        for token in tokenizer.encode(prefixes[i % len(prefixes)], add_special_tokens=False):
+            if token in allowed(grammars.bitmask([matcher])[0], grammars.vocab_size):
+                Grammars.advance(matcher, token)
+        matchers.append(matcher)
+    matchers[5] = grammars.start(Constraint("regex", "[unclosed"), [])  # refused: only EOS
+    done = grammars.start(Constraint.choice(["no"]), [])
+    for token in tokenizer.encode("no", add_special_tokens=False):
+        Grammars.advance(done, token)
+    matchers.append(done)
+    assert len(matchers) >= grammar.PARALLEL_FROM
+    pooled = grammars.bitmask(matchers)
+    for row, matcher in enumerate(matchers):
+        if matcher.is_error():
+            expected = set(tokenizer.eos_token_ids)
+        else:
+            own = np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)
+            expected = set(allowed(own, grammars.vocab_size))
+        assert set(allowed(pooled[row], grammars.vocab_size)) == expected, row
+    assert set(allowed(pooled[-1], grammars.vocab_size)) == set(tokenizer.eos_token_ids)

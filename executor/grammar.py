@@ -30,7 +30,6 @@ scheduler then went silent past the gateway's timeout; the lock keeps one build.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from functools import lru_cache
 
@@ -59,7 +58,6 @@ class Grammars:
         self._tokenizer = None
         self._eos_ids: tuple[int, ...] = eos_token_ids  # the tokenizer's, once it is read
         self._lock = threading.Lock()
-        self._pool = None  # llguidance's LLExecutor, on the first mask
 
     def _vocabulary(self):
         with self._lock:
@@ -104,32 +102,20 @@ class Grammars:
             matcher.consume_token(token_id)
 
     def bitmask(self, matchers: list) -> np.ndarray:
-        """[len(matchers), ceil(V / 32)] int32: each matcher's allowed next tokens.
+        """[len(matchers), ceil(V / 32)] int32: each matcher's allowed next tokens, each
+        written by llguidance straight into its row (no bytes object per row).
 
-        The rows are computed in parallel by llguidance's thread pool, which writes
-        them into the array without the GIL: one row after another, the host's mask
-        work grew with the batch and cost 14% of an 8B decode step at batch 64 (H100)."""
+        One row after another, in this thread: llguidance's thread pool (LLExecutor) was
+        measured in place of this loop and was slower (8B shape on the H100, every
+        request constrained: 0.88 of unconstrained throughput against 0.89 at batch 64,
+        0.72 against 0.80 at 256; benchmarks/RESULTS.md)."""
         out = np.zeros((len(matchers), self.num_words), dtype=np.int32)
-        live = [(m, row) for row, m in enumerate(matchers) if not m.is_error()]
-        if len(live) >= PARALLEL_FROM:
-            self._executor().unsafe_compute_mask_ptr(
-                live, out.ctypes.data, self.num_words * 4, len(matchers)
-            )
-        else:  # a few rows: in this thread, with no handoff to the pool
-            for matcher, row in live:
-                matcher.unsafe_compute_mask_ptr(out[row].ctypes.data, self.num_words * 4)
         for row, matcher in enumerate(matchers):
+            if not matcher.is_error():
+                matcher.unsafe_compute_mask_ptr(out[row].ctypes.data, self.num_words * 4)
             if matcher.is_error() or not out[row].any():
                 self._allow_only_eos(out[row])
         return out
-
-    def _executor(self):
-        with self._lock:
-            if self._pool is None:
-                import llguidance
-
-                self._pool = llguidance.LLExecutor(num_threads=_mask_threads())
-            return self._pool
 
     def _allow_only_eos(self, row: np.ndarray) -> None:
         if not any(eos < self.vocab_size for eos in self._eos_ids):
@@ -139,21 +125,6 @@ class Grammars:
         for eos in self._eos_ids:
             if eos < self.vocab_size:
                 view[eos // 32] |= np.uint32(1 << (eos % 32))
-
-
-# Rows from which a step's masks go to the thread pool (benchmarks/structured.py sets
-# it past any batch to measure the masks computed one after another).
-PARALLEL_FROM = 4
-
-
-def _mask_threads() -> int:
-    """Threads for the masks: the cores this process may use, up to 16 (a mask is tens
-    of microseconds; more threads than rows only wait)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(16, cores))
 
 
 class _Refused:

@@ -9,13 +9,14 @@ executor_start_timeout. Now only the executor the scheduler started is heard
 One launcher serves the module, in order: an undisturbed run of greedy gRPC streams
 gives each stream's tokens; then the executor is killed (SIGKILL) mid-stream, first
 alone (how long a restart takes here), then with a stray PAIR, then with a stray DEALER
-that also claims to be a ready executor and answers steps, each connected within
-moment the scheduler has seen the loss, before the new executor. Each time: the restart completes
-within its normal time (and far inside executor_start_timeout), every stream goes on
-with exactly the undisturbed tokens, the stray got nothing, and the KV pool is whole.
-Health during such a restart: the scheduler says RECOVERING, which the gateway still
-reports as SERVING (services/engine_client.py); a restart that ran out of
-executor_start_timeout would say UNAVAILABLE, NOT_SERVING, and fail this test.
+that also claims to be a ready executor and answers steps, each connected the moment
+the scheduler has seen the loss, before the new executor. Each time: the restart
+completes within its normal time (and far inside executor_start_timeout), every stream
+goes on with exactly the undisturbed tokens, the stray got nothing, and the KV pool is
+whole. Health during such a restart: the scheduler says RECOVERING and the gateway's
+health NOT_SERVING (no executor is attached; services/gateway.py), then SERVING again;
+a restart that ran out of executor_start_timeout would say UNAVAILABLE and fail this
+test.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import zmq
+from grpc_health.v1 import health_pb2
 
 from tessera.common.wire import encode
 from tessera.proto.tessera.v1 import engine_pb2
@@ -191,6 +193,8 @@ def test_a_stray_peer_during_an_executor_restart_neither_stalls_it_nor_changes_a
         assert out.code == grpc.StatusCode.OK, out.details
         assert out.tokens == expected[i], f"stream {i}: tokens lost or repeated"
     assert engine_pb2.ENGINE_STATE_UNAVAILABLE not in watch.states, seen
+    # seconds with no executor: the gateway's health (polled every 0.25 s) said so
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in watch.health, seen
     if stray != "none":
         assert strays[0].num_received == 0  # never sent a plan
         if stray == "dealer":

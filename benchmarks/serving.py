@@ -7,6 +7,11 @@ Then the in-process engine (`LLM.generate`) runs the same prompts at saturation,
 the ratio of the served saturation throughput to it says what the process split costs.
 
     python benchmarks/serving.py --num-requests 32 --rates 1 2 inf
+    python benchmarks/serving.py --workload conversational --num-requests 200 \
+        --rates 1 4 16 inf --no-in-process       # latency under load (TTFT, TPOT, e2e)
+
+Each rate's p50/p90/p99 of TTFT, TPOT, ITL and end-to-end latency, and the highest
+measured rate whose TTFT p99 and TPOT p99 stay under the objectives (--slo-*-ms).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import gc
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -35,16 +41,27 @@ ROOT = Path(__file__).resolve().parents[1]
 from tessera.proto.tessera.v1 import generate_pb2 as pb  # noqa: E402
 from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
 
+# The conversational workload (--workload conversational): lengths drawn log-normal, as
+# chat traffic is (many short turns, a long tail), and capped. Medians and spreads:
+# inputs around 250 tokens up to 2,048, outputs around 200 up to 1,024.
+CONVERSATIONAL = {"input": (250, 0.8, 2048), "output": (200, 0.7, 1024)}
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, cap: int) -> int:
+    return max(4, min(cap, int(round(rng.lognormvariate(math.log(median), sigma)))))
+
 
 def workload(args) -> list[tuple[list[int], int]]:
     rng = random.Random(args.seed)
-    return [
-        (
-            [rng.randrange(100, 49152) for _ in range(rng.randint(*args.input_len))],
-            rng.randint(*args.output_len),
-        )
-        for _ in range(args.num_requests)
-    ]
+    work = []
+    for _ in range(args.num_requests):
+        if args.workload == "conversational":
+            n_in = _lognormal(rng, *CONVERSATIONAL["input"])
+            n_out = _lognormal(rng, *CONVERSATIONAL["output"])
+        else:
+            n_in, n_out = rng.randint(*args.input_len), rng.randint(*args.output_len)
+        work.append(([rng.randrange(100, 49152) for _ in range(n_in)], n_out))
+    return work
 
 
 def pct(values: list[float], q: float) -> float:
@@ -96,6 +113,7 @@ async def run_rate(target: str, work, rate: float, seed: int) -> dict:
     tokens = sum(len(r["stamps"]) for r in results)
     assert tokens == sum(o for _, o in work), "every request must run to max_tokens"
     ttft = [r["stamps"][0] - r["start"] for r in results]
+    e2e = [r["stamps"][-1] - r["start"] for r in results]
     tpot = [
         (r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1)
         for r in results
@@ -107,10 +125,20 @@ async def run_rate(target: str, work, rate: float, seed: int) -> dict:
         "rate": "inf" if rate == float("inf") else rate,
         "seconds": wall,
         "output_tok_per_s": tokens / wall,
-        "ttft_ms": {"p50": pct(ttft, 50) * ms, "p99": pct(ttft, 99) * ms},
-        "tpot_ms": {"p50": pct(tpot, 50) * ms, "p99": pct(tpot, 99) * ms},
-        "itl_ms": {"p50": pct(itl, 50) * ms, "p99": pct(itl, 99) * ms},
+        **{
+            f"{name}_ms": {f"p{q}": pct(values, q) * ms for q in (50, 90, 99)}
+            for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e))
+        },
     }
+
+
+def within_slo(served: list[dict], ttft_ms: float, tpot_ms: float) -> float | str | None:
+    """The highest measured rate whose TTFT p99 and TPOT p99 are under the objectives."""
+    ok = [
+        s["rate"] for s in served
+        if s["ttft_ms"]["p99"] < ttft_ms and s["tpot_ms"]["p99"] < tpot_ms
+    ]  # fmt: skip
+    return max(ok, key=lambda r: float(r)) if ok else None
 
 
 def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
@@ -184,6 +212,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--target", default=None, help="a running server; else one is started")
     p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument(
+        "--workload",
+        choices=("uniform", "conversational"),
+        default="uniform",
+        help="uniform: lengths from --input-len/--output-len; conversational: log-normal "
+        "lengths (inputs ~250 up to 2,048 tokens, outputs ~200 up to 1,024)",
+    )
     p.add_argument("--input-len", type=int, nargs=2, default=(32, 256))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 64))
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, float("inf")])
@@ -205,6 +240,13 @@ def main() -> None:
         action="store_true",
         help="also serve at saturation with --no-async-scheduling, --repeat times",
     )
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT p99 objective")
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT p99 objective")
+    p.add_argument(
+        "--no-in-process",
+        action="store_true",
+        help="serve only: skip the in-process engine (latency runs)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = workload(args)
@@ -214,12 +256,22 @@ def main() -> None:
         "model": args.model,
         "device": args.device,
         "num_requests": args.num_requests,
+        "workload": args.workload,
         "input_len": list(args.input_len),
         "output_len": list(args.output_len),
+        "mean_input_len": statistics.mean(len(p) for p, _ in work),
+        "mean_output_len": statistics.mean(o for _, o in work),
         "seed": args.seed,
         "served": served,
-        "in_process": in_process(args, work),
+        "slo": {"ttft_p99_ms": args.slo_ttft_ms, "tpot_p99_ms": args.slo_tpot_ms,
+                "max_rate_within": within_slo(served, args.slo_ttft_ms, args.slo_tpot_ms)},
     }
+    if args.no_in_process:
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
+    result["in_process"] = in_process(args, work)
     # Machine drift between the two halves can swamp the difference: repeat both,
     # alternating which goes first, and compare medians.
     saturated = [max(s["output_tok_per_s"] for s in served)]

@@ -21,15 +21,15 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         raise ValueError("a sequence has no request_id")
     vocab = info.vocab_size
     prompt = list(seq.prompt_token_ids)
-    bad = [t for t in prompt if t >= vocab]
-    if bad:
+    if prompt and max(prompt) >= vocab:  # max() first: a Python loop only for the message
+        bad = [t for t in prompt if t >= vocab]
         raise ValueError(
             f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"
         )
     resumed = list(seq.resume_output_token_ids)
-    bad = [t for t in resumed if t >= vocab]
-    if bad:
+    if resumed and max(resumed) >= vocab:
+        bad = [t for t in resumed if t >= vocab]
         raise ValueError(
             f"request {request_id!r}: resumed output token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"

@@ -281,7 +281,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--steps", type=int, default=500, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=64, help="steps before measuring (churn)")
+    parser.add_argument("--warmup", type=int, default=300, help="steps before measuring churn")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", help="a commit to measure side by side")
     parser.add_argument("--json", type=Path, help="write the results here")

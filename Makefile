@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 MODEL ?= smollm2-135m-instruct
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install lock proto run serve test test-fast lint bench clean
+.PHONY: install lock proto run serve test test-fast lint bench bench-host clean
 
 # Where torch comes from. Without an NVIDIA GPU (no nvidia-smi) it is PyTorch's CPU index,
 # as in the Dockerfile: PyPI's Linux torch is the multi-GB CUDA build. With a GPU, PyPI's
@@ -74,6 +74,12 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/offline.py
+
+# The scheduler process's CPU time per step, driven by a mirror executor (no model, no
+# GPU; issue 22); `make bench-host BASELINE=main` measures that commit side by side.
+BASELINE ?=
+bench-host: install
+	$(PY) benchmarks/host_overhead.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis proto/tessera/v1/*_pb2*.py proto/tessera/v1/*_pb2*.pyi

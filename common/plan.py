@@ -124,7 +124,8 @@ class StepPlan:
     sampling: dict[str, int] = field(default_factory=dict)
     # Scheduler-side only, never sent: request id -> (its preemption count, its
     # num_computed_tokens once this step has run), for the prefix cache, which
-    # registers the full blocks a step computed only once its result is back.
+    # registers the full blocks a step computed only once its result is back. A running
+    # request is listed only when the step completes a block it has not cached.
     num_computed_after: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property

@@ -288,6 +288,228 @@ def result_from_pb(pb: engine_pb2.StepResult) -> StepResult:
     )
 
 
+# -- a step's outputs, as columns ----------------------------------------------------
+
+# finish_reason (SequenceOutput's words; "" while running) <-> TokenColumns' FinishReason
+FINISH_CODES = {
+    "": engine_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": engine_pb2.FINISH_REASON_STOP,
+    "length": engine_pb2.FINISH_REASON_LENGTH,
+    "abort": engine_pb2.FINISH_REASON_ABORT,
+    "error": engine_pb2.FINISH_REASON_ERROR,
+}
+_FINISH_NAMES = {code: name for name, code in FINISH_CODES.items()}
+_STOP = engine_pb2.FINISH_REASON_STOP
+_ERROR = engine_pb2.FINISH_REASON_ERROR
+
+
+class TokenColumnsBuilder:
+    """Outputs of sequences in, one ``TokenColumns`` out (engine.proto).
+
+    ``add`` costs a tuple and a few appends, so the scheduler can queue 256 outputs a
+    step without a protobuf object each; ``to_pb`` turns the rows into columns at once.
+    """
+
+    __slots__ = ("rows", "token_ids", "stop_token_ids", "errors", "error_kinds",
+                 "queue_rows", "queue_seconds", "logprob_rows", "logprobs")  # fmt: skip
+
+    def __init__(self) -> None:
+        # (request_id, num_new_tokens, finish code, num_prompt, num_output, num_cached)
+        self.rows: list[tuple[str, int, int, int, int, int]] = []
+        self.token_ids: list[int] = []
+        self.stop_token_ids: list[int] = []
+        self.errors: list[str] = []
+        self.error_kinds: list[str] = []
+        self.queue_rows: list[int] = []
+        self.queue_seconds: list[float] = []
+        self.logprob_rows: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(
+        self,
+        request_id: str,
+        new_token_ids: list[int],
+        finish_reason: str = "",
+        num_prompt_tokens: int = 0,
+        num_output_tokens: int = 0,
+        num_cached_tokens: int = 0,
+        stop_token_id: int | None = None,
+        queue_seconds: float = 0.0,
+        error: str = "",
+        error_kind: str = "",
+        logprobs: Sequence[TokenLogprobs] = (),
+    ) -> None:
+        """One sequence's output. ``stop_token_id`` is required with "stop"; ``error``
+        and ``error_kind`` are kept with "error" only; ``logprobs``: none, or one per
+        new token. ValueError otherwise."""
+        code = FINISH_CODES.get(finish_reason)
+        if code is None:
+            raise ValueError(f"finish_reason {finish_reason!r} is not one of {list(FINISH_CODES)}")
+        row = len(self.rows)
+        self.rows.append((request_id, len(new_token_ids), code, num_prompt_tokens,
+                          num_output_tokens, num_cached_tokens))  # fmt: skip
+        self.token_ids += new_token_ids
+        if code == _STOP:
+            if stop_token_id is None:
+                raise ValueError(f"request {request_id!r} stopped without a stop token id")
+            self.stop_token_ids.append(stop_token_id)
+        elif code == _ERROR:
+            self.errors.append(error)
+            self.error_kinds.append(error_kind)
+        if queue_seconds:
+            self.queue_rows.append(row)
+            self.queue_seconds.append(queue_seconds)
+        if logprobs:
+            if len(logprobs) != len(new_token_ids):
+                raise ValueError(
+                    f"request {request_id!r}: {len(logprobs)} logprobs for "
+                    f"{len(new_token_ids)} new tokens"
+                )
+            self.logprob_rows.append(row)
+            self.logprobs += logprobs
+
+    def add_tokens(
+        self,
+        request_id: str,
+        new_token_ids: list[int],
+        num_prompt_tokens: int,
+        num_output_tokens: int,
+        num_cached_tokens: int,
+    ) -> None:
+        """add() for the common row: a sequence that runs on, with no logprobs and no
+        queue time to report."""
+        self.rows.append((request_id, len(new_token_ids), 0, num_prompt_tokens,
+                          num_output_tokens, num_cached_tokens))  # fmt: skip
+        self.token_ids += new_token_ids
+
+    def fields(self) -> dict[str, Sequence]:
+        """The TokenColumns fields that are not empty: ``TokenColumns(**fields())``, or
+        ``EngineOutputs(tokens=fields())``, which builds it in place (no copy)."""
+        columns = zip(*self.rows, strict=True) if self.rows else [()] * 6
+        ids, counts, codes, prompts, outputs, cached = columns
+        fields = {
+            "request_ids": ids,
+            "num_new_tokens": counts,
+            "new_token_ids": self.token_ids,
+            "finish_reasons": codes,
+            "num_prompt_tokens": prompts,
+            "num_output_tokens": outputs,
+            "num_cached_tokens": cached,
+            "stop_token_ids": self.stop_token_ids,
+            "errors": self.errors,
+            "error_kinds": self.error_kinds,
+            "queue_rows": self.queue_rows,
+            "queue_seconds": self.queue_seconds,
+            "logprob_rows": self.logprob_rows,
+            "logprobs": [logprobs_to_pb(lp) for lp in self.logprobs],
+        }
+        return {name: values for name, values in fields.items() if values}
+
+    def to_pb(self) -> engine_pb2.TokenColumns:
+        return engine_pb2.TokenColumns(**self.fields())
+
+
+def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceOutput]:
+    """The per-sequence view of ``out.tokens``, row by row; WireError if its columns
+    disagree (lengths, counts, finish reasons, sparse rows)."""
+    cols = out.tokens
+    num_rows = len(cols.request_ids)
+    for name in ("num_new_tokens", "finish_reasons", "num_prompt_tokens",
+                 "num_output_tokens", "num_cached_tokens"):  # fmt: skip
+        if len(getattr(cols, name)) != num_rows:
+            raise WireError(
+                f"TokenColumns: {len(getattr(cols, name))} {name} for {num_rows} request_ids"
+            )
+    counts = list(cols.num_new_tokens)
+    if sum(counts) != len(cols.new_token_ids):
+        raise WireError(
+            f"TokenColumns: num_new_tokens add up to {sum(counts)}, but "
+            f"{len(cols.new_token_ids)} new_token_ids came"
+        )
+    reasons = []
+    for code in cols.finish_reasons:
+        name = _FINISH_NAMES.get(code)
+        if name is None:
+            raise WireError(f"TokenColumns: {code} is not a FinishReason")
+        reasons.append(name)
+    num_stops, num_errors = reasons.count("stop"), reasons.count("error")
+    if len(cols.stop_token_ids) != num_stops:
+        raise WireError(
+            f"TokenColumns: {len(cols.stop_token_ids)} stop_token_ids for {num_stops} "
+            "stopped rows"
+        )
+    if not len(cols.errors) == len(cols.error_kinds) == num_errors:
+        raise WireError(
+            f"TokenColumns: {len(cols.errors)} errors and {len(cols.error_kinds)} "
+            f"error_kinds for {num_errors} failed rows"
+        )
+    queue = dict(zip(_sparse_rows(cols.queue_rows, num_rows, "queue_rows"),
+                     _same_length(cols.queue_seconds, cols.queue_rows, "queue_seconds"),
+                     strict=True))  # fmt: skip
+    logprob_rows = _sparse_rows(cols.logprob_rows, num_rows, "logprob_rows")
+    num_logprobs = sum(counts[row] for row in logprob_rows)
+    if num_logprobs != len(cols.logprobs):
+        raise WireError(
+            f"TokenColumns: {len(cols.logprobs)} logprobs for the {num_logprobs} new "
+            "tokens of the logprob_rows"
+        )
+    for lp in cols.logprobs:
+        if len(lp.top_ids) != len(lp.top_logprobs):
+            raise WireError(
+                f"TokenLogprob: {len(lp.top_ids)} top_ids but {len(lp.top_logprobs)} "
+                "top_logprobs"
+            )
+    with_logprobs = set(logprob_rows)
+
+    outputs = []
+    token_ids, logprobs = cols.new_token_ids, cols.logprobs
+    start = next_logprob = next_stop = next_error = 0
+    for row, request_id in enumerate(cols.request_ids):
+        end = start + counts[row]
+        reason = reasons[row]
+        seq = engine_pb2.SequenceOutput(
+            request_id=request_id,
+            new_token_ids=token_ids[start:end],
+            finished=bool(reason),
+            finish_reason=reason,
+            num_prompt_tokens=cols.num_prompt_tokens[row],
+            num_output_tokens=cols.num_output_tokens[row],
+            num_cached_tokens=cols.num_cached_tokens[row],
+            queue_seconds=queue.get(row, 0.0),
+        )
+        if row in with_logprobs:
+            seq.new_logprobs.extend(logprobs[next_logprob : next_logprob + counts[row]])
+            next_logprob += counts[row]
+        if reason == "stop":
+            seq.stop_token_id = cols.stop_token_ids[next_stop]
+            next_stop += 1
+        elif reason == "error":
+            seq.error = cols.errors[next_error]
+            seq.error_kind = cols.error_kinds[next_error]
+            next_error += 1
+        outputs.append(seq)
+        start = end
+    return outputs
+
+
+def _sparse_rows(rows: Sequence[int], num_rows: int, name: str) -> list[int]:
+    """``rows``, checked to be ascending row numbers below ``num_rows``."""
+    rows = list(rows)
+    for previous, row in zip([-1, *rows], rows, strict=False):
+        if not previous < row < num_rows:
+            raise WireError(f"TokenColumns: {name} must be ascending rows below {num_rows}")
+    return rows
+
+
+def _same_length(values: Sequence, rows: Sequence[int], name: str) -> Sequence:
+    if len(values) != len(rows):
+        raise WireError(f"TokenColumns: {len(values)} {name} for {len(rows)} rows")
+    return values
+
+
 # -- helpers ---------------------------------------------------------------------
 
 _F32 = struct.Struct("<f")

@@ -115,9 +115,12 @@ class KVCacheManager:
         """Hashes of the full blocks these (running) requests compute in steps not
         back yet: scheduled, not registered."""
         found: set[bytes] = set()
-        for request in requests:
-            end = min(len(request.block_hashes), request.num_computed_tokens // self.block_size)
-            found.update(request.block_hashes[request.num_registered_blocks : end])
+        block_size = self.block_size
+        for request in requests:  # every running one, each step that admits: kept lean
+            start = request.num_registered_blocks
+            end = request.num_computed_tokens // block_size
+            if end > start:  # (a slice stops at the hashes there are)
+                found.update(request.block_hashes[start:end])
         return found
 
     def waits_for_block_in_flight(

@@ -1,7 +1,7 @@
 """Gateway messages to domain types and back, checked: an ``AddSequence`` becomes a
-``Request`` (or a ValueError naming what is wrong), a ``RequestOutput`` becomes the
-``SequenceOutput`` its gateway reads. Pure functions; the scheduler process calls them at
-its edge, so nothing a gateway sends can fail a step."""
+``Request`` (or a ValueError naming what is wrong). Pure functions; the scheduler process
+calls them at its edge, so nothing a gateway sends can fail a step. (Outputs go back as
+columns: sessions.py and common/wire.py's TokenColumnsBuilder.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import math
 
 from tessera.common.plan import SamplingOptions, check_cache_salt
 from tessera.common.sampling_fields import check_all
-from tessera.common.wire import logprobs_to_pb, sampling_from_pb, stop_from_pb
+from tessera.common.wire import sampling_from_pb, stop_from_pb
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.scheduler.outputs import RequestOutput
 from tessera.scheduler.request import Request
 
 
@@ -22,15 +21,15 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         raise ValueError("a sequence has no request_id")
     vocab = info.vocab_size
     prompt = list(seq.prompt_token_ids)
-    bad = [t for t in prompt if t >= vocab]
-    if bad:
+    if prompt and max(prompt) >= vocab:  # max() first: a Python loop only for the message
+        bad = [t for t in prompt if t >= vocab]
         raise ValueError(
             f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"
         )
     resumed = list(seq.resume_output_token_ids)
-    bad = [t for t in resumed if t >= vocab]
-    if bad:
+    if resumed and max(resumed) >= vocab:
+        bad = [t for t in resumed if t >= vocab]
         raise ValueError(
             f"request {request_id!r}: resumed output token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"
@@ -60,29 +59,6 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         # Resumed from a lost replica: recomputed like a preempted request's outputs.
         output_token_ids=resumed,
     )
-
-
-def output_to_pb(output: RequestOutput, error: str, kind: str, queue_seconds: float = 0.0
-                 ) -> engine_pb2.SequenceOutput:
-    finish_reason = output.finish_reason or ""
-    if error and output.finished:  # failed requests leave the scheduler as aborted ones
-        finish_reason = "error"
-    pb = engine_pb2.SequenceOutput(
-        request_id=output.request_id,
-        new_token_ids=output.new_token_ids,
-        new_logprobs=[logprobs_to_pb(lp) for lp in output.new_logprobs],
-        finished=output.finished,
-        finish_reason=finish_reason,
-        num_prompt_tokens=output.num_prompt_tokens,
-        num_output_tokens=output.num_output_tokens,
-        num_cached_tokens=output.num_cached_tokens,
-        error=error,
-        error_kind=kind if finish_reason == "error" else "",
-        queue_seconds=queue_seconds,
-    )
-    if output.stop_token_id is not None:
-        pb.stop_token_id = output.stop_token_id
-    return pb
 
 
 def check_sampling(s: SamplingOptions, vocab_size: int) -> None:

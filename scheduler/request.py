@@ -39,7 +39,9 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass(slots=True)
+# eq=False: a request is equal only to itself, so that finding one in a queue (remove,
+# in) compares identities, not every field of every request before it.
+@dataclass(slots=True, eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -71,20 +73,17 @@ class Request:
     # Steps in which requests that arrived later were admitted while this one waited
     # (the lpm policy's starvation bound).
     num_times_overtaken: int = 0
-    # prompt + outputs, kept alongside so reading it costs no copy per step
-    _all_token_ids: list[int] = field(init=False, repr=False)
+    # Prompt followed by outputs, kept alongside so reading it costs no copy per step.
+    # Read only: append through append_output. A plain attribute, not a property: the
+    # scheduler reads it for every running request in every step.
+    all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt followed by outputs. Read only: append through append_output."""
-        return self._all_token_ids
+        self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -105,6 +104,6 @@ class Request:
 
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)

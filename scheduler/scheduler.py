@@ -147,33 +147,72 @@ class Scheduler:
 
     def update_from_result(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         """Cache the full blocks the step computed, append sampled tokens, finish
-        requests that hit a stop, report each token."""
+        requests that hit a stop, report each token.
+
+        Runs once per step over every sampled request: the loop reads each request
+        once, and calls out only for the rare cases (a block to cache, a stop)."""
         self._check_result(plan, result)
-        for request_id, (num_preemptions, num_computed) in plan.num_computed_after.items():
-            request = self._requests.get(request_id)
-            if (
-                request is not None
-                and request.status is RequestStatus.RUNNING
-                and request.num_preemptions == num_preemptions
-            ):  # else its blocks went back while the step ran: they are not its own now
-                self.kv_cache.register_computed(request, num_computed)
+        requests = self._requests
+        running_status = RequestStatus.RUNNING
+        if plan.num_computed_after:
+            block_size = self.config.block_size
+            register_computed = self.kv_cache.register_computed
+            for request_id, (num_preemptions, num_computed) in plan.num_computed_after.items():
+                request = requests.get(request_id)
+                if (
+                    request is not None
+                    and request.status is running_status
+                    and request.num_preemptions == num_preemptions
+                    # else its blocks went back while the step ran: not its own now
+                    and min(num_computed, request.num_tokens) // block_size
+                    > request.num_registered_blocks  # a full block not cached yet
+                ):
+                    register_computed(request, num_computed)
         outputs = []
+        plan_sampling = plan.sampling
+        all_logprobs = result.logprobs
+        max_model_len = self.config.max_model_len
         for request_id, token_id in result.sampled_token_ids.items():
-            request = self._requests.get(request_id)
+            request = requests.get(request_id)
             if (
                 request is None
-                or request.status is not RequestStatus.RUNNING
-                or request.num_preemptions != plan.sampling[request_id]
+                or request.status is not running_status
+                or request.num_preemptions != plan_sampling[request_id]
             ):
                 continue  # aborted or preempted while the step ran
             request.num_pending_tokens -= 1
-            logprobs = result.logprobs.get(request_id)
-            request.append_output(token_id, logprobs)
-            status = self._stop_status(request, token_id)
-            if status is not None:
+            logprobs = all_logprobs.get(request_id) if all_logprobs else None
+            if logprobs is None:  # as request.append_output, inline
+                output_token_ids = request.output_token_ids
+                output_token_ids.append(token_id)
+                request.all_token_ids.append(token_id)
+            else:
+                request.append_output(token_id, logprobs)
+                output_token_ids = request.output_token_ids
+            stop = request.stop
+            num_outputs = len(output_token_ids)
+            if (
+                token_id in stop.stop_token_ids
+                or token_id in stop.eos_token_ids
+                or num_outputs >= stop.max_tokens
+                or len(request.all_token_ids) >= max_model_len
+            ) and (status := self._stop_status(request, token_id)) is not None:
                 self._finish(request, status)
-            new_logprobs = [] if logprobs is None else [logprobs]
-            outputs.append(_output(request, [token_id], new_logprobs))
+                outputs.append(_output(request, [token_id], [] if logprobs is None else [logprobs]))
+                continue
+            outputs.append(
+                RequestOutput(
+                    request_id,
+                    [token_id],
+                    [] if logprobs is None else [logprobs],
+                    False,
+                    None,
+                    None,
+                    len(request.prompt_token_ids),
+                    num_outputs,
+                    request.num_cached_tokens or 0,
+                )
+            )
         return outputs
 
     # -- state, for the engine loop and tests ------------------------------------
@@ -270,34 +309,63 @@ class Scheduler:
     def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
         """Decodes and prefill chunks of running requests, smallest key first.
 
-        Returns the budget left and whether any request was preempted.
+        Returns the budget left and whether any request was preempted. The plan lists a
+        running request's blocks only when it gets new ones: the executor keeps the
+        table it has (and a new executor gets every table whole: requeue_running).
+        Runs once per step over every running request, so the common case (a decode
+        whose block has room) is kept to a few attribute reads.
         """
         preempted = False
+        running = self.running
+        block_size = self.config.block_size
+        max_model_len = self.config.max_model_len
+        num_scheduled_tokens = plan.num_scheduled_tokens
+        sampling = plan.sampling
+        num_computed_after = plan.num_computed_after if self.kv_cache.enable_caching else None
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_known = request.num_tokens + request.num_pending_tokens
-            num_new = min(num_known - request.num_computed_tokens, budget)
+        while index < len(running) and budget > 0:
+            request = running[index]
             pending = request.num_pending_tokens
+            num_known = len(request.all_token_ids) + pending
+            num_computed = request.num_computed_tokens
+            num_new = min(num_known - num_computed, budget)
             if (
                 num_new == 0
                 or pending >= MAX_PENDING_TOKENS
-                or (pending and self._pending_ends(request))
+                or (  # the pending token ends it by length: nothing follows it
+                    pending
+                    and (
+                        len(request.output_token_ids) + pending >= request.stop.max_tokens
+                        or num_known >= max_model_len
+                    )
+                )
             ):  # its tokens are not back yet, or the pending one ends the request
                 index += 1
                 continue
-            while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
-                # Requests before index are scheduled and have smaller keys, so the
-                # largest key left is at the end: a later one, or this one.
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            if new_block_ids is None:
-                break  # it preempted itself, and it was the last one
-            plan.cached_requests.append(CachedRequestData(request.request_id, new_block_ids))
-            self._commit(plan, request, num_new)
+            if num_computed + num_new > len(request.block_ids) * block_size:
+                while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
+                    # Requests before index are scheduled and have smaller keys, so the
+                    # largest key left is at the end: a later one, or this one.
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is request:
+                        break
+                if new_block_ids is None:
+                    break  # it preempted itself, and it was the last one
+                plan.cached_requests.append(CachedRequestData(request.request_id, new_block_ids))
+            # As _commit, inline.
+            request_id = request.request_id
+            num_scheduled_tokens[request_id] = num_new
+            request.num_computed_tokens = num_computed = num_computed + num_new
+            if (
+                num_computed_after is not None
+                and num_computed // block_size > request.num_registered_blocks
+            ):  # it completes a block not cached yet (a decode: once per block_size steps)
+                num_computed_after[request_id] = (request.num_preemptions, num_computed)
+            if num_computed == num_known:
+                request.num_pending_tokens = pending + 1  # this step samples one
+                sampling[request_id] = request.num_preemptions
             budget -= num_new
             index += 1
         return budget, preempted
@@ -399,12 +467,6 @@ class Scheduler:
             request.num_pending_tokens += 1  # this step samples one
             plan.sampling[request.request_id] = request.num_preemptions
 
-    def _pending_ends(self, request: Request) -> bool:
-        """Whether the pending token ends the request by length (so nothing follows)."""
-        num_outputs = request.num_output_tokens + request.num_pending_tokens
-        num_tokens = request.num_tokens + request.num_pending_tokens
-        return num_outputs >= request.stop.max_tokens or num_tokens >= self.config.max_model_len
-
     def _victim_for(self, request: Request) -> Request | None:
         """The running request to preempt so a waiting one gets blocks, if any.
 
@@ -498,6 +560,8 @@ class Scheduler:
     def _check_result(self, plan: StepPlan, result: StepResult) -> None:
         """Raise RuntimeError if the executor's tokens break the mirror rule: exactly
         the requests the plan samples (plan.sampling) come back with a token."""
+        if result.sampled_token_ids.keys() == plan.sampling.keys():
+            return  # the usual case, in one comparison; else find what differs
         for request_id in result.sampled_token_ids:
             if request_id not in plan.sampling:
                 scheduled = request_id in plan.num_scheduled_tokens

@@ -306,8 +306,8 @@ class SchedulerServer:
             self.fail_requests(plan.num_scheduled_tokens, f"bad step result: {e}", kind="internal")
             return
         self.counters.num_generated_tokens += len(result.sampled_token_ids)
-        for output in outputs:
-            self.emit(output)
+        for output in self.sessions.route_step(outputs, self._queue_seconds):
+            self.emit(output)  # the finished ones
 
     def send_outputs(self) -> None:
         for gateway, outputs in self.sessions.take_outbox().items():
@@ -436,7 +436,7 @@ class SchedulerServer:
             self.emit(output)
 
     def reply_status(self, gateway: bytes, query_id: int, reset_prefix_cache: bool = False) -> None:
-        pending = self.sessions.outbox.pop(gateway, None)
+        pending = self.sessions.take(gateway)
         if pending is not None:  # keep the order the gateway would expect
             self.send(gateway, pending)
         num_dropped = 0
@@ -476,7 +476,7 @@ class SchedulerServer:
             self.fail_requests(
                 request_ids, f"the gateway was silent for {silence:.1f}s", kind="unavailable"
             )
-            outputs = self.sessions.outbox.pop(gateway, None)
+            outputs = self.sessions.take(gateway)
             if outputs is not None:
                 self.sessions.send(gateway, outputs, quiet=True)  # gone, most likely
 

@@ -17,9 +17,8 @@ import time
 
 import zmq
 
-from tessera.common.wire import encode
+from tessera.common.wire import TokenColumnsBuilder, encode
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.scheduler.messages import output_to_pb
 from tessera.scheduler.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ class GatewaySessions:
     def __init__(self, socket: zmq.Socket) -> None:
         self.socket = socket  # ROUTER: GatewayMessage in, EngineOutputs out
         self.owners: dict[str, bytes] = {}  # request id -> identity of its gateway
-        self.outbox: dict[bytes, engine_pb2.EngineOutputs] = {}
+        self.outbox: dict[bytes, Outgoing] = {}  # built into EngineOutputs when sent
         # Gateways that send heartbeats: identity -> (timeout, when it was last heard).
         self.watched: dict[bytes, tuple[float, float]] = {}
 
@@ -84,14 +83,80 @@ class GatewaySessions:
             gateway = self.owners.get(output.request_id)
         if gateway is None:
             return
-        pb = output_to_pb(output, error, kind, queue_seconds)
-        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).outputs.append(pb)
+        outgoing = self.outbox.get(gateway)
+        if outgoing is None:
+            outgoing = self.outbox[gateway] = Outgoing()
+        finish_reason = output.finish_reason or ""
+        if error and output.finished:  # failed requests leave the scheduler as aborted ones
+            finish_reason = "error"
+        outgoing.columns.add(
+            output.request_id,
+            output.new_token_ids,
+            finish_reason,
+            output.num_prompt_tokens,
+            output.num_output_tokens,
+            output.num_cached_tokens,
+            output.stop_token_id,
+            queue_seconds,
+            error,
+            kind,
+            output.new_logprobs,
+        )
+
+    def route_step(
+        self, outputs: list[RequestOutput], queue_seconds: dict[str, float]
+    ) -> list[RequestOutput]:
+        """route() for the unfinished outputs of a step (nearly all of them), in one
+        pass; each one's queue time is popped from ``queue_seconds``. Returns the
+        finished ones, not routed: the caller counts them, then routes each."""
+        finished = []
+        owners = self.owners
+        outbox = self.outbox
+        gateway = columns = None
+        for output in outputs:
+            if output.finished:
+                finished.append(output)
+                continue
+            request_id = output.request_id
+            owner = owners.get(request_id)
+            if owner is None:
+                continue
+            if owner != gateway:
+                gateway = owner
+                outgoing = outbox.get(gateway)
+                if outgoing is None:
+                    outgoing = outbox[gateway] = Outgoing()
+                columns = outgoing.columns
+            seconds = queue_seconds.pop(request_id, 0.0) if queue_seconds else 0.0
+            if seconds or output.new_logprobs:
+                columns.add(
+                    request_id,
+                    output.new_token_ids,
+                    "",
+                    output.num_prompt_tokens,
+                    output.num_output_tokens,
+                    output.num_cached_tokens,
+                    queue_seconds=seconds,
+                    logprobs=output.new_logprobs,
+                )
+            else:
+                columns.add_tokens(
+                    request_id,
+                    output.new_token_ids,
+                    output.num_prompt_tokens,
+                    output.num_output_tokens,
+                    output.num_cached_tokens,
+                )
+        return finished
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
         rejected = [
             engine_pb2.Rejection(request_id=rid, kind=kind, message=message) for rid in request_ids
         ]
-        self.outbox.setdefault(gateway, engine_pb2.EngineOutputs()).rejected.extend(rejected)
+        outgoing = self.outbox.get(gateway)
+        if outgoing is None:
+            outgoing = self.outbox[gateway] = Outgoing()
+        outgoing.rejected += rejected
 
     def send(self, gateway: bytes, outputs: engine_pb2.EngineOutputs, quiet: bool = False) -> bool:
         """Send now, without waiting; False if the gateway cannot be reached (logged
@@ -105,5 +170,26 @@ class GatewaySessions:
         return True
 
     def take_outbox(self) -> dict[bytes, engine_pb2.EngineOutputs]:
+        """Everything queued, as one message per gateway; the outbox is empty after."""
         outbox, self.outbox = self.outbox, {}
-        return outbox
+        return {gateway: outgoing.to_pb() for gateway, outgoing in outbox.items()}
+
+    def take(self, gateway: bytes) -> engine_pb2.EngineOutputs | None:
+        """What is queued for one gateway, as one message (None if nothing is)."""
+        outgoing = self.outbox.pop(gateway, None)
+        return None if outgoing is None else outgoing.to_pb()
+
+
+class Outgoing:
+    """The outputs and rejections queued for one gateway: a row each, until sent."""
+
+    __slots__ = ("columns", "rejected")
+
+    def __init__(self) -> None:
+        self.columns = TokenColumnsBuilder()
+        self.rejected: list[engine_pb2.Rejection] = []
+
+    def to_pb(self) -> engine_pb2.EngineOutputs:
+        if not self.columns:
+            return engine_pb2.EngineOutputs(rejected=self.rejected)
+        return engine_pb2.EngineOutputs(rejected=self.rejected, tokens=self.columns.fields())

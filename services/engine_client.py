@@ -1,6 +1,7 @@
 """The gateway's link to the scheduler: a ZeroMQ DEALER, protobuf both ways.
 
-One reader task receives ``EngineOutputs`` and hands each ``SequenceOutput`` to the
+One reader task receives ``EngineOutputs``, reads its token columns back as one
+``SequenceOutput`` per sequence (``common.wire.sequence_outputs``), and hands each to the
 queue of the request that owns it, so any number of streams share one socket. Status
 queries are answered through futures keyed by a query id. On TCP, with keys, the
 socket is a CURVE client that also checks the scheduler's public key.
@@ -31,9 +32,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from google.protobuf.message import DecodeError
 
 from tessera.common.curve import ClientKeys
+from tessera.common.wire import WireError, decode, sequence_outputs
 from tessera.proto.tessera.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -239,15 +240,15 @@ class EngineClient:
     async def _read_loop(self) -> None:
         while True:
             data = await self._sock.recv()
-            out = engine_pb2.EngineOutputs()
             try:
-                out.ParseFromString(data)
-            except DecodeError:
+                out = decode(engine_pb2.EngineOutputs, data)
+                outputs = sequence_outputs(out)
+            except WireError as e:
                 logger.warning(
-                    "dropped a malformed message from the scheduler (%d bytes)", len(data)
+                    "dropped a malformed message from the scheduler (%d bytes): %s", len(data), e
                 )
                 continue
-            for seq in out.outputs:
+            for seq in outputs:
                 queue = self._queues.get(seq.request_id)
                 if queue is not None:
                     queue.put_nowait(seq)

@@ -2,8 +2,9 @@
 
 It knows requests only through the plans it runs, applies the mirror rule of
 executor.plan as a real executor would, and checks each plan on the way: every
-scheduled request appears once (cached ones first), tokens to run exist, block
-tables have room for them, and no block is written while another table holds it.
+scheduled request appears once (running ones first, those that got blocks listed in
+cached_requests), tokens to run exist, block tables have room for them, and no block
+is written while another table holds it.
 
 It also keeps a model of the KV pool: each slot holds the context (every token up to
 and including its own) whose K/V a real model would have written there, and a
@@ -71,10 +72,17 @@ class MirrorExecutor:
                 new.num_computed_tokens,
             )
         for cached in plan.cached_requests:
+            assert cached.new_block_ids, f"{cached.request_id} listed with no new blocks"
             self.mirrors[cached.request_id].block_ids.extend(cached.new_block_ids)
-        listed = [c.request_id for c in plan.cached_requests]
-        listed += [n.request_id for n in plan.new_requests]
-        assert list(plan.num_scheduled_tokens) == listed, "plan lists disagree"
+        # Batch order: the running requests (listed in cached_requests only when they
+        # get blocks, in the same order), then the new ones.
+        new_ids = [n.request_id for n in plan.new_requests]
+        scheduled = list(plan.num_scheduled_tokens)
+        running = scheduled[: len(scheduled) - len(new_ids)]
+        assert scheduled[len(running) :] == new_ids, "plan lists disagree"
+        assert not set(running) & set(new_ids), "plan lists disagree"
+        with_blocks = [c.request_id for c in plan.cached_requests]
+        assert [r for r in running if r in set(with_blocks)] == with_blocks, "plan lists disagree"
         owners = Counter(b for m in self.mirrors.values() for b in m.block_ids)
         return self._run(plan, owners)
 

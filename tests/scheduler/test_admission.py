@@ -53,7 +53,8 @@ def seq(request_id: str, num_prompt_tokens: int = 3, max_tokens: int = 8) -> pb.
 def send(server: SchedulerServer, gateway: bytes, msg: pb.GatewayMessage) -> pb.EngineOutputs:
     """Handle one message; what it queued for that gateway (taken from the outbox)."""
     server.handle_message([gateway, msg.SerializeToString()])
-    return server.sessions.outbox.pop(gateway, pb.EngineOutputs())
+    out = server.sessions.take(gateway)
+    return pb.EngineOutputs() if out is None else out
 
 
 def add(server: SchedulerServer, gateway: bytes, *sequences: pb.AddSequence) -> pb.EngineOutputs:

@@ -10,6 +10,7 @@ import threading
 import pytest
 import zmq
 
+from tessera.common.wire import sequence_outputs
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tessera.scheduler.config import SchedulerServerConfig
 from tessera.scheduler.server import SchedulerServer
@@ -44,7 +45,7 @@ class Replica:
         outputs, rejected = [], []
         for _ in range(max_steps):
             for out in self.server.sessions.take_outbox().values():
-                outputs.extend(out.outputs)
+                outputs.extend(sequence_outputs(out))
                 rejected.extend(out.rejected)
             if outputs and outputs[-1].finished or rejected:
                 break

@@ -88,7 +88,12 @@ def new_ids(plan: StepPlan) -> list[str]:
 
 
 def cached_blocks(plan: StepPlan) -> dict[str, list[int]]:
-    return {c.request_id: c.new_block_ids for c in plan.cached_requests}
+    """Blocks appended this step to each running request scheduled (none for most: the
+    plan lists only the requests that got some)."""
+    listed = {c.request_id: c.new_block_ids for c in plan.cached_requests}
+    assert all(listed.values()), "a request listed with no new blocks"
+    new = set(new_ids(plan))
+    return {rid: listed.get(rid, []) for rid in plan.num_scheduled_tokens if rid not in new}
 
 
 # -- admission, batching, budgets ------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from tessera.common.wire import TokenColumnsBuilder
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tessera.services.engine_client import EngineUnavailable
 from tessera.services.engine_pool import EnginePool, link_address, resolve, split_addresses
@@ -70,10 +71,10 @@ class FakeScheduler:
 
     async def emit(self, rid: str, tokens: list[int], finished: bool = False,
                    num_output_tokens: int = 0) -> None:
-        out = pb.SequenceOutput(request_id=rid, new_token_ids=tokens, finished=finished,
-                                finish_reason="length" if finished else "",
-                                num_output_tokens=num_output_tokens)  # fmt: skip
-        await self._send(self.owner[rid], pb.EngineOutputs(outputs=[out]))
+        columns = TokenColumnsBuilder()
+        columns.add(rid, tokens, "length" if finished else "",
+                    num_output_tokens=num_output_tokens)  # fmt: skip
+        await self._send(self.owner[rid], pb.EngineOutputs(tokens=columns.to_pb()))
 
     def adds(self) -> list[pb.AddSequence]:
         return [s for m in self.received if m.WhichOneof("kind") == "add"

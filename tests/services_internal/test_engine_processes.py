@@ -50,6 +50,7 @@ from tessera.common.wire import (
     result_to_pb,
     sampling_from_pb,
     sampling_to_pb,
+    sequence_outputs,
     stop_from_pb,
     stop_to_pb,
 )
@@ -171,8 +172,8 @@ class Gateway:
     def recv(self, timeout: float) -> None:
         if not self.socket.poll(max(int(timeout * 1000), 1)):
             return
-        out = pb.EngineOutputs.FromString(self.socket.recv())
-        for o in out.outputs:
+        out = decode(pb.EngineOutputs, self.socket.recv())
+        for o in sequence_outputs(out):
             if o.request_id not in self.sent:
                 self.foreign.append(o.request_id)
             seq = self.seqs.setdefault(o.request_id, Received())

@@ -1,0 +1,197 @@
+"""A step's outputs as columns (engine.proto TokenColumns, issue 22): what the scheduler
+queues with TokenColumnsBuilder comes back from the bytes, through
+``common.wire.sequence_outputs``, as exactly the SequenceOutputs a message per sequence
+carried; columns that disagree are a WireError, never a wrong stream."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tessera.common.plan import TokenLogprobs
+from tessera.common.wire import (
+    FINISH_CODES,
+    TokenColumnsBuilder,
+    WireError,
+    decode,
+    encode,
+    logprobs_to_pb,
+    sequence_outputs,
+)
+from tessera.proto.tessera.v1 import engine_pb2 as pb
+
+_u32 = st.integers(0, 2**32 - 1)
+_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+token_logprobs = st.builds(
+    TokenLogprobs,
+    token_id=_u32,
+    logprob=_f32,
+    rank=_u32,
+    top=st.lists(st.tuples(_u32, _f32), max_size=3).map(tuple),
+)
+
+
+@st.composite
+def rows(draw) -> dict:
+    """One sequence's output, as the scheduler reports it."""
+    tokens = draw(st.lists(_u32, max_size=3))
+    reason = draw(st.sampled_from(list(FINISH_CODES)))
+    with_logprobs = tokens and draw(st.booleans())
+    return {
+        "request_id": draw(st.text(max_size=12)),
+        "new_token_ids": tokens,
+        "finish_reason": reason,
+        "num_prompt_tokens": draw(_u32),
+        "num_output_tokens": draw(_u32),
+        "num_cached_tokens": draw(_u32),
+        "stop_token_id": draw(_u32) if reason == "stop" else None,
+        "queue_seconds": draw(st.just(0.0) | st.floats(0, 1e6, width=32)),
+        "error": draw(st.text(max_size=20)) if reason == "error" else "",
+        "error_kind": draw(st.sampled_from(["internal", "unavailable"])) if reason == "error"
+        else "",
+        "logprobs": draw(st.lists(token_logprobs, min_size=len(tokens), max_size=len(tokens)))
+        if with_logprobs else [],
+    }  # fmt: skip
+
+
+def expected_output(row: dict) -> pb.SequenceOutput:
+    """The SequenceOutput a message of its own carried for this row (before columns)."""
+    seq = pb.SequenceOutput(
+        request_id=row["request_id"],
+        new_token_ids=row["new_token_ids"],
+        new_logprobs=[logprobs_to_pb(lp) for lp in row["logprobs"]],
+        finished=bool(row["finish_reason"]),
+        finish_reason=row["finish_reason"],
+        num_prompt_tokens=row["num_prompt_tokens"],
+        num_output_tokens=row["num_output_tokens"],
+        num_cached_tokens=row["num_cached_tokens"],
+        error=row["error"],
+        error_kind=row["error_kind"],
+        queue_seconds=row["queue_seconds"],
+    )
+    if row["stop_token_id"] is not None:
+        seq.stop_token_id = row["stop_token_id"]
+    return seq
+
+
+def through_bytes(builder: TokenColumnsBuilder) -> list[pb.SequenceOutput]:
+    data = encode(pb.EngineOutputs(tokens=builder.fields()))
+    return sequence_outputs(decode(pb.EngineOutputs, data))
+
+
+@given(st.lists(rows(), max_size=8))
+def test_columns_round_trip_to_the_sequence_outputs(drawn):
+    builder = TokenColumnsBuilder()
+    for row in drawn:
+        if row["finish_reason"] or row["queue_seconds"] or row["logprobs"] or row["error"]:
+            builder.add(**row)
+        else:  # the running row's shortcut must read back the same
+            builder.add_tokens(row["request_id"], row["new_token_ids"], row["num_prompt_tokens"],
+                               row["num_output_tokens"], row["num_cached_tokens"])  # fmt: skip
+    assert len(builder) == len(drawn)
+    assert through_bytes(builder) == [expected_output(row) for row in drawn]
+    assert builder.to_pb() == pb.EngineOutputs(tokens=builder.fields()).tokens
+
+
+def test_a_message_without_columns_has_no_outputs():
+    assert sequence_outputs(pb.EngineOutputs(status=pb.StatusReply(query_id=3))) == []
+
+
+def test_the_builder_refuses_rows_it_could_not_encode():
+    builder = TokenColumnsBuilder()
+    with pytest.raises(ValueError, match="finish_reason 'done'"):
+        builder.add("a", [1], "done")
+    with pytest.raises(ValueError, match="without a stop token id"):
+        builder.add("a", [1], "stop")
+    with pytest.raises(ValueError, match="2 logprobs for 1 new tokens"):
+        builder.add("a", [1], logprobs=[TokenLogprobs(1, -0.1, 1, ())] * 2)
+
+
+def valid_columns() -> pb.TokenColumns:
+    """Four rows: running with a queue time and logprobs, stopped, failed, running."""
+    builder = TokenColumnsBuilder()
+    lp = TokenLogprobs(7, -0.25, 1, ((7, -0.25), (8, -2.0)))
+    builder.add("a", [7, 9], "", 5, 2, 0, queue_seconds=0.5, logprobs=[lp, lp])
+    builder.add("b", [2], "stop", 3, 4, 0, stop_token_id=2)
+    builder.add("c", [], "error", 3, 1, 0, error="step failed", error_kind="internal")
+    builder.add_tokens("d", [11], 6, 1, 4)
+    return builder.to_pb()
+
+
+def test_the_fixture_reads_back():
+    outputs = sequence_outputs(pb.EngineOutputs(tokens=valid_columns()))
+    assert [o.request_id for o in outputs] == ["a", "b", "c", "d"]
+    assert [list(o.new_token_ids) for o in outputs] == [[7, 9], [2], [], [11]]
+    assert [o.finish_reason for o in outputs] == ["", "stop", "error", ""]
+    assert outputs[0].queue_seconds == 0.5 and len(outputs[0].new_logprobs) == 2
+    assert outputs[1].HasField("stop_token_id") and outputs[1].stop_token_id == 2
+    assert not outputs[0].HasField("stop_token_id")
+    assert (outputs[2].error, outputs[2].error_kind) == ("step failed", "internal")
+    assert outputs[3].num_cached_tokens == 4 and not outputs[3].finished
+
+
+def _drop_last(field: str):
+    def mutate(cols: pb.TokenColumns) -> None:
+        del getattr(cols, field)[-1]
+
+    return mutate
+
+
+def _append(field: str, value):
+    def mutate(cols: pb.TokenColumns) -> None:
+        getattr(cols, field).append(value)
+
+    return mutate
+
+
+def _set(field: str, values: list):
+    def mutate(cols: pb.TokenColumns) -> None:
+        del getattr(cols, field)[:]
+        getattr(cols, field).extend(values)
+
+    return mutate
+
+
+def _top_mismatch(cols: pb.TokenColumns) -> None:
+    cols.logprobs[0].top_ids.append(3)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_drop_last("num_new_tokens"), "3 num_new_tokens for 4 request_ids"),
+        (_append("finish_reasons", 0), "5 finish_reasons for 4 request_ids"),
+        (_drop_last("num_prompt_tokens"), "num_prompt_tokens for 4"),
+        (_drop_last("num_output_tokens"), "num_output_tokens for 4"),
+        (_drop_last("num_cached_tokens"), "num_cached_tokens for 4"),
+        (_append("new_token_ids", 5), "add up to 4, but 5 new_token_ids"),
+        (_set("finish_reasons", [0, 1, 4, 9]), "9 is not a FinishReason"),
+        (_set("finish_reasons", [0, 0, 4, 0]), "1 stop_token_ids for 0 stopped rows"),
+        (_set("finish_reasons", [0, 1, 0, 0]), "1 errors and 1 error_kinds for 0 failed"),
+        (_drop_last("error_kinds"), "1 errors and 0 error_kinds"),
+        (_set("queue_rows", [4]), "queue_rows must be ascending rows below 4"),
+        (_set("queue_rows", [1, 0]), "queue_rows must be ascending"),
+        (_append("queue_seconds", 1.0), "2 queue_seconds for 1 rows"),
+        (_set("logprob_rows", [0, 0]), "logprob_rows must be ascending"),
+        (_set("logprob_rows", [3]), "2 logprobs for the 1 new tokens"),
+        (_drop_last("logprobs"), "1 logprobs for the 2 new tokens"),
+        (_top_mismatch, "3 top_ids but 2 top_logprobs"),
+    ],
+)
+def test_columns_that_disagree_are_a_wire_error(mutate, message):
+    cols = valid_columns()
+    mutate(cols)
+    data = encode(pb.EngineOutputs(tokens=cols))
+    out = decode(pb.EngineOutputs, data)  # well-formed protobuf: the columns are checked
+    with pytest.raises(WireError, match=message):
+        sequence_outputs(out)
+
+
+def test_the_old_per_sequence_field_is_gone_from_the_wire():
+    """A scheduler of the old wire (field 1, one SequenceOutput each) is refused by
+    name, not half-read: decode() rejects fields this version does not know."""
+    old = pb.SequenceOutput(request_id="a", new_token_ids=[1]).SerializeToString()
+    data = b"\x0a" + bytes([len(old)]) + old  # field 1, length-delimited
+    with pytest.raises(WireError, match="does not know"):
+        decode(pb.EngineOutputs, data)

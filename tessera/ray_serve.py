@@ -86,6 +86,20 @@ def check_room(config: ServeConfig, resources: dict[str, float], gpus: bool) -> 
             )
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ConfigError unless the cluster's HOST:PORT (GCS) takes a TCP connection; "auto"
+    and ray:// addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot join the Ray cluster at {address} (--ray-address, "
+                          f"RAY_ADDRESS): {e}; is `ray start --head` running there?") from None
+
+
 def write_listing(path: str, addresses: list[str]) -> None:
     """The gateway's replica list, replaced whole (it never reads half a file)."""
     tmp = f"{path}.tmp"
@@ -230,6 +244,8 @@ class RayReplicas:
         except ImportError:
             raise ConfigError("--cluster ray needs Ray: pip install 'tessera[ray]'") from None
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+        # Ray waits minutes for a cluster that is not there: ask its port first.
+        check_reachable(address)
         try:
             ray.init(address=address, namespace=config.ray_namespace,
                      logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip

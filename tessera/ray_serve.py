@@ -45,6 +45,7 @@ import zmq
 
 from tessera.common.curve import certificate_text
 from tessera.common.preflight import EXIT_CONFIG, ConfigError
+from tessera.common.process import exit_with_parent
 
 if TYPE_CHECKING:  # tessera.serve imports this module, on this path only
     from tessera.serve import ServeConfig
@@ -142,7 +143,14 @@ class EngineReplica:
         cmd = [sys.executable, "-P", "-m", "tessera.scheduler", *flags,
                "--gateway-address", address, "--curve-secret-key-file", secret_path,
                "--curve-authorized-keys", authorized_path]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, env={**os.environ, **env})
+        # Through a guard: a killed actor's worker SIGKILLs its children and its process
+        # group on the way out (Ray's kill_child_processes_on_worker_exit and process
+        # group cleanup), which would leave the scheduler no time to end its streams (as
+        # unavailable, so that the gateway resumes them at once) or to remove its private
+        # socket directory. The guard takes that SIGKILL; the scheduler, its child in a
+        # session of its own, gets SIGTERM (PDEATHSIG) and stops cleanly.
+        guard = [sys.executable, "-P", "-m", "tessera.ray_serve", "--guard", "--"]
+        self._proc = subprocess.Popen(guard + cmd, env={**os.environ, **env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
@@ -154,7 +162,7 @@ class EngineReplica:
         return {"exit_code": self.stop(), "timed_out": True}
 
     def wait(self) -> int:
-        """Blocks until the scheduler exits; its exit code (negative: a signal)."""
+        """Blocks until the scheduler exits; its exit code (128 + N: signal N)."""
         assert self._proc is not None, "start() first"
         return self._proc.wait()
 
@@ -186,6 +194,23 @@ class DeviceLease:
         import ray
 
         return [str(i) for i in ray.get_gpu_ids()]
+
+
+def guard(argv: list[str]) -> int:
+    """Run ``argv`` as a child in a session (and process group) of its own and wait for
+    it; SIGTERM and SIGINT are passed on, and the guard follows its parent (the actor):
+    SIGTERM when it dies. Returns the child's exit code, 128 + N if signal N ended it."""
+    exit_with_parent()
+    child = subprocess.Popen(argv, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
 
 
 def _free_port(host: str) -> int:
@@ -234,6 +259,9 @@ class RayReplicas:
         self._listed: list[str] = []
         self._last_placing_log = time.monotonic()
         self.scheduler_flags: list[str] = []
+        # Actors are named RUN-replica-R.N (the N-th making of replica R), so that
+        # `ray list actors` and ray.util.list_named_actors tell runs and makings apart.
+        self.run_name = f"tessera-{os.getpid()}-{int(time.time())}"
 
     @classmethod
     def connect(cls, config: ServeConfig) -> RayReplicas:
@@ -309,7 +337,6 @@ class RayReplicas:
             logger.warning("Ray has not placed replicas %s yet (each needs %s)", placing,
                            replica_bundles(self.config, self.gpus))
             self._last_placing_log = time.monotonic()
-        self.scheduler_flags: list[str] = []
         return None
 
     def close(self) -> None:
@@ -393,6 +420,7 @@ class RayReplicas:
         replica.actor = ray.remote(EngineReplica).options(
             num_cpus=bundles[0]["CPU"], num_gpus=0, max_concurrency=2,  # wait() with stop()
             scheduling_strategy=in_bundle(0),
+            name=f"{self.run_name}-replica-{replica.index}.{replica.restarts}",
         ).remote()  # fmt: skip
         flags = self.scheduler_flags
         scheduler_secret = certificate_text(*self._scheduler_pair)
@@ -435,3 +463,9 @@ class RayReplicas:
         if addresses != self._listed:
             write_listing(self.listing, addresses)
             self._listed = addresses
+
+
+if __name__ == "__main__":  # python -m tessera.ray_serve --guard -- COMMAND...
+    if sys.argv[1:3] != ["--guard", "--"] or len(sys.argv) < 4:
+        sys.exit("usage: python -m tessera.ray_serve --guard -- COMMAND...")
+    sys.exit(guard(sys.argv[3:]))

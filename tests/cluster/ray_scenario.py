@@ -116,8 +116,17 @@ def main(out_path: str, work: str) -> None:
         if launcher is not None and launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, stdout=log,
-                       stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
+        stop = subprocess.Popen([str(bin_dir / "ray"), "stop"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        # Ray's daemons are orphans of this PID 1: reap them as they exit, or ray stop
+        # would wait out its grace period for zombies
+        deadline = time.monotonic() + 120
+        while stop.poll() is None and time.monotonic() < deadline:
+            reap(keep={stop.pid})
+            time.sleep(0.1)
+        if stop.poll() is None:
+            stop.kill()
+        stop.wait()
         log.close()
     result["left"] = leftovers()
     result["files_left"] = sorted(os.listdir(tmp))
@@ -175,7 +184,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        reap()
         time.sleep(0.5)
 
 
@@ -201,13 +209,21 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def reap() -> None:
-    """PID 1 adopts orphans (Ray's daemons): collect the ones that exited."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
+def reap(keep: frozenset[int] | set[int] = frozenset()) -> None:
+    """PID 1 adopts orphans (Ray's daemons): collect the ones that exited, but not
+    ``keep``, children whose exit code a Popen still waits for."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in keep:
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            try:
+                os.waitpid(int(name), os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def leftovers() -> list[str]:

@@ -182,8 +182,16 @@ class EngineReplica:
         return code
 
     def pids(self) -> list[int]:
-        """This actor's process and its scheduler's (for tests and logs)."""
-        return [os.getpid()] + ([self._proc.pid] if self._proc is not None else [])
+        """This actor's process, its guard's and its scheduler's (for tests and logs)."""
+        if self._proc is None:
+            return [os.getpid()]
+        guard = self._proc.pid
+        try:
+            with open(f"/proc/{guard}/task/{guard}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            children = []
+        return [os.getpid(), guard, *children]
 
 
 class DeviceLease:

@@ -100,7 +100,7 @@ def main(out_path: str, work: str) -> None:
         names = sorted(ray.util.list_named_actors())
         result["actors_before"] = names
         victim = ray.get_actor(next(n for n in names if n.endswith("-replica-1.0")))
-        victim_pids = ray.get(victim.pids.remote())
+        victim_pids = result["victim_pids"] = ray.get(victim.pids.remote())
         result.update(asyncio.run(streams(stub, victim, ray)))
         result["victim_pids_alive"] = [p for p in victim_pids if alive(p)]
         # the supervisor makes replica 1 again, and the gateway links to it

@@ -89,6 +89,7 @@ def test_two_ray_replicas_one_actor_killed_mid_stream_every_stream_token_exact(
     assert len(r["schedulers"]) == len(r["schedulers_after"]) == 2
 
     # the killed actor and its scheduler are gone; replica 1 was made again
+    assert len(r["victim_pids"]) == 3, r["victim_pids"]  # the actor, its guard, its scheduler
     assert r["victim_pids_alive"] == []
     made = sorted(name.rpartition("-replica-")[2] for name in r["actors_after"])
     assert made == ["0.0", "1.1"], r["actors_after"]

@@ -6,8 +6,10 @@ is tests/cluster/test_ray.py."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,35 @@ def test_without_ray_installed_it_says_how_to_get_it(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "--cluster ray needs Ray: pip install 'tessera[ray]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_guard_passes_sigterm_on_and_its_child_outlives_a_sigkill_of_it_cleanly(tmp_path):
+    """What a killed Ray actor does to its children (SIGKILL, to them and its process
+    group) stops at the guard: the scheduler, in a session of its own, gets SIGTERM."""
+    marker = tmp_path / "stopped"
+    child = (f"import signal, sys, time, pathlib\n"
+             f"def stop(*_):\n    pathlib.Path({str(marker)!r}).write_text('clean')\n"
+             f"    sys.exit(3)\n"
+             f"signal.signal(signal.SIGTERM, stop)\n"
+             f"from tessera.common.process import exit_with_parent\nexit_with_parent()\n"
+             f"print('up', flush=True)\ntime.sleep(60)\n")  # fmt: skip
+
+    def start() -> subprocess.Popen:  # a group of its own, as a Ray worker has
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "tessera.ray_serve", "--guard",
+                                 "--", sys.executable, "-c", child],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stdout.readline() == "up\n"
+        return proc
+
+    guard = start()  # SIGTERM: passed on; the child's exit code comes back
+    guard.send_signal(signal.SIGTERM)
+    assert guard.wait(20) == 3 and marker.read_text() == "clean"
+    marker.unlink()
+    guard = start()  # SIGKILL of the guard's process group: the child stops cleanly
+    os.killpg(guard.pid, signal.SIGKILL)
+    assert guard.wait(20) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the guard's child did not get SIGTERM"
+        time.sleep(0.05)
+    assert marker.read_text() == "clean"

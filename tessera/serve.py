@@ -8,7 +8,10 @@
 With ``--replicas N`` the engine (a scheduler with its executor ranks) runs N times,
 each with its own KV cache, and the gateway routes every request to one of them
 (``--routing-policy``; services.routing) and resumes the streams of a replica that dies
-on another (services.engine_pool) while the launcher restarts it.
+on another (services.engine_pool) while the launcher restarts it. With ``--cluster ray``
+the replicas are Ray actors on a running cluster instead (tessera.ray_serve, an
+``EngineCluster``): the tokenizers and the gateway still run here, and this loop calls
+the cluster's ``check`` every tick.
 
 The internal links stay on unix sockets in ``run_dir``; the public ports get the API
 key (passed in the gateway's environment) and, with ``--tls-cert-file`` and

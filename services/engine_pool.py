@@ -166,6 +166,8 @@ class EnginePool:
         self._routed: list[int] = []
         self._resumed: list[int] = []
         self._retired: set[int] = set()  # replicas a file stopped listing
+        self._file_listed: set[str] = set()  # addresses a file ever listed
+        self._refused: set[str] = set()  # beyond loopback without keys: said once
         self._queues: dict[str, asyncio.Queue] = {}  # sequence id -> its request's queue
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -175,7 +177,9 @@ class EnginePool:
     # -- life ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._add_replicas(await resolve(self._entries))
+        addresses = await resolve(self._entries)
+        self._note_file_listed()
+        self._add_replicas(addresses)
         if any(e.startswith((DNS_PREFIX, FILE_PREFIX)) for e in self._entries):
             self._resolver = asyncio.get_running_loop().create_task(self._resolve_loop())
 
@@ -195,7 +199,9 @@ class EnginePool:
                 check_link(address, self._curve is not None,
                            "--curve-secret-key-file and --curve-server-key-file")
             except ValueError as e:
-                logger.error("engine replica %s skipped: %s", address, e)
+                if address not in self._refused:
+                    self._refused.add(address)
+                    logger.error("engine replica %s skipped: %s", address, e)
                 continue
             live.add(address)
             client = EngineClient(address, curve=self._curve, **self._client_options)
@@ -214,9 +220,17 @@ class EnginePool:
             await asyncio.sleep(self._resolve_interval)
             addresses = await resolve(self._entries)
             self._add_replicas(addresses)
-            if self._has_file:  # the list is the whole truth: retire what left it
-                self._retire([i for i, a in enumerate(self.addresses)
-                              if a not in addresses and i not in self._retired])
+            if self._has_file:  # a file is the whole truth: retire what left it
+                self._note_file_listed()
+                self._retire([i for i, a in enumerate(self.addresses) if a not in addresses
+                              and a in self._file_listed and i not in self._retired])
+
+    def _note_file_listed(self) -> None:
+        """Remember what the files list: only such an address is retired when it leaves
+        (one named on the command line, or a DNS name's, never is)."""
+        for entry in self._entries:
+            if entry.startswith(FILE_PREFIX):
+                self._file_listed.update(read_address_file(entry.removeprefix(FILE_PREFIX)))
 
     def _retire(self, indices: list[int]) -> None:
         """Replicas no longer listed: no new requests; their open sequences are resumed

@@ -332,6 +332,33 @@ def test_a_replica_list_in_a_file_is_followed_and_what_leaves_it_is_resumed(tmp_
     assert read_address_file(str(tmp_path / "missing")) == []
 
 
+def test_a_file_listing_none_retires_its_replicas_and_a_named_one_stays(tmp_path):
+    listing = tmp_path / "replicas"
+    addresses = [f"ipc://{tmp_path}/scheduler-{i}.sock" for i in range(2)]
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        fakes = [FakeScheduler(ctx, a, f"s{i}") for i, a in enumerate(addresses)]
+        listing.write_text(f"{addresses[0]}\n")
+        pool = EnginePool(f"file:{listing},{addresses[1]}", heartbeat_timeout=4.0,
+                          scheduler_timeout=SCHEDULER_TIMEOUT, pulse_interval=PULSE)
+        await pool.start()
+        try:
+            await until(lambda: all(v.serving for v in pool.replicas()))
+            assert [v.address for v in pool.replicas()] == addresses
+            listing.write_text("")  # the file lists none; the named one stays
+            await until(lambda: [v.address for v in pool.replicas()] == addresses[1:], 3)
+            await asyncio.sleep(1.5)
+            assert [v.address for v in pool.replicas()] == addresses[1:] and pool.serving
+        finally:
+            for fake in fakes:
+                fake.close()
+            await pool.close()
+            ctx.term()
+
+    asyncio.run(main())
+
+
 def test_metrics_show_each_replica():
     from tessera.services.engine_pool import ReplicaView
     from tessera.services.metrics import Metrics

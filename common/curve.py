@@ -220,19 +220,21 @@ def write_key_pair(directory: str, name: str) -> bool:
         return False
     public, secret = zmq.curve_keypair()
     Path(directory).mkdir(parents=True, exist_ok=True)
-
-    def text(with_secret: bool) -> str:
-        lines = ["# A Tessera CURVE key (ZeroMQ certificate format)", "metadata", "curve",
-                 f'    public-key = "{public.decode()}"']
-        if with_secret:
-            lines.append(f'    secret-key = "{secret.decode()}"')
-        return "\n".join(lines) + "\n"
-
     fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(text(with_secret=True))
-    public_file.write_text(text(with_secret=False))
+        f.write(certificate_text(public, secret))
+    public_file.write_text(certificate_text(public))
     return True
+
+
+def certificate_text(public: bytes, secret: bytes | None = None) -> str:
+    """A key in the ZeroMQ certificate format: NAME.key (public only) or, with the
+    secret, NAME.key_secret."""
+    lines = ["# A Tessera CURVE key (ZeroMQ certificate format)", "metadata", "curve",
+             f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

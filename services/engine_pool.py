@@ -11,7 +11,12 @@ status, lost_reason, ...), so that one replica behaves as one engine always did.
 Addresses: ``--scheduler-address`` is a comma-separated list; an entry
 ``dns://NAME:PORT`` stands for every address NAME resolves to (``tcp://IP:PORT`` each:
 a Kubernetes headless Service, compose ``--scale``), looked up again every
-``resolve_interval`` seconds so that new replicas join.
+``resolve_interval`` seconds so that new replicas join. An entry ``file:PATH`` stands for
+the addresses listed in that file, one a line (``tessera serve --cluster ray`` writes it
+as its replicas come and go), read again every second; the file is the whole truth, so a
+replica it no longer lists is retired (it takes no requests, its link is closed), and
+its open streams are resumed elsewhere as for a lost one. An address read from a file
+that other machines can reach is used only with CURVE keys (common.curve.check_link).
 
 Resume. Each sequence's outputs pass through a tap that counts the tokens streamed.
 When the replica running it is lost (silent for the scheduler timeout, or restarted),
@@ -33,7 +38,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tessera.common.curve import ClientKeys
+from tessera.common.curve import ClientKeys, check_link
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.engine_client import EngineClient, EngineUnavailable
 from tessera.services.routing import Load, Router, RoutingPolicy
@@ -41,7 +46,9 @@ from tessera.services.routing import Load, Router, RoutingPolicy
 logger = logging.getLogger(__name__)
 
 DNS_PREFIX = "dns://"
+FILE_PREFIX = "file:"
 RESOLVE_INTERVAL_S = 10.0
+FILE_INTERVAL_S = 1.0  # a replica list in a file is cheap to read: every second
 
 
 def split_addresses(spec: str) -> list[str]:
@@ -53,10 +60,27 @@ def split_addresses(spec: str) -> list[str]:
 
 
 def link_address(entry: str) -> str:
-    """The ZeroMQ form of an entry, for the CURVE check: dns://NAME:PORT is tcp://."""
+    """The ZeroMQ form of an entry, for the CURVE check: dns://NAME:PORT is tcp://; a
+    file's addresses are checked as they are read (a file:PATH counts as local here)."""
     if entry.startswith(DNS_PREFIX):
         return "tcp://" + entry.removeprefix(DNS_PREFIX).lstrip("/")
+    if entry.startswith(FILE_PREFIX):
+        return "ipc://" + entry.removeprefix(FILE_PREFIX)
     return entry
+
+
+def read_address_file(path: str) -> list[str]:
+    """The addresses a file lists, one a line (blank lines and # comments skipped); a
+    file that does not exist (yet) lists none."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        logger.warning("cannot read the replica list %s: %s", path, e)
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 async def resolve(entries: list[str]) -> list[str]:
@@ -65,7 +89,9 @@ async def resolve(entries: list[str]) -> list[str]:
     loop = asyncio.get_running_loop()
     out: list[str] = []
     for entry in entries:
-        if not entry.startswith(DNS_PREFIX):
+        if entry.startswith(FILE_PREFIX):
+            found = read_address_file(entry.removeprefix(FILE_PREFIX))
+        elif not entry.startswith(DNS_PREFIX):
             found = [entry]
         else:
             host, _, port = entry.removeprefix(DNS_PREFIX).lstrip("/").rpartition(":")
@@ -130,7 +156,8 @@ class EnginePool:
         self._entries = split_addresses(scheduler_address)
         self._curve = curve
         self._client_options = client_options
-        self._resolve_interval = resolve_interval
+        self._has_file = any(e.startswith(FILE_PREFIX) for e in self._entries)
+        self._resolve_interval = FILE_INTERVAL_S if self._has_file else resolve_interval
         options = {} if load_threshold is None else {"load_threshold": load_threshold}
         self.router = Router(0, policy, **options)
         self.clients: list[EngineClient] = []
@@ -138,6 +165,9 @@ class EnginePool:
         self._instance_ids: list[str] = []
         self._routed: list[int] = []
         self._resumed: list[int] = []
+        self._retired: set[int] = set()  # replicas a file stopped listing
+        self._file_listed: set[str] = set()  # addresses a file ever listed
+        self._refused: set[str] = set()  # beyond loopback without keys: said once
         self._queues: dict[str, asyncio.Queue] = {}  # sequence id -> its request's queue
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -147,20 +177,33 @@ class EnginePool:
     # -- life ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._add_replicas(await resolve(self._entries))
-        if any(e.startswith(DNS_PREFIX) for e in self._entries):
+        addresses = await resolve(self._entries)
+        self._note_file_listed()
+        self._add_replicas(addresses)
+        if any(e.startswith((DNS_PREFIX, FILE_PREFIX)) for e in self._entries):
             self._resolver = asyncio.get_running_loop().create_task(self._resolve_loop())
 
     async def close(self) -> None:
         for task in (self._resolver, *self._tasks):
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*(c.close() for c in self.clients))
+        await asyncio.gather(*(c.close() for i, c in enumerate(self.clients)
+                               if i not in self._retired))  # a retired one is closed
 
     def _add_replicas(self, addresses: list[str]) -> None:
+        live = {a for i, a in enumerate(self.addresses) if i not in self._retired}
         for address in addresses:
-            if address in self.addresses:
+            if address in live:
                 continue
+            try:
+                check_link(address, self._curve is not None,
+                           "--curve-secret-key-file and --curve-server-key-file")
+            except ValueError as e:
+                if address not in self._refused:
+                    self._refused.add(address)
+                    logger.error("engine replica %s skipped: %s", address, e)
+                continue
+            live.add(address)
             client = EngineClient(address, curve=self._curve, **self._client_options)
             client.start()
             self.clients.append(client)
@@ -175,7 +218,34 @@ class EnginePool:
     async def _resolve_loop(self) -> None:
         while True:
             await asyncio.sleep(self._resolve_interval)
-            self._add_replicas(await resolve(self._entries))
+            addresses = await resolve(self._entries)
+            self._add_replicas(addresses)
+            if self._has_file:  # a file is the whole truth: retire what left it
+                self._note_file_listed()
+                self._retire([i for i, a in enumerate(self.addresses) if a not in addresses
+                              and a in self._file_listed and i not in self._retired])
+
+    def _note_file_listed(self) -> None:
+        """Remember what the files list: only such an address is retired when it leaves
+        (one named on the command line, or a DNS name's, never is)."""
+        for entry in self._entries:
+            if entry.startswith(FILE_PREFIX):
+                self._file_listed.update(read_address_file(entry.removeprefix(FILE_PREFIX)))
+
+    def _retire(self, indices: list[int]) -> None:
+        """Replicas no longer listed: no new requests; their open sequences are resumed
+        on another replica (with the tokens streamed so far); their links close."""
+        for i in indices:
+            logger.warning("engine replica %s is no longer listed; retiring it",
+                           self.addresses[i])
+            self._retired.add(i)
+            self.router.set_health(i, False, False)
+            for flight in [f for f in self._flights.values() if f.replica == i]:
+                self._resume(flight)  # ends as unavailable if no other replica can
+            client = self.clients[i]
+            task = asyncio.get_running_loop().create_task(client.close())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # -- the EngineClient interface ------------------------------------------------------
 
@@ -183,16 +253,17 @@ class EnginePool:
     def lost_reason(self) -> str | None:
         """None while some replica answers (new requests can be placed); else why not."""
         self._refresh()
-        if any(c.lost_reason is None and c.last_status is not None for c in self.clients):
+        clients = [c for i, c in enumerate(self.clients) if i not in self._retired]
+        if any(c.lost_reason is None and c.last_status is not None for c in clients):
             return None
-        if not self.clients:
+        if not clients:
             return "no engine replica resolved yet"
-        reasons = {c.lost_reason or "it has not answered yet" for c in self.clients}
+        reasons = {c.lost_reason or "it has not answered yet" for c in clients}
         return "; ".join(sorted(reasons))
 
     @property
     def serving(self) -> bool:
-        return any(c.serving for c in self.clients)
+        return any(c.serving for i, c in enumerate(self.clients) if i not in self._retired)
 
     def open(self, request_ids: list[str]) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -245,20 +316,22 @@ class EnginePool:
             for i in range(len(self.clients)):
                 by_replica.setdefault(i, []).extend(unknown)
         for i, ids in by_replica.items():
-            await self.clients[i].abort(ids)
+            if i not in self._retired:
+                await self.clients[i].abort(ids)
 
     async def status(
         self, timeout: float | None = None, reset_prefix_cache: bool = False
     ) -> engine_pb2.StatusReply:
         """One replica's reply as it is; several replies summed (load, counters), with
         the state of the best one. EngineUnavailable if none answers."""
+        live = [i for i in range(len(self.clients)) if i not in self._retired]
         replies = await asyncio.gather(
-            *(c.status(timeout, reset_prefix_cache) for c in self.clients),
+            *(self.clients[i].status(timeout, reset_prefix_cache) for i in live),
             return_exceptions=True,
         )
         answered = [r for r in replies if isinstance(r, engine_pb2.StatusReply)]
         if reset_prefix_cache:
-            for i, r in enumerate(replies):
+            for i, r in zip(live, replies, strict=True):
                 if isinstance(r, engine_pb2.StatusReply):
                     self.router.forget_cache(i)
         if not answered:
@@ -290,6 +363,7 @@ class EnginePool:
                 num_resumed=self._resumed[i],
             )
             for i, (address, client) in enumerate(zip(self.addresses, self.clients, strict=True))
+            if i not in self._retired
         ]
 
     # -- inside ----------------------------------------------------------------------------
@@ -297,6 +371,9 @@ class EnginePool:
     def _refresh(self) -> None:
         """The router's view of each replica, from its client's pulse."""
         for i, client in enumerate(self.clients):
+            if i in self._retired:
+                self.router.set_health(i, False, False)
+                continue
             status = client.last_status
             reachable = client.lost_reason is None and status is not None
             self.router.set_health(i, client.serving, reachable)

@@ -117,7 +117,9 @@ class GatewayConfig:
     scheduler_address: str = field(
         default="ipc:///tmp/tessera-scheduler.sock",
         metadata={"help": "the engine replicas' schedulers, comma-separated; dns://NAME:PORT "
-                  "stands for every address NAME resolves to (a headless Service)"},
+                  "stands for every address NAME resolves to (a headless Service); "
+                  "file:PATH for the addresses a file lists, one a line, read every "
+                  "second (tessera serve --cluster ray)"},
     )
     routing_policy: str = field(
         default="cache_aware",

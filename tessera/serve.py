@@ -8,7 +8,10 @@
 With ``--replicas N`` the engine (a scheduler with its executor ranks) runs N times,
 each with its own KV cache, and the gateway routes every request to one of them
 (``--routing-policy``; services.routing) and resumes the streams of a replica that dies
-on another (services.engine_pool) while the launcher restarts it.
+on another (services.engine_pool) while the launcher restarts it. With ``--cluster ray``
+the replicas are Ray actors on a running cluster instead (tessera.ray_serve, an
+``EngineCluster``): the tokenizers and the gateway still run here, and this loop calls
+the cluster's ``check`` every tick.
 
 The internal links stay on unix sockets in ``run_dir``; the public ports get the API
 key (passed in the gateway's environment) and, with ``--tls-cert-file`` and
@@ -43,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from tessera.common.cli_args import env_name, flag_name
 from tessera.common.generation_config import GENERATION_CONFIG_CHOICES
@@ -58,6 +62,8 @@ from tessera.common.registry import DEFAULT_MODEL, resolve_model
 from tessera.scheduler.config import SchedulerServerConfig
 
 logger = logging.getLogger(__name__)
+
+CLUSTERS = ("local", "ray")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -191,8 +197,33 @@ class ServeConfig:
                        "round_robin, or auto (cache_aware with prefix caching, else "
                        "least_loaded)"),
     )
+    cluster: str = field(
+        default="local",
+        metadata=_help("where the engine replicas run: local (processes on this machine) or "
+                       "ray (actors on a running Ray cluster, `ray start --head`; needs "
+                       "pip install 'tessera[ray]'); the gateway and tokenizers stay here"),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=_help("--cluster ray: the cluster to join (as ray.init's address, e.g. "
+                       "10.0.0.5:6379); none: RAY_ADDRESS, else the cluster this machine "
+                       "belongs to"),
+    )
+    ray_namespace: str = field(
+        default="tessera",
+        metadata=_help("--cluster ray: the Ray namespace of the replicas' actors"),
+    )
+    ray_num_cpus: float = field(
+        default=1.0,
+        metadata=_help("--cluster ray: CPUs each engine replica reserves from Ray (its "
+                       "placement group holds them, with its devices)"),
+    )
 
     def __post_init__(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise ValueError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
+        if not self.ray_num_cpus > 0:
+            raise ValueError(f"ray_num_cpus must be > 0, got {self.ray_num_cpus}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -212,7 +243,8 @@ class ServeConfig:
 
 
 # The launcher's own settings; every other field goes to the stage(s) that read it.
-LAUNCHER_FIELDS = ("num_tokenizers", "run_dir", "api_key", "replicas", "routing_policy")
+LAUNCHER_FIELDS = ("num_tokenizers", "run_dir", "api_key", "replicas", "routing_policy",
+                   "cluster", "ray_address", "ray_namespace", "ray_num_cpus")
 GATEWAY_FIELDS = (
     "model", "served_model_name", "host", "port", "http_port", "tls_cert_file",
     "tls_key_file", "tls_client_ca_file", "generation_config",
@@ -363,26 +395,51 @@ def replica_devices(name: str, config: ServeConfig, visible: str | None) -> str 
 
 def run_serve(config: ServeConfig) -> int:
     """Check, start, supervise; the exit code: 0 after a clean stop, EXIT_CONFIG for a
-    configuration error (found before anything starts, or by a child), 1 otherwise."""
+    configuration error (found before anything starts, or by a child), 1 otherwise.
+    With ``cluster="ray"`` the engine replicas are Ray actors (tessera.ray_serve)."""
     setup_logging("launcher")
+    cluster = None
     try:
         preflight(config)
+        if config.cluster == "ray":
+            from tessera.ray_serve import RayReplicas
+
+            cluster = RayReplicas.connect(config)
     except ValueError as e:  # ConfigError, or a model that names nothing: one line
         logger.error("%s", e)
         return EXIT_CONFIG
-    if config.run_dir is not None:
-        os.makedirs(config.run_dir, exist_ok=True)
-        return _run(config, config.run_dir)
-    # A run directory of our own goes with us: once every child has stopped, its sockets
-    # are dead files that nobody else may use.
-    run_dir = tempfile.mkdtemp(prefix="tessera-")
     try:
-        return _run(config, run_dir)
+        if config.run_dir is not None:
+            os.makedirs(config.run_dir, exist_ok=True)
+            return _run(config, config.run_dir, cluster)
+        # A run directory of our own goes with us: once every child has stopped, its
+        # sockets are dead files that nobody else may use.
+        run_dir = tempfile.mkdtemp(prefix="tessera-")
+        try:
+            return _run(config, run_dir, cluster)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if cluster is not None:
+            cluster.close()
 
 
-def _run(config: ServeConfig, run_dir: str) -> int:
+class EngineCluster(Protocol):
+    """Engine replicas that cluster software places (tessera.ray_serve.RayReplicas)."""
+
+    def start(
+        self, run_dir: str, commands: list[tuple[str, list[str]]], scheduler_flags: list[str]
+    ) -> list[tuple[str, list[str]]]:
+        """Ask for the replicas (schedulers with these flags); of ``commands`` (one local
+        replica's), those of the processes that run here."""
+        ...
+
+    def check(self) -> int | None:
+        """Called every tick: None, or the exit code to stop with."""
+        ...
+
+
+def _run(config: ServeConfig, run_dir: str, cluster: EngineCluster | None = None) -> int:
     stopping = False
 
     def on_signal(signum, frame) -> None:
@@ -393,8 +450,12 @@ def _run(config: ServeConfig, run_dir: str) -> int:
     signal.signal(signal.SIGINT, on_signal)
     children: list[_Child] = []
     # Every environment first: a setting at fault stops us before any child starts.
-    commands = [(name, cmd, child_env(name, config)) for name, cmd in
-                child_commands(config, run_dir)]  # fmt: skip
+    if cluster is None:
+        named = child_commands(config, run_dir)
+    else:
+        named = cluster.start(run_dir, child_commands(replace(config, replicas=1), run_dir),
+                              _flags(config, SCHEDULER_FIELDS))
+    commands = [(name, cmd, child_env(name, config)) for name, cmd in named]
     for name, cmd, env in commands:
         logger.info("starting %s", name)
         children.append(_Child(name, cmd, subprocess.Popen(cmd, env=env), env))
@@ -407,7 +468,12 @@ def _run(config: ServeConfig, run_dir: str) -> int:
         run_dir,
     )
     failed = None
+    cluster_code = None
     while not stopping:
+        if cluster is not None:
+            cluster_code = cluster.check()
+            if cluster_code is not None:
+                break
         for child in children:
             if child.proc.poll() is None:
                 continue
@@ -425,6 +491,8 @@ def _run(config: ServeConfig, run_dir: str) -> int:
             break
         time.sleep(0.2)
     codes = _shutdown(children, config.grace_seconds)
+    if cluster_code is not None:
+        return cluster_code
     if failed is not None:
         return EXIT_CONFIG if failed.proc.returncode == EXIT_CONFIG else 1
     bad = {name: code for name, code in codes.items() if code != 0}

@@ -150,3 +150,22 @@ def test_stages_without_a_device_never_reach_torch(stage):
                     seen[target] = [*seen[module], target]
                     todo.append(target)
     assert reach == {}
+
+
+def test_ray_is_imported_only_by_the_ray_path_and_only_when_it_runs():
+    """Ray is an optional extra (`tessera[ray]`): only tessera/ray_serve.py names it, and
+    only inside functions, so `tessera serve` and every stage import without it."""
+    named, at_import = [], []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            module = _module_name(folder, path)
+            if any(t.split(".")[0] == "ray" for t, _ in _imports(tree)):
+                named.append(module)
+            top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+            if any(t.split(".")[0] == "ray" for n in top for t, _ in _imports(n)):
+                at_import.append(module)
+    assert named == ["tessera.ray_serve"]
+    assert at_import == []

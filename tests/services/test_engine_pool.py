@@ -18,7 +18,13 @@ import zmq.asyncio
 from tessera.common.wire import TokenColumnsBuilder
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tessera.services.engine_client import EngineUnavailable
-from tessera.services.engine_pool import EnginePool, link_address, resolve, split_addresses
+from tessera.services.engine_pool import (
+    EnginePool,
+    link_address,
+    read_address_file,
+    resolve,
+    split_addresses,
+)
 from tessera.services.routing import RoutingPolicy
 
 PULSE = 0.05
@@ -276,6 +282,82 @@ def test_addresses_and_dns_names():
     found = asyncio.run(resolve(["dns://localhost:5557", "ipc:///a.sock"]))
     assert found == expected + ["ipc:///a.sock"] and "tcp://127.0.0.1:5557" in found
     assert asyncio.run(resolve(["dns://no-such-host.invalid:5557"])) == []
+
+
+def test_a_replica_list_in_a_file_is_followed_and_what_leaves_it_is_resumed(tmp_path):
+    """file:PATH (tessera serve --cluster ray): replicas join as the file lists them; one
+    the file drops is retired and its stream goes on elsewhere with no token lost."""
+    listing = tmp_path / "replicas"
+    addresses = [f"ipc://{tmp_path}/scheduler-{i}.sock" for i in range(2)]
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        fakes = [FakeScheduler(ctx, a, f"s{i}") for i, a in enumerate(addresses)]
+        # a replica beyond this machine without CURVE keys is never linked to
+        listing.write_text(f"# replicas\n{addresses[0]}\n\ntcp://192.0.2.1:5557\n")
+        pool = EnginePool(f"file:{listing}", RoutingPolicy.CACHE_AWARE, heartbeat_timeout=4.0,
+                          scheduler_timeout=SCHEDULER_TIMEOUT, pulse_interval=PULSE)
+        await pool.start()
+        try:
+            assert pool.addresses == [addresses[0]]
+            await until(lambda: pool.serving)
+            queue = await start(pool, "a/0")
+            await until(lambda: fakes[0].adds())
+            await fakes[0].emit("a/0", [5, 6])
+            assert (await asyncio.wait_for(queue.get(), 2)).new_token_ids == [5, 6]
+            listing.write_text(f"{addresses[0]}\n{addresses[1]}\n")
+            await until(lambda: len(pool.replicas()) == 2 and all(
+                v.serving for v in pool.replicas()), timeout=3)
+            listing.write_text(f"{addresses[1]}\n")  # replica 0 is gone (re-created)
+            await until(lambda: fakes[1].adds(), timeout=3)
+            resumed = fakes[1].adds()[0]
+            assert resumed.request_id == "a/0" and list(resumed.resume_output_token_ids) == [5, 6]
+            assert [v.address for v in pool.replicas()] == [addresses[1]]
+            await fakes[1].emit("a/0", [7], finished=True, num_output_tokens=3)
+            assert [t for i in await drain(queue) for t in i.new_token_ids] == [7]
+            await start(pool, "b/0")  # new requests go to the listed replica only
+            await until(lambda: len(fakes[1].adds()) == 2)
+            assert [s.request_id for s in fakes[0].adds()] == ["a/0"]
+            # listed again (a replica re-created on the same address): a new link
+            listing.write_text(f"{addresses[1]}\n{addresses[0]}\n")
+            await until(lambda: [v.address for v in pool.replicas()] == addresses[::-1],
+                        timeout=3)
+            await until(lambda: all(v.serving for v in pool.replicas()))
+        finally:
+            for fake in fakes:
+                fake.close()
+            await pool.close()
+            ctx.term()
+
+    asyncio.run(main())
+    assert read_address_file(str(tmp_path / "missing")) == []
+
+
+def test_a_file_listing_none_retires_its_replicas_and_a_named_one_stays(tmp_path):
+    listing = tmp_path / "replicas"
+    addresses = [f"ipc://{tmp_path}/scheduler-{i}.sock" for i in range(2)]
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        fakes = [FakeScheduler(ctx, a, f"s{i}") for i, a in enumerate(addresses)]
+        listing.write_text(f"{addresses[0]}\n")
+        pool = EnginePool(f"file:{listing},{addresses[1]}", heartbeat_timeout=4.0,
+                          scheduler_timeout=SCHEDULER_TIMEOUT, pulse_interval=PULSE)
+        await pool.start()
+        try:
+            await until(lambda: all(v.serving for v in pool.replicas()))
+            assert [v.address for v in pool.replicas()] == addresses
+            listing.write_text("")  # the file lists none; the named one stays
+            await until(lambda: [v.address for v in pool.replicas()] == addresses[1:], 3)
+            await asyncio.sleep(1.5)
+            assert [v.address for v in pool.replicas()] == addresses[1:] and pool.serving
+        finally:
+            for fake in fakes:
+                fake.close()
+            await pool.close()
+            ctx.term()
+
+    asyncio.run(main())
 
 
 def test_metrics_show_each_replica():

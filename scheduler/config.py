@@ -72,7 +72,8 @@ class SchedulerServerConfig:
         metadata={"help": "ZeroMQ address the gateways' DEALERs connect to (ROUTER binds)"},
     )
     executor_address: str = field(
-        default="", metadata={"help": "the ROUTER socket executors connect to; empty: a private ipc path"}
+        default="",
+        metadata={"help": "the ROUTER socket executors connect to; empty: a private ipc path"},
     )
     start_executor: bool = field(
         default=True,

@@ -212,6 +212,7 @@ def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
                 sampling=sampling_to_pb(new.sampling),
                 block_ids=new.block_ids,
                 num_computed_tokens=new.num_computed_tokens,
+                embed=new.embed,
             )
             for new in plan.new_requests
         ],
@@ -246,6 +247,7 @@ def plan_from_pb(pb: engine_pb2.StepPlan) -> StepPlan:
                 sampling=sampling_from_pb(new.sampling),
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                embed=new.embed,
             )
             for new in pb.new_requests
         ],
@@ -266,6 +268,8 @@ def result_to_pb(result: StepResult, step_id: int) -> engine_pb2.StepResult:
     )
     for request_id, logprobs in result.logprobs.items():
         pb.logprobs[request_id].CopyFrom(logprobs_to_pb(logprobs))
+    for request_id, vector in result.embeddings.items():
+        pb.embeddings[request_id].values.extend(vector)
     return pb
 
 
@@ -282,9 +286,13 @@ def result_from_pb(pb: engine_pb2.StepResult) -> StepResult:
     unknown = set(pb.logprobs) - sampled.keys()
     if unknown:
         raise WireError(f"StepResult {pb.step_id}: logprobs for unsampled {sorted(unknown)}")
+    both = sampled.keys() & set(pb.embeddings)
+    if both:
+        raise WireError(f"StepResult {pb.step_id}: a token and an embedding for {sorted(both)}")
     return StepResult(
         sampled_token_ids=sampled,
         logprobs={rid: logprobs_from_pb(lp) for rid, lp in pb.logprobs.items()},
+        embeddings={rid: list(e.values) for rid, e in pb.embeddings.items()},
     )
 
 

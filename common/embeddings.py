@@ -10,15 +10,18 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from array import array
 from collections.abc import Sequence
 
 
 def l2_normalize(vector: Sequence[float]) -> list[float]:
-    """``vector / |vector|``; a zero vector stays zero (it has no direction)."""
+    """``vector / |vector|``, each value rounded to float32 (the vector's own precision,
+    so that the float and base64 encodings carry the same numbers); a zero vector stays
+    zero (it has no direction)."""
     norm = math.sqrt(math.fsum(x * x for x in vector))
     if norm == 0.0:
         return list(vector)
-    return [x / norm for x in vector]
+    return array("f", [x / norm for x in vector]).tolist()
 
 
 def to_base64(vector: Sequence[float]) -> str:

@@ -330,13 +330,16 @@ class ServingCore:
                 f"not truncated), got {dimensions}",
                 "dimensions",
             )
+        started = time.monotonic()
         rid = uuid.uuid4().hex
         self._admit(rid, model)
         self._open[rid] = []  # holds the slot while the inputs are tokenized
         pending: set[str] = set()
         ids: list[str] = []
+        times: RequestTimes | None = None  # once the work is sent: it counts in the metrics
         try:
             token_ids = [await self._embed_input(i, p) for i, p in enumerate(prompts)]
+            times = RequestTimes(started, time.monotonic(), sum(len(p) for p in token_ids))
             serial = next(self._serials)
             ids = [f"{self.engine.identity}/{serial}/{i}" for i in range(len(prompts))]
             self._open[rid] = ids
@@ -349,12 +352,17 @@ class ServingCore:
                 ])  # fmt: skip
             except EngineUnavailable as e:
                 raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from None
-            vectors = await self._embeddings(queue, ids, pending)
+            vectors = await self._embeddings(queue, ids, pending, times)
         finally:
             self._release(rid, list(pending), ids)
+            if self.metrics is not None and times is not None and not times.rejected:
+                times.completed = len(times.finish_reasons) == len(ids)
+                self.metrics.request_done(time.monotonic() - started, times.prompt_tokens, 0,
+                                          completed=times.completed)  # fmt: skip
+                self.metrics.request_finished(times)
         if normalize:
             vectors = [l2_normalize(v) for v in vectors]
-        return Embeddings(vectors, sum(len(p) for p in token_ids))
+        return Embeddings(vectors, times.prompt_tokens)
 
     async def abort(self, request_id: str) -> bool:
         """Abort an open request by its id; its streams end with finish reason "abort"."""
@@ -452,19 +460,24 @@ class ServingCore:
         return ids
 
     async def _embeddings(
-        self, queue: asyncio.Queue, ids: list[str], pending: set[str]
+        self, queue: asyncio.Queue, ids: list[str], pending: set[str], times: RequestTimes
     ) -> list[list[float]]:
         """The vectors of the embed sequences ``ids`` as their outputs arrive; each one
-        is taken out of ``pending`` when it ends. RequestError if one fails."""
+        is taken out of ``pending`` when it ends (its reason noted in ``times``).
+        RequestError if one fails or the scheduler refuses them."""
         vectors: dict[str, list[float]] = {}
         while pending:
             item = await queue.get()
             if isinstance(item, engine_pb2.Rejection):
                 pending.clear()  # nothing of a rejected request was admitted
+                times.rejected = True
                 raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
             if item.request_id not in pending or not item.finished:
                 continue
+            if item.queue_seconds and times.queue_seconds is None:
+                times.queue_seconds = item.queue_seconds
             pending.discard(item.request_id)
+            times.finish_reasons.append(item.finish_reason)
             if item.finish_reason == "error":
                 raise RequestError(_ERROR_KINDS.get(item.error_kind, ErrorKind.INTERNAL),
                                    item.error or "the engine failed the request")  # fmt: skip

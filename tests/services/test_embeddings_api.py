@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tessera.proto.tessera.v1 import generate_pb2 as pb
 from tests.services.launch import Server
@@ -115,6 +116,26 @@ def test_base64_is_little_endian_float32_of_the_float_answer(http):
         raw = base64.b64decode(b["embedding"])
         assert len(raw) == 4 * len(f["embedding"])
         assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == f["embedding"]
+
+
+def counters(http: httpx.Client) -> dict[str, float]:
+    """The ``tessera:`` prompt-token and per-reason success counters, by sample name."""
+    found = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "tessera:prompt_tokens_total":
+                found["prompt"] = sample.value
+            elif sample.name == "tessera:request_success_total":
+                found[sample.labels["finished_reason"]] = sample.value
+    return found
+
+
+def test_embeddings_count_in_the_metrics(http):
+    before = counters(http)
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": TEXTS}).json()
+    after = counters(http)
+    assert after["prompt"] - before["prompt"] == r["usage"]["prompt_tokens"]
+    assert after["stop"] - before["stop"] == len(TEXTS)  # one finished sequence per input
 
 
 def error_of(r: httpx.Response, status: int) -> dict:

@@ -99,6 +99,10 @@ class NewRequestData:
     sampling: SamplingOptions
     block_ids: list[int]
     num_computed_tokens: int = 0  # > 0 only when a prefix is served from the cache
+    # Pool the prompt's final hidden states instead of sampling: when the last prompt
+    # position runs, the result carries the mean over every position (an embedding),
+    # and no token. Such a request starts at num_computed_tokens 0.
+    embed: bool = False
 
 
 @dataclass(slots=True)
@@ -149,7 +153,9 @@ class TokenLogprobs:
 
 @dataclass(slots=True)
 class StepResult:
-    """Sampled tokens of the requests that reached the end of their known tokens."""
+    """Sampled tokens of the requests that reached the end of their known tokens, and
+    the pooled vectors of embed requests that did (those sample nothing)."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    embeddings: dict[str, list[float]] = field(default_factory=dict)

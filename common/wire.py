@@ -212,6 +212,7 @@ def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
                 sampling=sampling_to_pb(new.sampling),
                 block_ids=new.block_ids,
                 num_computed_tokens=new.num_computed_tokens,
+                embed=new.embed,
             )
             for new in plan.new_requests
         ],
@@ -246,6 +247,7 @@ def plan_from_pb(pb: engine_pb2.StepPlan) -> StepPlan:
                 sampling=sampling_from_pb(new.sampling),
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                embed=new.embed,
             )
             for new in pb.new_requests
         ],
@@ -266,6 +268,8 @@ def result_to_pb(result: StepResult, step_id: int) -> engine_pb2.StepResult:
     )
     for request_id, logprobs in result.logprobs.items():
         pb.logprobs[request_id].CopyFrom(logprobs_to_pb(logprobs))
+    for request_id, vector in result.embeddings.items():
+        pb.embeddings[request_id].values.extend(vector)
     return pb
 
 
@@ -282,9 +286,13 @@ def result_from_pb(pb: engine_pb2.StepResult) -> StepResult:
     unknown = set(pb.logprobs) - sampled.keys()
     if unknown:
         raise WireError(f"StepResult {pb.step_id}: logprobs for unsampled {sorted(unknown)}")
+    both = sampled.keys() & set(pb.embeddings)
+    if both:
+        raise WireError(f"StepResult {pb.step_id}: a token and an embedding for {sorted(both)}")
     return StepResult(
         sampled_token_ids=sampled,
         logprobs={rid: logprobs_from_pb(lp) for rid, lp in pb.logprobs.items()},
+        embeddings={rid: list(e.values) for rid, e in pb.embeddings.items()},
     )
 
 
@@ -311,7 +319,8 @@ class TokenColumnsBuilder:
     """
 
     __slots__ = ("rows", "token_ids", "stop_token_ids", "errors", "error_kinds",
-                 "queue_rows", "queue_seconds", "logprob_rows", "logprobs")  # fmt: skip
+                 "queue_rows", "queue_seconds", "logprob_rows", "logprobs",
+                 "embedding_rows", "embeddings", "embedding_size")  # fmt: skip
 
     def __init__(self) -> None:
         # (request_id, num_new_tokens, finish code, num_prompt, num_output, num_cached)
@@ -324,6 +333,9 @@ class TokenColumnsBuilder:
         self.queue_seconds: list[float] = []
         self.logprob_rows: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        self.embedding_rows: list[int] = []
+        self.embeddings: list[float] = []
+        self.embedding_size = 0  # of every vector in these columns
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -341,18 +353,32 @@ class TokenColumnsBuilder:
         error: str = "",
         error_kind: str = "",
         logprobs: Sequence[TokenLogprobs] = (),
+        embedding: Sequence[float] | None = None,
     ) -> None:
-        """One sequence's output. ``stop_token_id`` is required with "stop"; ``error``
-        and ``error_kind`` are kept with "error" only; ``logprobs``: none, or one per
-        new token. ValueError otherwise."""
+        """One sequence's output. ``stop_token_id`` is required with "stop", unless the
+        row carries an embed sequence's ``embedding`` (only with "stop", every vector of
+        one length); ``error`` and ``error_kind`` are kept with "error" only;
+        ``logprobs``: none, or one per new token. ValueError otherwise."""
         code = FINISH_CODES.get(finish_reason)
         if code is None:
             raise ValueError(f"finish_reason {finish_reason!r} is not one of {list(FINISH_CODES)}")
+        if embedding is not None:
+            if code != _STOP or not embedding:
+                raise ValueError(f"request {request_id!r}: an embedding ends a row with stop")
+            if self.embedding_size and len(embedding) != self.embedding_size:
+                raise ValueError(
+                    f"request {request_id!r}: an embedding of {len(embedding)} floats "
+                    f"beside ones of {self.embedding_size}"
+                )
         row = len(self.rows)
         self.rows.append((request_id, len(new_token_ids), code, num_prompt_tokens,
                           num_output_tokens, num_cached_tokens))  # fmt: skip
         self.token_ids += new_token_ids
-        if code == _STOP:
+        if embedding is not None:
+            self.embedding_size = len(embedding)
+            self.embedding_rows.append(row)
+            self.embeddings += embedding
+        elif code == _STOP:
             if stop_token_id is None:
                 raise ValueError(f"request {request_id!r} stopped without a stop token id")
             self.stop_token_ids.append(stop_token_id)
@@ -405,6 +431,8 @@ class TokenColumnsBuilder:
             "queue_seconds": self.queue_seconds,
             "logprob_rows": self.logprob_rows,
             "logprobs": [logprobs_to_pb(lp) for lp in self.logprobs],
+            "embedding_rows": self.embedding_rows,
+            "embeddings": self.embeddings,
         }
         return {name: values for name, values in fields.items() if values}
 
@@ -435,7 +463,18 @@ def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceO
         if name is None:
             raise WireError(f"TokenColumns: {code} is not a FinishReason")
         reasons.append(name)
-    num_stops, num_errors = reasons.count("stop"), reasons.count("error")
+    embedding_rows = _sparse_rows(cols.embedding_rows, num_rows, "embedding_rows")
+    if any(reasons[row] != "stop" for row in embedding_rows):
+        raise WireError("TokenColumns: an embedding row must finish with stop")
+    size = len(cols.embeddings) // len(embedding_rows) if embedding_rows else 0
+    if size * len(embedding_rows) != len(cols.embeddings) or (embedding_rows and not size):
+        raise WireError(
+            f"TokenColumns: {len(cols.embeddings)} embedding floats for "
+            f"{len(embedding_rows)} embedding rows of one length"
+        )
+    embedding_at = {row: i * size for i, row in enumerate(embedding_rows)}
+    num_stops = reasons.count("stop") - len(embedding_rows)
+    num_errors = reasons.count("error")
     if len(cols.stop_token_ids) != num_stops:
         raise WireError(
             f"TokenColumns: {len(cols.stop_token_ids)} stop_token_ids for {num_stops} "
@@ -483,7 +522,10 @@ def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceO
         if row in with_logprobs:
             seq.new_logprobs.extend(logprobs[next_logprob : next_logprob + counts[row]])
             next_logprob += counts[row]
-        if reason == "stop":
+        if row in embedding_at:
+            at = embedding_at[row]
+            seq.embedding.extend(cols.embeddings[at : at + size])
+        elif reason == "stop":
             seq.stop_token_id = cols.stop_token_ids[next_stop]
             next_stop += 1
         elif reason == "error":

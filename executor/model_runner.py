@@ -15,6 +15,13 @@ then waits for the step and appends its tokens on the host, in submission order.
 Penalties read a request's output history on the host: a row with a penalty and a
 pending token makes ``submit`` collect the earlier step first (correct, not
 overlapped). The torch path (the CPU) runs everything in ``submit``.
+
+An embed request (NewRequestData.embed) samples nothing: each step that runs a chunk
+of its prompt adds the chunk's final-norm hidden states (float32) to the request's
+running sum, and the step of its last prompt position returns sum / prompt length in
+StepResult.embeddings. The sum lives in the request's mirror state, so a request that
+is forgotten (finished, preempted) or an executor that restarts starts it afresh. Steps
+with embed rows never replay a CUDA graph (graphs return logits, not hidden states).
 """
 
 from __future__ import annotations
@@ -72,6 +79,10 @@ class _RequestState:
     pending: deque[tuple[Step, int]] = field(default_factory=deque)
     # The constrained request's grammar state (executor.grammar), advanced per token.
     grammar: object | None = None
+    # An embed request: the sum of its prompt positions' final hidden states so far,
+    # [H] float32 on the device (None before its first chunk).
+    embed: bool = False
+    pooled_sum: torch.Tensor | None = None
 
     def add_blocks(self, block_ids: list[int]) -> None:
         start = len(self.block_ids)
@@ -109,6 +120,9 @@ class Step:
     host_tokens: torch.Tensor | None = None
     host_logprobs: LogprobTensors | None = None
     wanted: list[int | None] = field(default_factory=list)
+    # Embed requests that finished this step, and their vectors [E, H] in pinned memory.
+    embed_ids: list[str] = field(default_factory=list)
+    host_embeddings: torch.Tensor | None = None
     done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
     result: StepResult | None = None  # set once collected
 
@@ -335,12 +349,15 @@ class ModelRunner:
             self._run_lists(plan, step)
             return step
         self._collect_pending_for_penalties(plan)
-        sample_ids, states, logits = self._forward_tensors(plan)
+        sample_ids, states, logits, pooled = self._forward_tensors(plan)
         step.sample_ids, step.states = sample_ids, states
         if not sample_ids:
-            step.result = StepResult()
+            step.result = StepResult(embeddings=_vectors_to_host(pooled))
             return step
         logprobs = self._sample_on_device(logits, step)
+        if pooled:
+            step.embed_ids = list(pooled)
+            step.host_embeddings = to_host_async(torch.stack(list(pooled.values())))
         step.host_tokens = to_host_async(step.tokens)
         if logprobs is not None:
             step.host_logprobs = tuple(to_host_async(t) for t in logprobs)
@@ -368,6 +385,10 @@ class ModelRunner:
         tokens = step.host_tokens.tolist()
         logprobs = logprobs_to_host(step.host_logprobs, step.wanted)
         result = StepResult()
+        if step.host_embeddings is not None:
+            result.embeddings = dict(
+                zip(step.embed_ids, step.host_embeddings.tolist(), strict=True)
+            )
         for request_id, state, token, lp in zip(
             step.sample_ids, step.states, tokens, logprobs, strict=True
         ):
@@ -379,7 +400,7 @@ class ModelRunner:
             result.sampled_token_ids[request_id] = token
             if lp is not None:
                 result.logprobs[request_id] = lp
-        step.tokens = step.host_tokens = step.host_logprobs = None
+        step.tokens = step.host_tokens = step.host_logprobs = step.host_embeddings = None
         step.result = result
 
     def _collect_pending_for_penalties(self, plan: StepPlan) -> None:
@@ -393,8 +414,8 @@ class ModelRunner:
 
     def _run_lists(self, plan: StepPlan, step: Step) -> None:
         """The torch path: forward and CPU sampler, all at once."""
-        sample_ids, logits = self._forward_lists(plan)
-        result = StepResult()
+        sample_ids, logits, pooled = self._forward_lists(plan)
+        result = StepResult(embeddings=_vectors_to_host(pooled))
         step.result = result
         if not sample_ids:
             return
@@ -482,8 +503,11 @@ class ModelRunner:
             state.num_computed_tokens = end
             yield request_id, state, start, end
 
-    def _forward_lists(self, plan: StepPlan) -> tuple[list[str], torch.Tensor | None]:
-        """The torch backend: the step laid out with Python lists."""
+    def _forward_lists(
+        self, plan: StepPlan
+    ) -> tuple[list[str], torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The torch backend: the step laid out with Python lists. Returns the requests
+        that sample, their logits [B, V], and the vectors of embed requests done."""
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -491,13 +515,16 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
+        spans: list[tuple[str, _RequestState, int, int]] = []  # embed rows [a, b)
         for request_id, state, start, end in self._scheduled(plan):
+            if state.embed:
+                spans.append((request_id, state, len(input_ids), len(input_ids) + end - start))
             input_ids.extend(state.token_slice(start, end))
             positions.extend(range(start, end))
             query_lens.append(end - start)
             context_lens.append(end)
             block_tables.append(state.block_ids)
-            if end == state.num_tokens:
+            if end == state.num_tokens and not state.embed:
                 sample_ids.append(request_id)
                 sample_rows.append(len(input_ids) - 1)
         meta = self.attention.build_metadata(
@@ -506,18 +533,20 @@ class ModelRunner:
         ids_t = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=self.device)
         hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta)
+        pooled = self._pool(hidden, spans)
         if not sample_ids:
-            return sample_ids, None
+            return sample_ids, None, pooled
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
-        return sample_ids, self.model.compute_logits(hidden[rows])  # [B, V]
+        return sample_ids, self.model.compute_logits(hidden[rows]), pooled  # [B, V]
 
     def _forward_tensors(
         self, plan: StepPlan
-    ) -> tuple[list[str], list[_RequestState], torch.Tensor | None]:
+    ) -> tuple[list[str], list[_RequestState], torch.Tensor | None, dict[str, torch.Tensor]]:
         """The Triton backend: numpy layout, and a CUDA graph for decode-only steps.
 
-        Returns the requests that sample, their states, and their logits [B, V]. Inputs
-        that are pending tokens are filled in on the device (see the module docstring).
+        Returns the requests that sample, their states, their logits [B, V], and the
+        vectors of embed requests done. Inputs that are pending tokens are filled in on
+        the device (see the module docstring).
         """
         num_seqs = len(plan.num_scheduled_tokens)
         query_lens = np.empty(num_seqs, dtype=np.int64)
@@ -530,8 +559,11 @@ class ModelRunner:
         # Pending inputs: flat index in input_ids -> (step, row of its sampled ids)
         pending_dst: list[int] = []
         pending_src: list[tuple[Step, int]] = []
+        spans: list[tuple[str, _RequestState, int, int]] = []  # embed rows [a, b)
         for i, (request_id, state, start, end) in enumerate(self._scheduled(plan)):
             known = state.num_tokens
+            if state.embed:  # never pending: its prompt is all known
+                spans.append((request_id, state, len(input_ids), len(input_ids) + end - start))
             input_ids.extend(state.token_slice(start, min(end, known)))
             for position in range(max(start, known), end):
                 pending_dst.append(len(input_ids))
@@ -540,7 +572,7 @@ class ModelRunner:
             query_lens[i] = end - start
             context_lens[i] = end
             states.append(state)
-            if end == known + len(state.pending):
+            if end == known + len(state.pending) and not state.embed:
                 sample_ids.append(request_id)
                 sample_states.append(state)
                 sample_rows.append(len(input_ids) - 1)
@@ -555,12 +587,13 @@ class ModelRunner:
         decode_only = len(ids) == num_seqs
         if (
             decode_only
+            and not spans  # a graph gives logits, and an embed row needs hidden states
             and self.graphs is not None
             and len(sample_ids) == num_seqs
             and self.graphs.can_run(num_seqs, width)
         ):
             logits = self.graphs.run(ids, positions, slots, table, context_lens, pending)
-            return sample_ids, sample_states, logits
+            return sample_ids, sample_states, logits, {}
         meta = self.attention.metadata_from_arrays(
             query_lens, context_lens, table, slots, qsl, self.device
         )
@@ -569,10 +602,28 @@ class ModelRunner:
             ids_t.index_copy_(0, *pending)
         pos_t = to_device(positions, self.device)
         hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta)
+        pooled = self._pool(hidden, spans)
         if not sample_ids:
-            return sample_ids, sample_states, None
+            return sample_ids, sample_states, None, pooled
         rows = to_device(np.asarray(sample_rows, dtype=np.int64), self.device)
-        return sample_ids, sample_states, self.model.compute_logits(hidden[rows])
+        return sample_ids, sample_states, self.model.compute_logits(hidden[rows]), pooled
+
+    def _pool(
+        self, hidden: torch.Tensor, spans: list[tuple[str, _RequestState, int, int]]
+    ) -> dict[str, torch.Tensor]:
+        """Add each embed request's rows [a, b) of ``hidden`` ([T, H], after the final
+        norm) to its running sum; return the mean [H] (float32, on the device) of those
+        whose last prompt position ran. Rank 0 alone pools: it returns the vectors."""
+        done: dict[str, torch.Tensor] = {}
+        if not spans or self.group.rank != 0:
+            return done
+        for request_id, state, a, b in spans:
+            chunk = hidden[a:b].float().sum(dim=0)  # [H]
+            state.pooled_sum = chunk if state.pooled_sum is None else state.pooled_sum + chunk
+            if state.num_computed_tokens == state.num_tokens:
+                done[request_id] = state.pooled_sum / state.num_tokens
+                state.pooled_sum = None
+        return done
 
     def _pending_inputs(
         self, dst: list[int], src: list[tuple[Step, int]]
@@ -605,6 +656,13 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens,
             )
             state.add_blocks(list(new.block_ids))
+            if new.embed:
+                if new.num_computed_tokens or state.output_token_ids:
+                    raise ValueError(
+                        f"request {new.request_id}: an embed request must start at its "
+                        "first prompt token, with no outputs"
+                    )
+                state.embed = True
             if new.sampling.constraint is not None and self.group.rank == 0:
                 # a replay after a preemption or a restart: the outputs so far
                 state.grammar = self.grammars.start(
@@ -613,3 +671,12 @@ class ModelRunner:
             self.requests[new.request_id] = state
         for cached in plan.cached_requests:
             self.requests[cached.request_id].add_blocks(cached.new_block_ids)
+
+
+def _vectors_to_host(vectors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Pooled device vectors as float lists (waits for the device: steps without a
+    sampled row only, whose result is read at once anyway)."""
+    if not vectors:
+        return {}
+    rows = torch.stack(list(vectors.values())).cpu().tolist()
+    return dict(zip(vectors, rows, strict=True))

@@ -267,6 +267,7 @@ def engine_info(runner: ModelRunner, max_model_len: int | None) -> engine_pb2.En
         block_size=runner.block_size,
         num_kv_blocks=runner.num_blocks,
         eos_token_ids=mc.eos_token_ids,
+        hidden_size=mc.hidden_size,
     )
 
 

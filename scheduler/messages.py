@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from tessera.common.plan import SamplingOptions, check_cache_salt
+from tessera.common.plan import SamplingOptions, StopConditions, check_cache_salt
 from tessera.common.sampling_fields import check_all
 from tessera.common.wire import sampling_from_pb, stop_from_pb
 from tessera.proto.tessera.v1 import engine_pb2
@@ -27,6 +27,8 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
             f"request {request_id!r}: prompt token ids {bad[:5]} are outside the "
             f"vocabulary [0, {vocab})"
         )
+    if seq.embed:
+        return _embed_request(seq, prompt)
     resumed = list(seq.resume_output_token_ids)
     if resumed and max(resumed) >= vocab:
         bad = [t for t in resumed if t >= vocab]
@@ -58,6 +60,29 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         cache_salt=cache_salt,
         # Resumed from a lost replica: recomputed like a preempted request's outputs.
         output_token_ids=resumed,
+    )
+
+
+def _embed_request(seq: engine_pb2.AddSequence, prompt: list[int]) -> Request:
+    """An embed sequence: a prompt and nothing to generate (request.py explains the
+    max_tokens of 1); any generation setting is a mistake of the sender."""
+    if seq.HasField("sampling") or seq.HasField("stop") or seq.resume_output_token_ids:
+        raise ValueError(
+            f"request {seq.request_id!r}: an embed sequence takes no sampling, stop or "
+            "resumed outputs"
+        )
+    try:
+        cache_salt = check_cache_salt(seq.cache_salt)
+    except ValueError as e:
+        raise ValueError(f"request {seq.request_id!r}: {e}") from None
+    return Request(
+        request_id=seq.request_id,
+        prompt_token_ids=prompt,
+        sampling=SamplingOptions(),
+        stop=StopConditions(max_tokens=1),
+        priority=seq.priority,
+        cache_salt=cache_salt,
+        embed=True,
     )
 
 

@@ -18,3 +18,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # all outputs so far, this step's included
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    embedding: list[float] | None = None  # an embed request's vector, on its last output

@@ -6,6 +6,12 @@ cache folds the salt into the hash of a request's first block (so into every blo
 hash chained from it: scheduler.block_hash), never keys blocks by tokens alone;
 otherwise one tenant could tell from its time to first token which prompts another
 one sent.
+
+An ``embed`` request generates nothing: its prompt's prefill is scheduled like any
+other (chunked, in the same batches as the generating requests), and the step that
+runs its last prompt position returns the pooled hidden state instead of a token; it
+finishes then ("stop"). Its stop conditions are max_tokens 1, so that the token slot
+that step would sample counts as the last one and nothing is scheduled after it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Request:
     stop: StopConditions
     priority: int = 0  # lower runs first under the priority policy
     cache_salt: str = ""  # the prefix cache's namespace: see the module docstring
+    embed: bool = False  # pool the prompt's hidden states: see the module docstring
     arrival_index: int = 0  # set by Scheduler.add_request; orders equal priorities
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -73,6 +80,8 @@ class Request:
     # Steps in which requests that arrived later were admitted while this one waited
     # (the lpm policy's starvation bound).
     num_times_overtaken: int = 0
+    # An embed request's pooled vector, once the step of its last prompt position is back.
+    embedding: list[float] | None = field(default=None, repr=False)
     # Prompt followed by outputs, kept alongside so reading it costs no copy per step.
     # Read only: append through append_output. A plain attribute, not a property: the
     # scheduler reads it for every running request in every step.

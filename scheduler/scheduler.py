@@ -35,6 +35,13 @@ it is scheduled, so a hit never names K/V that a failed or lost step did not wri
 waiting request whose next block to compute is being computed by a step in flight
 waits for it (the head waits, as for blocks), so the sequences of an n > 1 request,
 or prompts sharing a system prompt that arrive together, compute it once.
+
+Embed requests (request.embed) share the batch: their prompts are admitted and chunked
+under the same budget as any prefill, and the step of the last prompt position counts
+as the one that "samples" (plan.sampling); its result carries the pooled vector
+instead of a token, and the request finishes there. They never start from a cached
+prefix (the pooled mean needs every position's hidden state), but the full blocks they
+compute are registered for the requests that follow.
 """
 
 from __future__ import annotations
@@ -169,6 +176,14 @@ class Scheduler:
                 ):
                     register_computed(request, num_computed)
         outputs = []
+        for request_id, vector in result.embeddings.items():
+            request = self._current(plan, request_id)
+            if request is None:
+                continue  # aborted or preempted while the step ran
+            request.num_pending_tokens -= 1
+            request.embedding = vector
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            outputs.append(_output(request, [], []))
         plan_sampling = plan.sampling
         all_logprobs = result.logprobs
         max_model_len = self.config.max_model_len
@@ -214,6 +229,18 @@ class Scheduler:
                 )
             )
         return outputs
+
+    def _current(self, plan: StepPlan, request_id: str) -> Request | None:
+        """The request a result of ``plan`` is for, unless it was aborted or preempted
+        (and perhaps re-admitted) since the plan was made."""
+        request = self._requests.get(request_id)
+        if (
+            request is None
+            or request.status is not RequestStatus.RUNNING
+            or request.num_preemptions != plan.sampling[request_id]
+        ):
+            return None
+        return request
 
     # -- state, for the engine loop and tests ------------------------------------
 
@@ -387,8 +414,9 @@ class Scheduler:
                 request = order[0]
             else:
                 break
-            cached_block_ids = kv_cache.find_cached_prefix(request)
-            if kv_cache.enable_caching:
+            # An embed request pools every position's hidden state: no cached prefix.
+            cached_block_ids = [] if request.embed else kv_cache.find_cached_prefix(request)
+            if kv_cache.enable_caching and not request.embed:
                 if in_flight is None:
                     in_flight = kv_cache.hashes_in_flight(self.running)
                 if kv_cache.waits_for_block_in_flight(request, len(cached_block_ids), in_flight):
@@ -426,6 +454,7 @@ class Scheduler:
                     sampling=request.sampling,
                     block_ids=list(request.block_ids),
                     num_computed_tokens=request.num_computed_tokens,
+                    embed=request.embed,
                 )
             )
             self._commit(plan, request, num_new)
@@ -538,6 +567,11 @@ class Scheduler:
         num_prompt = request.num_prompt_tokens
         if num_prompt == 0:
             raise RequestRejected(f"request {request_id!r}: the prompt is empty")
+        if request.embed and (request.stop.max_tokens != 1 or request.output_token_ids):
+            raise RequestRejected(
+                f"request {request_id!r}: an embed request generates nothing (max_tokens "
+                "must be 1, with no resumed outputs)"
+            )
         max_model_len = self.config.max_model_len
         if num_prompt >= max_model_len:
             raise RequestRejected(
@@ -559,10 +593,11 @@ class Scheduler:
 
     def _check_result(self, plan: StepPlan, result: StepResult) -> None:
         """Raise RuntimeError if the executor's tokens break the mirror rule: exactly
-        the requests the plan samples (plan.sampling) come back with a token."""
-        if result.sampled_token_ids.keys() == plan.sampling.keys():
+        the requests the plan samples (plan.sampling) come back with a token, or with
+        an embedding for an embed request."""
+        if not result.embeddings and result.sampled_token_ids.keys() == plan.sampling.keys():
             return  # the usual case, in one comparison; else find what differs
-        for request_id in result.sampled_token_ids:
+        for request_id in [*result.sampled_token_ids, *result.embeddings]:
             if request_id not in plan.sampling:
                 scheduled = request_id in plan.num_scheduled_tokens
                 raise RuntimeError(
@@ -570,10 +605,10 @@ class Scheduler:
                     f"this plan {'ran without sampling' if scheduled else 'did not schedule'}"
                 )
         for request_id in plan.sampling:
-            if request_id not in result.sampled_token_ids:
+            if (request_id in result.sampled_token_ids) == (request_id in result.embeddings):
                 raise RuntimeError(
                     f"request {request_id!r}: by the mirror rule a token was due this "
-                    "step, and the executor returned none"
+                    "step, and the executor returned none (or a token and an embedding both)"
                 )
 
 
@@ -590,6 +625,7 @@ def _output(
         num_prompt_tokens=request.num_prompt_tokens,
         num_output_tokens=request.num_output_tokens,
         num_cached_tokens=request.num_cached_tokens or 0,
+        embedding=request.embedding,
     )
 
 

@@ -101,6 +101,7 @@ class GatewaySessions:
             error,
             kind,
             output.new_logprobs,
+            output.embedding if finish_reason == "stop" else None,
         )
 
     def route_step(

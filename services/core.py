@@ -21,6 +21,11 @@ travels on every AddSequence to the scheduler, whose prefix cache must key block
 Errors are ``RequestError``s with an ``ErrorKind``; each front maps the kind to its own
 status (a gRPC code, an HTTP status), so both agree on what is the client's fault.
 
+``ServingCore.embed`` serves embeddings through the same engine link: each input is one
+AddSequence with ``embed`` set, all of a call's inputs in one AddRequests (admitted whole
+or not at all), and the scheduler runs their prompts in the same batches as the
+generating sequences (scheduler/request.py), answering each with its vector.
+
 Limits (issue 5): ``sampling_params`` bounds n, stop strings (count and length),
 stop_token_ids and logit_bias; ``open`` refuses at once, as UNAVAILABLE, while the engine
 client counts the scheduler as lost, and a request that cannot be sent to it (not
@@ -41,6 +46,7 @@ from typing import Any
 
 from tessera.common import constraints
 from tessera.common.constraints import Constraint
+from tessera.common.embeddings import l2_normalize
 from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
 from tessera.common.request_fields import chat_role
 from tessera.common.sampling_params import SamplingParams
@@ -59,6 +65,7 @@ MAX_TEMPERATURE = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 1024  # entries of one logit_bias
 MAX_STOP_TOKEN_IDS = 256
+MAX_EMBED_INPUTS = 256  # inputs of one embeddings call
 
 
 class ErrorKind(enum.Enum):
@@ -124,6 +131,14 @@ class Usage:
     completion_tokens: int  # over all n sequences
     # Prompt tokens the prefix cache served when the first sequence was admitted.
     cached_tokens: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Embeddings:
+    """What ``ServingCore.embed`` returns: one vector per input, in input order."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int  # over all inputs
 
 
 @dataclass(slots=True)
@@ -287,6 +302,68 @@ class ServingCore:
             raise
         return generation
 
+    async def embed(
+        self,
+        prompts: list[TextPrompt | TokenPrompt],
+        model: str = "",
+        *,
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> Embeddings:
+        """The mean final hidden state of each prompt (L2-normalised unless ``normalize``
+        is False), computed by the engine beside the generating requests; RequestError
+        if an input is empty or too long, ``dimensions`` is not the model's hidden size,
+        the model is not served, or the engine refuses or fails the work."""
+        if not prompts:
+            raise RequestError(ErrorKind.INVALID, "input is empty: give at least one", "input")
+        if len(prompts) > MAX_EMBED_INPUTS:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"{len(prompts)} inputs; at most {MAX_EMBED_INPUTS} in one request",
+                "input",
+            )
+        hidden_size = self.info.hidden_size
+        if dimensions is not None and dimensions != hidden_size:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"dimensions must be the model's hidden size {hidden_size} (vectors are "
+                f"not truncated), got {dimensions}",
+                "dimensions",
+            )
+        started = time.monotonic()
+        rid = uuid.uuid4().hex
+        self._admit(rid, model)
+        self._open[rid] = []  # holds the slot while the inputs are tokenized
+        pending: set[str] = set()
+        ids: list[str] = []
+        times: RequestTimes | None = None  # once the work is sent: it counts in the metrics
+        try:
+            token_ids = [await self._embed_input(i, p) for i, p in enumerate(prompts)]
+            times = RequestTimes(started, time.monotonic(), sum(len(p) for p in token_ids))
+            serial = next(self._serials)
+            ids = [f"{self.engine.identity}/{serial}/{i}" for i in range(len(prompts))]
+            self._open[rid] = ids
+            queue = self.engine.open(ids)
+            pending.update(ids)
+            try:
+                await self.engine.add([
+                    engine_pb2.AddSequence(request_id=sid, prompt_token_ids=p, embed=True)
+                    for sid, p in zip(ids, token_ids, strict=True)
+                ])  # fmt: skip
+            except EngineUnavailable as e:
+                raise RequestError(ErrorKind.UNAVAILABLE, str(e)) from None
+            vectors = await self._embeddings(queue, ids, pending, times)
+        finally:
+            self._release(rid, list(pending), ids)
+            if self.metrics is not None and times is not None and not times.rejected:
+                times.completed = len(times.finish_reasons) == len(ids)
+                self.metrics.request_done(time.monotonic() - started, times.prompt_tokens, 0,
+                                          completed=times.completed)  # fmt: skip
+                self.metrics.request_finished(times)
+        if normalize:
+            vectors = [l2_normalize(v) for v in vectors]
+        return Embeddings(vectors, times.prompt_tokens)
+
     async def abort(self, request_id: str) -> bool:
         """Abort an open request by its id; its streams end with finish reason "abort"."""
         ids = self._open.get(request_id)
@@ -352,6 +429,63 @@ class ServingCore:
         return f"model {self.model!r} has no tokenizer; send token ids"
 
     # -- helpers -----------------------------------------------------------------------------
+
+    async def _embed_input(self, index: int, prompt: TextPrompt | TokenPrompt) -> list[int]:
+        """An embeddings input as token ids, checked like a prompt; RequestError naming it."""
+        if isinstance(prompt, TextPrompt):
+            if not prompt.text:
+                raise RequestError(ErrorKind.INVALID, f"input {index} is an empty string",
+                                   "input")  # fmt: skip
+            ids, _ = await self.tokenize(prompt)
+        else:
+            ids = list(prompt.token_ids)
+        if not ids:
+            raise RequestError(ErrorKind.INVALID, f"input {index} has no tokens", "input")
+        vocab = self.info.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"input {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                "input",
+            )
+        limit = self.info.max_model_len
+        if len(ids) >= limit:
+            raise RequestError(
+                ErrorKind.INVALID,
+                f"input {index} has {len(ids)} tokens; at most {limit - 1} fit "
+                f"(max_model_len {limit})",
+                "input",
+            )
+        return ids
+
+    async def _embeddings(
+        self, queue: asyncio.Queue, ids: list[str], pending: set[str], times: RequestTimes
+    ) -> list[list[float]]:
+        """The vectors of the embed sequences ``ids`` as their outputs arrive; each one
+        is taken out of ``pending`` when it ends (its reason noted in ``times``).
+        RequestError if one fails or the scheduler refuses them."""
+        vectors: dict[str, list[float]] = {}
+        while pending:
+            item = await queue.get()
+            if isinstance(item, engine_pb2.Rejection):
+                pending.clear()  # nothing of a rejected request was admitted
+                times.rejected = True
+                raise RequestError(_REJECTION_KINDS.get(item.kind, ErrorKind.INVALID), item.message)
+            if item.request_id not in pending or not item.finished:
+                continue
+            if item.queue_seconds and times.queue_seconds is None:
+                times.queue_seconds = item.queue_seconds
+            pending.discard(item.request_id)
+            times.finish_reasons.append(item.finish_reason)
+            if item.finish_reason == "error":
+                raise RequestError(_ERROR_KINDS.get(item.error_kind, ErrorKind.INTERNAL),
+                                   item.error or "the engine failed the request")  # fmt: skip
+            if item.finish_reason != "stop" or not item.embedding:
+                raise RequestError(ErrorKind.INTERNAL,
+                                   f"the embedding ended without a vector ({item.finish_reason})")
+            vectors[item.request_id] = list(item.embedding)
+        return [vectors[sid] for sid in ids]
 
     def _tokenizers(self) -> TokenizerClient:
         if self.tokenizers is None:

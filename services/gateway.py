@@ -298,6 +298,7 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             block_size=i.block_size,
             num_kv_blocks=i.num_kv_blocks,
             eos_token_ids=i.eos_token_ids,
+            hidden_size=i.hidden_size,
         )
 
     async def GetLoad(self, request, context):  # noqa: N802
@@ -322,6 +323,23 @@ class TesseraServicer(generate_pb2_grpc.TesseraServicer):
             await _abort(context, e)
             raise
         return generate_pb2.ResetPrefixCacheResponse(num_blocks_dropped=num_dropped)
+
+    async def Embed(self, request: generate_pb2.EmbedRequest, context):  # noqa: N802
+        try:
+            result = await self.core.embed(
+                [_embed_input_from_pb(i, item) for i, item in enumerate(request.inputs)],
+                request.model,
+                normalize=request.normalize if request.HasField("normalize") else True,
+                dimensions=request.dimensions if request.HasField("dimensions") else None,
+            )
+        except RequestError as e:
+            await _abort(context, e)
+            raise
+        return generate_pb2.EmbedResponse(
+            embeddings=[generate_pb2.Embedding(values=v) for v in result.vectors],
+            usage=generate_pb2.Usage(prompt_tokens=result.prompt_tokens),
+            model=self.core.model,
+        )
 
     async def _status(self, context) -> engine_pb2.StatusReply:
         try:
@@ -356,6 +374,16 @@ def _request_from_pb(
         priority=request.priority,
         cache_salt=request.cache_salt,
     )
+
+
+def _embed_input_from_pb(index: int, item: generate_pb2.EmbedInput) -> TextPrompt | TokenPrompt:
+    kind = item.WhichOneof("input")
+    if kind == "text":
+        return TextPrompt(item.text)
+    if kind == "token_ids":
+        return TokenPrompt(tuple(item.token_ids.ids))
+    raise RequestError(ErrorKind.INVALID, f"inputs[{index}] sets neither text nor token_ids",
+                       "inputs")  # fmt: skip
 
 
 def _chat_from_pb(chat: generate_pb2.ChatMessages) -> ChatPrompt:

@@ -207,6 +207,7 @@ class RequestTimes:
     queue_seconds: float | None = None  # as the scheduler reported it
     finish_reasons: list[str] = field(default_factory=list)  # one per finished sequence
     completed: bool = False  # every sequence ran to its end
+    rejected: bool = False  # the scheduler refused it: it never ran, nothing is counted
 
 
 class _EngineCollector:

@@ -47,6 +47,7 @@ from tessera.services.core import (
     RequestError,
     ServingCore,
 )
+from tessera.services.embeddings import add_embeddings_route
 from tessera.services.metrics import CONTENT_TYPE, Metrics
 from tessera.services.openai_errors import (
     error_response,
@@ -93,6 +94,7 @@ def create_app(core: ServingCore, metrics: Metrics, api_key: str | None, max_bod
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    add_embeddings_route(app, core)  # /v1/embeddings (services/embeddings.py)
     # vLLM's admin route (behind the API key like every route but /health and /metrics)
     app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
     add_extra_routes(app, core)  # /tokenize, /detokenize, /version

@@ -8,6 +8,9 @@ next step's layout run on the host while the GPU works (scheduler.scheduler expl
 the pending tokens this leaves). Stop strings are matched on the detokenized
 text (``tokenizer_svc.text_stream``); a match aborts the request in the scheduler
 (freeing its blocks at once) and reports finish reason "stop".
+
+``add_embedding`` queues an embed request (scheduler.request): its prompt's prefill
+shares the steps with the generating requests and it ends with its pooled vector.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from tessera.common.plan import StepPlan, StepResult, StopConditions, TokenLogprobs
+from tessera.common.plan import (
+    SamplingOptions,
+    StepPlan,
+    StepResult,
+    StopConditions,
+    TokenLogprobs,
+)
 from tessera.common.sampling_params import SamplingParams
 from tessera.executor.model_runner import ModelRunner, Step
 from tessera.scheduler.config import SchedulerConfig
@@ -40,6 +49,7 @@ class SequenceState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+    embedding: list[float] | None = None  # an embed request's vector, once finished
 
     @property
     def finished(self) -> bool:
@@ -111,6 +121,24 @@ class Engine:
             request_id, list(prompt_token_ids), params, stream
         )
 
+    def add_embedding(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        """Queue an embed request: its prompt's mean final hidden state, no tokens."""
+        vocab = self.runner.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=SamplingOptions(),
+            stop=StopConditions(max_tokens=1),
+            embed=True,
+        )
+        self.scheduler.add_request(request)  # raises RequestRejected (a ValueError)
+        self.sequences[request_id] = SequenceState(
+            request_id, list(prompt_token_ids), SamplingParams(), None
+        )
+
     def abort(self, request_ids: list[str]) -> list[SequenceState]:
         self.scheduler.abort_requests(request_ids)
         done = []
@@ -148,6 +176,8 @@ class Engine:
                 continue
             if seq.num_cached_tokens is None:  # the first output: set at admission
                 seq.num_cached_tokens = out.num_cached_tokens
+            if out.embedding is not None:
+                seq.embedding = out.embedding
             self._append(seq, out.new_token_ids, out.new_logprobs)
             if not seq.finished and out.finished:
                 seq.finish_reason = out.finish_reason

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from tessera.common import constraints
+from tessera.common.embeddings import l2_normalize
 from tessera.common.executor_config import ExecutorConfig
 from tessera.common.sampling_params import SamplingParams
 from tessera.engine import Engine, SequenceState
@@ -165,6 +166,56 @@ class LLM:
             self.engine.abort(added)  # nothing stays in the pool after an error
             raise
         return outputs
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        normalize: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[list[float]]:
+        """One vector per prompt (text or token ids), in input order: the mean of the
+        model's final-norm hidden state over the prompt's positions, L2-normalised
+        unless ``normalize`` is False. The prompts run through the same scheduler as
+        generation (chunked like any prefill), and may share steps with it."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to embed")
+        ids = [self._encode(p) for p in prompts]
+        seq_index: dict[str, int] = {}
+        try:
+            for i, token_ids in enumerate(ids):
+                sid = f"embd-{next(self._ids)}"
+                self.engine.add_embedding(sid, token_ids)
+                seq_index[sid] = i
+            vectors = self._run_embeddings(seq_index, use_tqdm)
+        except BaseException:
+            self.engine.abort(list(seq_index))  # nothing stays in the pool after an error
+            raise
+        return [l2_normalize(v) for v in vectors] if normalize else vectors
+
+    def _run_embeddings(self, seq_index: dict[str, int], use_tqdm: bool) -> list[list[float]]:
+        vectors: list[list[float] | None] = [None] * len(seq_index)
+        remaining = len(seq_index)
+        bar = tqdm(total=remaining, desc="Embedding", disable=not use_tqdm or remaining < 2)
+        try:
+            while remaining:
+                if not self.engine.has_unfinished():
+                    raise RuntimeError("engine stopped with requests still open")
+                for seq in self.engine.step():
+                    if seq.request_id in seq_index and seq.finished:
+                        if seq.embedding is None:
+                            raise RuntimeError(f"embedding {seq.request_id} ended without one")
+                        vectors[seq_index[seq.request_id]] = seq.embedding
+                        remaining -= 1
+                        bar.update(1)
+        finally:
+            bar.close()
+        return vectors  # type: ignore[return-value]
 
     def chat(
         self,

@@ -28,7 +28,7 @@ class FakeRunner:
         self.calls: list[str] = []
         self.release = threading.Event()
         self.model_config = SimpleNamespace(
-            max_position_embeddings=64, vocab_size=100, eos_token_ids=[0]
+            max_position_embeddings=64, vocab_size=100, eos_token_ids=[0], hidden_size=8
         )
         self.num_blocks, self.block_size = 8, 4
         self.source = SimpleNamespace(name="fake")

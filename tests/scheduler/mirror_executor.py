@@ -40,6 +40,7 @@ class Mirror:
     sampling: SamplingOptions
     block_ids: list[int]
     num_computed_tokens: int
+    embed: bool = False
     # contexts[p]: a key of token_ids[: p + 1], what the K/V at position p depends on
     contexts: list[int] = field(default_factory=list)
 
@@ -70,7 +71,9 @@ class MirrorExecutor:
                 new.sampling,
                 list(new.block_ids),
                 new.num_computed_tokens,
+                new.embed,
             )
+            assert not new.embed or new.num_computed_tokens == 0, "an embed reused a prefix"
         for cached in plan.cached_requests:
             assert cached.new_block_ids, f"{cached.request_id} listed with no new blocks"
             self.mirrors[cached.request_id].block_ids.extend(cached.new_block_ids)
@@ -107,6 +110,11 @@ class MirrorExecutor:
                     assert found == mirror.context(position), (
                         f"{request_id}: wrong K/V at position {position}"
                     )
+                if mirror.embed:  # a stand-in vector: (length, sum) of the prompt
+                    result.embeddings[request_id] = [
+                        float(len(mirror.token_ids)), float(sum(mirror.token_ids))
+                    ]
+                    continue
                 token_id = self.sample(request_id, mirror.token_ids)
                 mirror.token_ids.append(token_id)
                 result.sampled_token_ids[request_id] = token_id

@@ -192,11 +192,12 @@ def test_fuzzed_grpc_requests_get_a_result_or_a_client_error(stub):
 
     @fuzz(40)
     @given(messages(pb.TokenizeRequest.DESCRIPTOR), messages(pb.DetokenizeRequest.DESCRIPTOR),
-           messages(pb.AbortRequest.DESCRIPTOR))  # fmt: skip
-    def other_cases(tokenize, detokenize, abort):
+           messages(pb.AbortRequest.DESCRIPTOR), messages(pb.EmbedRequest.DESCRIPTOR))  # fmt: skip
+    def other_cases(tokenize, detokenize, abort, embed):
         _rpc_error(lambda: stub.Tokenize(tokenize, timeout=30))
         _rpc_error(lambda: stub.Detokenize(detokenize, timeout=30))
         _rpc_error(lambda: stub.Abort(abort, timeout=30))
+        _rpc_error(lambda: stub.Embed(embed, timeout=60))
 
     generate_case()
     other_cases()
@@ -215,12 +216,14 @@ _VALID = {
                         "temperature": 0},
     "/v1/chat/completions": {"model": MODEL, "max_tokens": 3,
                              "messages": [{"role": "user", "content": "Hi!"}]},
+    "/v1/embeddings": {"model": MODEL, "input": "The capital of France is"},
 }  # fmt: skip
 _FIELDS = ["prompt", "messages", "n", "stop", "logprobs", "top_logprobs", "logit_bias",
            "temperature", "top_p", "top_k", "min_p", "seed", "stream", "stream_options",
            "echo", "best_of", "suffix", "presence_penalty", "frequency_penalty",
            "repetition_penalty", "min_tokens", "stop_token_ids", "priority", "user", "model",
-           "ignore_eos", "add_generation_prompt", "skip_special_tokens", "max_tokens"]  # fmt: skip
+           "ignore_eos", "add_generation_prompt", "skip_special_tokens", "max_tokens",
+           "input", "encoding_format", "dimensions", "normalize"]  # fmt: skip
 
 
 @st.composite
@@ -539,6 +542,8 @@ UNICODE_CASES = [
     ("/v1/completions", {**_CMPL, "suffix": _BAD}, "suffix"),
     ("/v1/completions", {**_CMPL, "logit_bias": {_BAD: 1}}, "logit_bias['\\ud800']"),
     ("/v1/completions", {**_CMPL, _BAD: 1}, "the key '\\ud800'"),
+    ("/v1/embeddings", {"model": MODEL, "input": ["ok", _BAD]}, "input[1]"),
+    ("/v1/embeddings", {"model": MODEL, "input": "x", "user": _BAD}, "user"),
 ]  # fmt: skip
 
 
@@ -593,6 +598,12 @@ def test_invalid_utf8_on_grpc_is_invalid_argument_naming_the_field(server, stub)
         with pytest.raises(grpc.RpcError) as err:
             tokenize(_with_bad_utf8(pb.TokenizeRequest(chat=chat)), timeout=30)
         assert "chat.messages[1].content is not valid UTF-8" in err.value.details()
+        embed = channel.unary_unary("/tessera.v1.Tessera/Embed")
+        request = pb.EmbedRequest(inputs=[pb.EmbedInput(text="ok"), pb.EmbedInput(text="QQ")])
+        with pytest.raises(grpc.RpcError) as err:
+            embed(_with_bad_utf8(request), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs[1].text is not valid UTF-8" in err.value.details(), err.value.details()
     assert_still_serving(stub)
 
 

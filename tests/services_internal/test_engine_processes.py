@@ -102,6 +102,7 @@ class Received:
     error_kind: str = ""
     num_output_tokens: int = 0
     rejection: pb.Rejection | None = None
+    embedding: list[float] = field(default_factory=list)  # an embed sequence's vector
 
     @property
     def done(self) -> bool:
@@ -184,6 +185,8 @@ class Gateway:
             seq.error = o.error
             seq.error_kind = o.error_kind
             seq.num_output_tokens = o.num_output_tokens
+            if o.embedding:
+                seq.embedding = list(o.embedding)
             seq.stop_token_id = o.stop_token_id if o.HasField("stop_token_id") else None
         for r in out.rejected:
             if r.request_id not in self.sent:

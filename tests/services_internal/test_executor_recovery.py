@@ -241,6 +241,42 @@ def test_a_failed_restart_ends_every_stream_as_unavailable_then_recovers(
     assert {i: seq.tokens for i, seq in got.items()} == expected
 
 
+def embed_sequences(prefix: str, count: int = 4) -> list[pb.AddSequence]:
+    """Embed sequences of 300 tokens: several prefill chunks each (ENGINE_FLAGS' budget)."""
+    return [
+        pb.AddSequence(request_id=f"{prefix}{i}", embed=True,
+                       prompt_token_ids=[(13 * i + 5 * j) % 4000 + 100 for j in range(300)])
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def test_sigkill_mid_embedding_recomputes_the_prompt(engine, gateway, expected):
+    """Embed sequences whose prompts are part computed when the executor dies are run
+    again from their first token by the next one: the same vectors as undisturbed (the
+    running sum does not carry over), beside streams that lose no token."""
+    gateway.add(*embed_sequences("embref"))
+    ids = [f"embref{i}" for i in range(4)]
+    reference = {rid[len("embref"):]: seq.embedding
+                 for rid, seq in gateway.wait(ids, timeout=120).items()}  # fmt: skip
+    assert all(len(v) == 576 for v in reference.values())
+    gen_ids = start_mid_generation(gateway, "embgen")
+    gateway.add(*embed_sequences("embkill"))
+    gateway.until(lambda: gateway.seq("embkill0").finished, timeout=60)
+    assert not gateway.seq("embkill3").finished, "the embeddings were meant to be mid-way"
+    old_pid = engine.executor_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    got = gateway.wait([f"embkill{i}" for i in range(4)], timeout=120)
+    for rid, seq in got.items():
+        assert seq.finish_reason == "stop" and seq.error == "" and seq.tokens == [], rid
+        want = reference[rid[len("embkill"):]]
+        error = sum((a - b) ** 2 for a, b in zip(seq.embedding, want, strict=True)) ** 0.5
+        assert error <= 1e-5 * sum(b * b for b in want) ** 0.5, f"{rid}: {error}"
+    gateway.wait(gen_ids, timeout=60)
+    assert_streams_equal(gateway, gen_ids, expected)
+    assert_replaced(engine, old_pid)
+    assert wait_status(gateway, lambda s: s.load.num_kv_blocks_free == 64, 10)
+
+
 def test_sigkill_of_the_scheduler_takes_a_restarted_executor_down(engine, gateway):
     """Last of the engine's tests. Each executor, the first or a replacement, dies with
     the scheduler that started it."""

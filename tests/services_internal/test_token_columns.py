@@ -38,6 +38,9 @@ def rows(draw) -> dict:
     tokens = draw(st.lists(_u32, max_size=3))
     reason = draw(st.sampled_from(list(FINISH_CODES)))
     with_logprobs = tokens and draw(st.booleans())
+    # an embed sequence's last row: "stop", no token, a vector (of one length per step)
+    embedding = (draw(st.lists(_f32, min_size=3, max_size=3))
+                 if reason == "stop" and not tokens and draw(st.booleans()) else None)  # fmt: skip
     return {
         "request_id": draw(st.text(max_size=12)),
         "new_token_ids": tokens,
@@ -45,13 +48,14 @@ def rows(draw) -> dict:
         "num_prompt_tokens": draw(_u32),
         "num_output_tokens": draw(_u32),
         "num_cached_tokens": draw(_u32),
-        "stop_token_id": draw(_u32) if reason == "stop" else None,
+        "stop_token_id": draw(_u32) if reason == "stop" and embedding is None else None,
         "queue_seconds": draw(st.just(0.0) | st.floats(0, 1e6, width=32)),
         "error": draw(st.text(max_size=20)) if reason == "error" else "",
         "error_kind": draw(st.sampled_from(["internal", "unavailable"])) if reason == "error"
         else "",
         "logprobs": draw(st.lists(token_logprobs, min_size=len(tokens), max_size=len(tokens)))
         if with_logprobs else [],
+        "embedding": embedding,
     }  # fmt: skip
 
 
@@ -69,6 +73,7 @@ def expected_output(row: dict) -> pb.SequenceOutput:
         error=row["error"],
         error_kind=row["error_kind"],
         queue_seconds=row["queue_seconds"],
+        embedding=row["embedding"] or (),
     )
     if row["stop_token_id"] is not None:
         seq.stop_token_id = row["stop_token_id"]
@@ -184,6 +189,46 @@ def test_columns_that_disagree_are_a_wire_error(mutate, message):
     mutate(cols)
     data = encode(pb.EngineOutputs(tokens=cols))
     out = decode(pb.EngineOutputs, data)  # well-formed protobuf: the columns are checked
+    with pytest.raises(WireError, match=message):
+        sequence_outputs(out)
+
+
+def embedding_columns() -> pb.TokenColumns:
+    """Three rows: an embedding, a stopped generation, an embedding."""
+    builder = TokenColumnsBuilder()
+    builder.add("e1", [], "stop", 4, 0, 0, embedding=[0.5, -1.0])
+    builder.add("g", [2], "stop", 3, 1, 0, stop_token_id=2)
+    builder.add("e2", [], "stop", 6, 0, 0, embedding=[0.25, 2.0])
+    return builder.to_pb()
+
+
+def test_embeddings_read_back_on_their_rows_without_a_stop_token():
+    outputs = sequence_outputs(pb.EngineOutputs(tokens=embedding_columns()))
+    assert [list(o.embedding) for o in outputs] == [[0.5, -1.0], [], [0.25, 2.0]]
+    assert [o.HasField("stop_token_id") for o in outputs] == [False, True, False]
+    assert outputs[1].stop_token_id == 2
+    builder = TokenColumnsBuilder()
+    with pytest.raises(ValueError, match="an embedding ends a row with stop"):
+        builder.add("e", [], "length", embedding=[1.0])
+    builder.add("e", [], "stop", embedding=[1.0, 2.0])
+    with pytest.raises(ValueError, match="of 3 floats beside ones of 2"):
+        builder.add("f", [], "stop", embedding=[1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_append("embeddings", 1.0), "5 embedding floats for 2 embedding rows"),
+        (_set("embedding_rows", [0]), "1 stop_token_ids for 2 stopped rows"),
+        (_set("embedding_rows", [2, 0]), "embedding_rows must be ascending"),
+        (_set("finish_reasons", [2, 1, 1]), "an embedding row must finish with stop"),
+        (_set("embeddings", []), "0 embedding floats for 2 embedding rows"),
+    ],
+)
+def test_embedding_columns_that_disagree_are_a_wire_error(mutate, message):
+    cols = embedding_columns()
+    mutate(cols)
+    out = decode(pb.EngineOutputs, encode(pb.EngineOutputs(tokens=cols)))
     with pytest.raises(WireError, match=message):
         sequence_outputs(out)
 

@@ -111,6 +111,30 @@ def test_tiny_llama_at_2_ranks(tiny_llama_dir):
         llm_2.close()
 
 
+def test_embeddings_at_2_ranks(tiny_llama_dir):
+    """Rank 0 returns the pooled vector: transformers' mean final-norm hidden state, with
+    the longest prompt chunked over several steps beside a generating request."""
+    path, model = tiny_llama_dir
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 90)]
+    with torch.inference_mode():
+        reference = [model(input_ids=torch.tensor([p]), output_hidden_states=True)
+                     .hidden_states[-1][0].mean(dim=0) for p in prompts]  # fmt: skip
+    llm_2 = LLM(str(path), tensor_parallel_size=2, device="cpu", dtype="float32",
+                kv_cache_memory=1 << 24, max_num_batched_tokens=32, show_progress=False)
+    try:
+        llm_2.engine.add_sequence("gen", prompts[0], greedy())
+        vectors = llm_2.embed(prompts, normalize=False, use_tqdm=False)
+        for i, (vector, ref) in enumerate(zip(vectors, reference, strict=True)):
+            error = float((torch.tensor(vector) - ref).norm() / ref.norm())
+            assert error < 1e-4, f"prompt {i}: relative error {error:.2e}"
+        while llm_2.engine.has_unfinished():  # the generating request, still running
+            llm_2.engine.step()
+        assert llm_2.engine.scheduler.num_free_blocks == llm_2.runner.num_blocks
+    finally:
+        llm_2.close()
+
+
 def test_smollm2_at_3_ranks(hf_model, hf_tokenizer):
     all_prompts = encode_prompts(hf_tokenizer)
     prompts = [all_prompts[1], all_prompts[3], all_prompts[6]]  # plain, plain, chat

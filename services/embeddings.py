@@ -15,19 +15,21 @@ model a 404.
 
 Every input of a call becomes one embed sequence of one AddRequests: the scheduler runs
 their prompts in the same batches as the generating requests (no separate batch), each
-finishing after its last prefill chunk.
+finishing after its last prefill chunk. A client that closes the connection first
+cancels the call, and its unfinished sequences are aborted (services/http_disconnect.py).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from tessera.common.embeddings import to_base64
 from tessera.services.core import ServingCore, TextPrompt, TokenPrompt
+from tessera.services.http_disconnect import ClientGone, or_disconnect
 from tessera.services.openai_protocol import TokenId
 
 
@@ -50,10 +52,13 @@ class EmbeddingRequest(BaseModel):
 
 
 def add_embeddings_route(app: FastAPI, core: ServingCore) -> None:
-    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
-        result = await core.embed(
-            body.prompts(), body.model, normalize=body.normalize, dimensions=body.dimensions
-        )
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        try:  # a client that leaves cancels the call: its sequences are aborted
+            result = await or_disconnect(request, core.embed(
+                body.prompts(), body.model, normalize=body.normalize, dimensions=body.dimensions
+            ))  # fmt: skip
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed"
         encode = to_base64 if body.encoding_format == "base64" else list
         data = [
             {"object": "embedding", "index": i, "embedding": encode(vector)}

@@ -32,8 +32,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -48,6 +48,7 @@ from tessera.services.core import (
     ServingCore,
 )
 from tessera.services.embeddings import add_embeddings_route
+from tessera.services.http_disconnect import ClientGone, or_disconnect
 from tessera.services.metrics import CONTENT_TYPE, Metrics
 from tessera.services.openai_errors import (
     error_response,
@@ -71,12 +72,7 @@ from tessera.services.openai_server import Guard, HttpServer
 
 __all__ = ["HttpServer", "create_app"]
 
-T = TypeVar("T")
 HEALTH_TIMEOUT = 2.0
-
-
-class _ClientGone(Exception):
-    """The client closed the connection before the response was ready."""
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -188,17 +184,17 @@ class OpenAIFront:
 
         try:
             for r in requests:
-                gens.append(await _or_disconnect(request, self.core.open(r)))
+                gens.append(await or_disconnect(request, self.core.open(r)))
             deltas = _merge(gens)
             if not stream:
                 try:
-                    choices, usage = await _or_disconnect(request, _collect(deltas, fmt.n))
+                    choices, usage = await or_disconnect(request, _collect(deltas, fmt.n))
                 finally:
                     close_all()
                 return fmt.response(choices, usage)
             # The first delta decides the status: a refused request is a 429, not a 200.
-            first = await _or_disconnect(request, anext(deltas, None))
-        except _ClientGone:
+            first = await or_disconnect(request, anext(deltas, None))
+        except ClientGone:
             close_all()
             return Response(status_code=499)  # nobody reads it; nginx's "client closed"
         except BaseException:
@@ -211,27 +207,6 @@ def _engine_serving(status: engine_pb2.StatusReply) -> bool:
     # Schedulers that report a state say when no executor works; older ones do not.
     unavailable = getattr(engine_pb2, "ENGINE_STATE_UNAVAILABLE", None)
     return unavailable is None or getattr(status, "state", None) != unavailable
-
-
-async def _or_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or _ClientGone (with ``work`` cancelled) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise _ClientGone
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _merge(gens: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:

@@ -225,3 +225,29 @@ def test_embeddings_beside_a_streaming_generation(stub, client, reference):
         assert_close(batch, reference, True, "beside a generation")
     load = stub.GetLoad(pb.GetLoadRequest(), timeout=30)
     assert load.num_kv_blocks_used == 0 and load.num_running == 0
+
+
+def test_a_client_that_leaves_aborts_its_embeddings(server, stub, http):
+    """A call of 200 long inputs (hundreds of 32-token steps) whose client gives up after
+    half a second: its sequences are aborted when the connection closes, so the engine is
+    idle again long before the work would have ended, and the server answers after."""
+    import time
+
+    body = {"model": MODEL, "input": [_LONG * 3 + f"Part {i}." for i in range(200)]}
+    with httpx.Client(base_url=server.http_url, timeout=0.5) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/embeddings", json=body)
+    left = time.monotonic()
+    busy = stub.GetLoad(pb.GetLoadRequest(), timeout=30)
+    while (busy.num_running or busy.num_waiting or busy.num_kv_blocks_used) and (
+        time.monotonic() - left < 30
+    ):
+        time.sleep(0.05)
+        busy = stub.GetLoad(pb.GetLoadRequest(), timeout=30)
+    idle_after = time.monotonic() - left
+    assert busy.num_running == busy.num_waiting == busy.num_kv_blocks_used == 0
+    # all 200 inputs take far longer than this: the idle engine means they were aborted
+    started = time.monotonic()
+    assert http.post("/v1/embeddings", json=body).status_code == 200
+    whole_call = time.monotonic() - started
+    assert idle_after < whole_call / 4, (idle_after, whole_call)

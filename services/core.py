@@ -40,7 +40,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -441,14 +441,7 @@ class ServingCore:
             ids = list(prompt.token_ids)
         if not ids:
             raise RequestError(ErrorKind.INVALID, f"input {index} has no tokens", "input")
-        vocab = self.info.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(
-                ErrorKind.INVALID,
-                f"input {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                "input",
-            )
+        _check_vocabulary(ids, self.info.vocab_size, "input", f"input {index}: token ids")
         limit = self.info.max_model_len
         if len(ids) >= limit:
             raise RequestError(
@@ -530,20 +523,8 @@ class ServingCore:
         if not prompt:
             raise RequestError(ErrorKind.INVALID, "the prompt is empty", "prompt")
         vocab = self.info.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(
-                ErrorKind.INVALID,
-                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                "prompt",
-            )
-        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(
-                ErrorKind.INVALID,
-                f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                "logit_bias",
-            )
+        _check_vocabulary(prompt, vocab, "prompt")
+        _check_vocabulary(params.logit_bias or {}, vocab, "logit_bias", "logit_bias token ids")
         limit = self.info.max_model_len
         if len(prompt) >= limit:
             raise RequestError(
@@ -588,6 +569,17 @@ class ServingCore:
             task.add_done_callback(self._background.discard)
         self.engine.close_ids(ids)
         self._open.pop(rid, None)
+
+
+def _check_vocabulary(
+    ids: Iterable[int], vocab: int, field: str, what: str = "token ids"
+) -> None:
+    """RequestError naming ``field`` unless every id is in [0, vocab)."""
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(
+            ErrorKind.INVALID, f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})", field
+        )
 
 
 class Generation:

@@ -25,23 +25,7 @@ import time
 from datetime import date
 
 import torch
-
-
-def copy_bandwidth(device, nbytes: int = 2 * 1024**3, iters: int = 10) -> float:
-    """Device-to-device copy, bytes read plus bytes written per second."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / iters
-    del src, dst
-    return 2 * nbytes / seconds
+from roofline import copy_bandwidth, decode_step_s, matmul_rate, shape_of  # benchmarks/ on sys.path
 
 
 def weight_bytes(runner) -> int:
@@ -105,6 +89,108 @@ def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
     return {"context": ctx + steps // 2, "step_s": wall, "replay_s": replay}
 
 
+# Kernel name fragments -> where a decode step's time goes (first match wins).
+CATEGORIES = (
+    ("attention", ("_decode_kernel", "_merge_splits")),
+    ("kv_write", ("_write_kv",)),
+    ("norm", ("_rms_norm",)),
+    ("rotary", ("_rotary",)),
+    ("activation", ("_silu_and_mul",)),
+    ("sampling", ("_draw", "argmax", "softmax", "topk", "sort", "bitmask")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "matmul", "w4a16", "splitk")),
+    ("copy", ("memcpy", "memset", "copy", "index", "gather", "scatter")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return cat
+    return "elementwise/other"
+
+
+def _busy(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    busy = 0.0
+    spans = sorted(spans)
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return busy + cur_e - cur_s
+
+
+def profile_step(runner, batch: int, ctx: int, steps: int) -> dict:
+    """Where a whole decode step's time goes: GPU time per kernel category (the profiler
+    sees the kernels inside graph replays), and the rest of the wall time (the GPU idle
+    while the host lays out the step, launches, and copies the tokens back)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
+
+    bs = runner.block_size
+    per = -(-(ctx + steps + 8) // bs)
+    if batch * per > runner.num_blocks:
+        return {"skipped": "pool too small"}
+    ids = [f"p{batch}-{i}" for i in range(batch)]
+    runner.execute(
+        StepPlan(
+            new_requests=[
+                NewRequestData(
+                    request_id=rid,
+                    all_token_ids=[1000 + i % 5000] * ctx,
+                    num_prompt_tokens=ctx,
+                    sampling=SamplingOptions(temperature=0.0),
+                    block_ids=list(range(i * per, (i + 1) * per)),
+                    num_computed_tokens=ctx - 1,
+                )
+                for i, rid in enumerate(ids)
+            ],
+            num_scheduled_tokens={rid: 1 for rid in ids},
+        )
+    )
+    step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
+    for _ in range(3):
+        runner.execute(step)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.execute(step)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    runner.execute(StepPlan(finished_request_ids=ids))
+    per_cat: dict[str, float] = {}
+    names: dict[str, float] = {}
+    spans = []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.end <= 0:
+            continue
+        us = e.time_range.end - e.time_range.start
+        spans.append((e.time_range.start, e.time_range.end))
+        cat = _category(e.name)
+        per_cat[cat] = per_cat.get(cat, 0.0) + us
+        names[e.name] = names.get(e.name, 0.0) + us
+    if not spans:
+        return {"batch": batch, "wall_step_s": wall, "error": "the profiler saw no kernels"}
+    busy = _busy(spans) / 1e6 / steps
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "batch": batch,
+        "wall_step_s": wall,
+        "gpu_busy_step_s": busy,
+        "gpu_idle_step_s": max(wall - busy, 0.0),
+        "by_category_s": {
+            k: v / 1e6 / steps for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels_s": {k[:90]: v / 1e6 / steps for k, v in top},
+    }
+
+
 def gpu_idle(llm, batch: int, steps: int = 256) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -125,15 +211,7 @@ def gpu_idle(llm, batch: int, steps: int = 256) -> dict:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0
     )
-    busy = 0.0
-    cur_s, cur_e = spans[0]
-    for s, e in spans[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
+    busy = _busy(spans)
     span = spans[-1][1] - spans[0][0]
     return {
         "batch": batch,
@@ -156,11 +234,16 @@ def main() -> None:
     ap.add_argument("--idle-batch", type=int, nargs="*", default=[64, 256])
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument(
+        "--profile", type=int, nargs="*", default=[256], help="batches to profile by kernel"
+    )
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
+    rate = matmul_rate(device)
 
     from tessera import LLM
 
@@ -170,16 +253,19 @@ def main() -> None:
         max_num_seqs=max(args.batch + args.idle_batch),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.no_cuda_graphs,
+        kv_cache_dtype=args.kv_cache_dtype,
         show_progress=False,
     )
     runner = llm.runner
     wb = weight_bytes(runner)
     kvt = kv_bytes_per_token(runner)
+    shape = shape_of(runner.model_config, wb, kvt)
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
         "model": args.model,
         "copy_bandwidth_GBps": bw / 1e9,
+        "matmul_TFLOPs": rate / 1e12,
         "weight_bytes": wb,
         "kv_bytes_per_token": kvt,
         "decode": [],
@@ -188,12 +274,26 @@ def main() -> None:
     for b in args.batch:
         r = time_decode(runner, b, args.context, args.steps)
         if "skipped" not in r:
+            # Bytes only (as first published), and bytes or FLOPs, whichever bounds.
             roof = (wb + b * r["context"] * kvt) / bw
-            r.update(batch=b, roofline_s=roof, step_vs_roofline=roof / r["step_s"])
+            full = decode_step_s(shape, b, b * r["context"], bw, rate)
+            r.update(
+                batch=b,
+                roofline_s=roof,
+                step_vs_roofline=roof / r["step_s"],
+                roofline_flops_s=full,
+                step_vs_roofline_flops=full / r["step_s"],
+            )
             if r["replay_s"]:
                 r["replay_vs_roofline"] = roof / r["replay_s"]
+                r["replay_vs_roofline_flops"] = full / r["replay_s"]
         print(json.dumps(r), flush=True)
         result["decode"].append(r)
+    result["profile"] = []
+    for b in args.profile:
+        r = profile_step(runner, b, args.context, args.steps)
+        print(json.dumps(r), flush=True)
+        result["profile"].append(r)
     for b in args.idle_batch:
         for pipelined in (True, False):  # async scheduling on, then off: same run
             llm.engine.pipelined = pipelined

@@ -30,6 +30,7 @@ import time
 from datetime import date
 
 import torch
+from roofline import copy_bandwidth, matmul_rate, shape_of, workload_s  # benchmarks/ on path
 
 
 def fixed_workload(n: int, inp: int, out: int, vocab: int, seed: int):
@@ -228,6 +229,9 @@ def main() -> None:
     }
     for name in workloads:
         result["workloads"][name] = {}
+    device = torch.device("cuda")
+    bw, rate = copy_bandwidth(device), matmul_rate(device)
+    result["copy_bandwidth_GBps"], result["matmul_TFLOPs"] = bw / 1e9, rate / 1e12
 
     if args.hf_prompts:
         hf = hf_model_for(args.model, dtype)
@@ -265,6 +269,10 @@ def main() -> None:
     )
     result["tessera_startup_s"] = time.perf_counter() - t0
     result["kv_blocks"] = llm.runner.num_blocks
+    from decode_step import kv_bytes_per_token, weight_bytes
+
+    runner = llm.runner
+    shape = shape_of(runner.model_config, weight_bytes(runner), kv_bytes_per_token(runner))
     warm = fixed_workload(8, 64, 16, vocab, args.seed + 1)
     llm.generate(
         [p for p, _ in warm],
@@ -281,6 +289,22 @@ def main() -> None:
             use_tqdm=False,
         )
         r["tessera"] = run_tessera(llm, work)
+        # The least time an engine with this batch limit and pool could take (roofline.py).
+        roof = workload_s(
+            shape,
+            [(len(p), o) for p, o in work],
+            args.max_num_seqs,
+            runner.num_blocks * runner.block_size,
+            bw,
+            rate,
+        )
+        r["roofline_tok_per_s"] = r["tessera"]["output_tokens"] / roof
+        r["vs_roofline"] = r["tessera"]["tok_per_s"] / r["roofline_tok_per_s"]
+        print(
+            f"{name}: {r['tessera']['tok_per_s']:,.0f} output tok/s, roofline "
+            f"{r['roofline_tok_per_s']:,.0f} ({r['vs_roofline']:.2f} of it)",
+            flush=True,
+        )
         if args.sync_too:  # the same workload with async scheduling off, for the ratio
             llm.engine.pipelined = False
             r["tessera_sync"] = run_tessera(llm, work)

@@ -1,0 +1,145 @@
+"""Rooflines of a decode step and of a whole offline workload, from the model's shape.
+
+A decode step of ``n`` sequences whose contexts sum to ``C`` tokens cannot take less than
+
+    max((weight_bytes + C * kv_bytes_per_token) / copy_bandwidth,
+        (n * linear_flops_per_token + attention_flops(C)) / matmul_rate)
+
+every weight byte and every cached K/V byte read once at the measured copy bandwidth,
+or every multiply-add done at the measured bf16 matmul rate, whichever is longer (at
+batch 256 on an 8B model the matmuls alone take longer than reading the weights, so a
+bytes-only roofline would ask for the impossible). A prefill token costs its linear
+FLOPs plus its causal attention FLOPs at the matmul rate.
+
+A workload's roofline replays its requests through an ideal scheduler: FCFS admission
+while fewer than ``max_num_seqs`` run and the pool holds every running sequence's whole
+context, each running sequence decoding one token per step, prefill counted at the
+matmul rate on top. That is the time no engine with this batch limit and pool could
+beat; ``throughput / roofline throughput`` is the fraction reached.
+
+Pure Python: the measured rates come from the caller (``copy_bandwidth`` and
+``matmul_rate`` measure them on a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Shape:
+    """What a roofline needs of a model: bytes and FLOPs per token."""
+
+    weight_bytes: int  # read once per step (embeddings excluded: only gathered rows)
+    kv_bytes_per_token: int  # K and V of every layer for one token
+    linear_flops_per_token: int  # 2 x multiply-adds of every linear, LM head included
+    attention_flops_per_pair: int  # 2 x (QK^T + PV) multiply-adds of one query-key pair
+
+
+def shape_of(mc, weight_bytes: int, kv_bytes_per_token: int, tp: int = 1) -> Shape:
+    """``mc``: a ``ModelConfig``. FLOPs are per rank with tensor parallel ``tp``."""
+    h, hd, layers = mc.hidden_size, mc.head_dim, mc.num_hidden_layers
+    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * mc.intermediate_size
+    linear = 2 * (layers * per_layer + h * mc.vocab_size)
+    pair = 2 * 2 * mc.num_attention_heads * hd * layers
+    return Shape(weight_bytes, kv_bytes_per_token, linear // tp, pair // tp)
+
+
+def decode_step_s(shape: Shape, n: int, context_sum: int, bw: float, rate: float) -> float:
+    """Least time of one decode step of ``n`` sequences with ``context_sum`` cached tokens."""
+    memory = (shape.weight_bytes + context_sum * shape.kv_bytes_per_token) / bw
+    compute = (
+        n * shape.linear_flops_per_token + context_sum * shape.attention_flops_per_pair
+    ) / rate
+    return max(memory, compute)
+
+
+def prefill_s(shape: Shape, prompt_len: int, rate: float) -> float:
+    """Least time of a prompt's prefill: causal, so token i attends to i + 1 keys."""
+    pairs = prompt_len * (prompt_len + 1) // 2
+    return (
+        prompt_len * shape.linear_flops_per_token + pairs * shape.attention_flops_per_pair
+    ) / rate
+
+
+def workload_s(
+    shape: Shape,
+    requests: list[tuple[int, int]],  # (prompt tokens, output tokens), arrival order
+    max_num_seqs: int,
+    pool_tokens: int,
+    bw: float,
+    rate: float,
+) -> float:
+    """Least time of an offline workload under an ideal scheduler (see the module doc)."""
+    waiting = deque(requests)
+    running: list[list[int]] = []  # [context, tokens left]
+    total = 0.0
+    held = 0  # tokens of context the running sequences hold
+    while waiting or running:
+        while waiting and len(running) < max_num_seqs:
+            inp, out = waiting[0]
+            if running and held + inp + out > pool_tokens:
+                break  # the whole context must fit; a lone request always runs
+            waiting.popleft()
+            total += prefill_s(shape, inp, rate)
+            # Prefill makes the first output token; the rest are decode steps.
+            if out > 1:
+                running.append([inp + 1, out - 1])
+                held += inp + out
+        if not running:
+            continue
+        context_sum = sum(c for c, _ in running)
+        # Steps until the next sequence finishes: the set is fixed until then.
+        k = min(left for _, left in running)
+        n = len(running)
+        for i in range(k):  # contexts grow by n tokens a step
+            total += decode_step_s(shape, n, context_sum + i * n, bw, rate)
+        keep = []
+        for r in running:
+            r[0] += k
+            r[1] -= k
+            if r[1]:
+                keep.append(r)
+            else:
+                held -= r[0]
+        running = keep
+    return total
+
+
+def copy_bandwidth(device, nbytes: int = 2 * 1024**3, iters: int = 10) -> float:
+    """Device-to-device copy: bytes read plus bytes written per second."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def matmul_rate(device, n: int = 8192, iters: int = 20) -> float:
+    """bf16 matmul FLOP/s of an n x n x n product (cuBLAS)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)

@@ -10,9 +10,12 @@ before sampling, for the constrained rows of the batch only.
   mirror rule, ``common/plan.py``), so it can advance a matcher without a round trip,
   and the scheduler stays free of vocabularies and torch.
 - Async scheduling: step N+1 of a constrained request needs N's token on the host to
-  compute its mask. So on the tensor path, ``submit`` collects the step a constrained row
-  still waits for before laying out N+1 (as rows with penalties already do): those steps
-  are correct and not overlapped; a batch without constraints loses nothing.
+  compute its mask, but its forward does not (pending inputs are filled in on the
+  device). So on the tensor path ``submit`` launches N+1's forward first, then collects
+  step N (as for rows with penalties), advances the matchers and computes the masks
+  while the GPU runs that forward; only the sampling of N+1 waits for the masks. What a
+  constrained batch still gives up is the host time of step N+1's sampling launch after
+  the masks, and the masks themselves where they take longer than the forward.
 - Recovery and preemption: a request re-sent after a preemption or to a restarted
   executor arrives as a new request whose ``all_token_ids`` hold the outputs so far;
   ``start`` replays them into a fresh matcher, so the grammar state is rebuilt from the

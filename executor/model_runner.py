@@ -348,8 +348,11 @@ class ModelRunner:
         if not self.use_triton:
             self._run_lists(plan, step)
             return step
-        self._collect_pending_for_penalties(plan)
         sample_ids, states, logits, pooled = self._forward_tensors(plan)
+        # After the launch: the forward takes pending inputs on the device, only the
+        # mask and the penalties need the tokens on the host, so the host waits for step
+        # N and computes N+1's masks while the GPU runs N+1's forward.
+        self._collect_pending_for_penalties(plan)
         step.sample_ids, step.states = sample_ids, states
         if not sample_ids:
             step.result = StepResult(embeddings=_vectors_to_host(pooled))
@@ -406,7 +409,8 @@ class ModelRunner:
     def _collect_pending_for_penalties(self, plan: StepPlan) -> None:
         """Penalties count a request's outputs on the host, and a grammar needs the last
         token for its next mask (executor/grammar.py): collect the steps whose tokens such
-        a request still waits for (correct, not overlapped)."""
+        a request still waits for. Called once this step's forward is queued, so the
+        wait and the masks overlap the forward; only the sampling waits."""
         for request_id in plan.num_scheduled_tokens:
             state = self.requests[request_id]
             if state.pending and (state.sampling.has_penalty or state.grammar is not None):

@@ -1,14 +1,16 @@
 """Rooflines of a decode step and of a whole offline workload, from the model's shape.
 
-A decode step of ``n`` sequences whose contexts sum to ``C`` tokens cannot take less than
+A decode step of ``n`` sequences whose contexts sum to ``C`` tokens runs its linears and
+its attention one kernel after the other, so it cannot take less than
 
-    max((weight_bytes + C * kv_bytes_per_token) / copy_bandwidth,
-        (n * linear_flops_per_token + attention_flops(C)) / matmul_rate)
+    max(weight_bytes / copy_bandwidth, n * linear_flops_per_token / matmul_rate)
+  + max(C * kv_bytes_per_token / copy_bandwidth, C * attention_flops_per_pair / matmul_rate)
 
-every weight byte and every cached K/V byte read once at the measured copy bandwidth,
-or every multiply-add done at the measured bf16 matmul rate, whichever is longer (at
-batch 256 on an 8B model the matmuls alone take longer than reading the weights, so a
-bytes-only roofline would ask for the impossible). A prefill token costs its linear
+each part reading its bytes once at the measured copy bandwidth or doing its
+multiply-adds at the measured bf16 matmul rate, whichever is longer. At batch 256 on an
+8B model the linears are bound by FLOPs (reading the weights takes less time than the
+matmuls) while attention is bound by its K/V reads, so neither a bytes-only roofline nor
+one maximum over the whole step is a time any engine could reach. A prefill token costs its linear
 FLOPs plus its causal attention FLOPs at the matmul rate.
 
 A workload's roofline replays its requests through an ideal scheduler: FCFS admission
@@ -49,11 +51,12 @@ def shape_of(mc, weight_bytes: int, kv_bytes_per_token: int, tp: int = 1) -> Sha
 
 def decode_step_s(shape: Shape, n: int, context_sum: int, bw: float, rate: float) -> float:
     """Least time of one decode step of ``n`` sequences with ``context_sum`` cached tokens."""
-    memory = (shape.weight_bytes + context_sum * shape.kv_bytes_per_token) / bw
-    compute = (
-        n * shape.linear_flops_per_token + context_sum * shape.attention_flops_per_pair
-    ) / rate
-    return max(memory, compute)
+    linears = max(shape.weight_bytes / bw, n * shape.linear_flops_per_token / rate)
+    attention = max(
+        context_sum * shape.kv_bytes_per_token / bw,
+        context_sum * shape.attention_flops_per_pair / rate,
+    )
+    return linears + attention
 
 
 def prefill_s(shape: Shape, prompt_len: int, rate: float) -> float:

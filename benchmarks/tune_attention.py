@@ -32,12 +32,14 @@ def tune_decode(timer: Timer, gen: torch.Generator) -> list[dict]:
     default = dec._decode_config
     for batch, ctx in DECODE_SHAPES:
         k_cache, v_cache, table = shuffled_pool(batch, ctx, timer.device, torch.bfloat16, gen)
-        q = torch.randn(batch, bk.NUM_HEADS, bk.HEAD_SIZE, device=timer.device,
-                        dtype=torch.bfloat16)
+        q = torch.randn(
+            batch, bk.NUM_HEADS, bk.HEAD_SIZE, device=timer.device, dtype=torch.bfloat16
+        )
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=timer.device)
         kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
-        call = functools.partial(dec.paged_decode_attention, q, k_cache, v_cache, table, lens,
-                                 bk.HEAD_SIZE**-0.5)
+        call = functools.partial(
+            dec.paged_decode_attention, q, k_cache, v_cache, table, lens, bk.HEAD_SIZE**-0.5
+        )
         for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
             dec._decode_config = lambda *_, c=(block_n, warps, stages): c
             try:
@@ -47,28 +49,50 @@ def tune_decode(timer: Timer, gen: torch.Generator) -> list[dict]:
                 continue
             finally:
                 dec._decode_config = default
-            rows.append({"batch": batch, "context": ctx, "block_n": block_n, "warps": warps,
-                         "stages": stages, "us": seconds * 1e6, "gbps": kv_bytes / seconds / 1e9})
-        best = sorted((r for r in rows if r["batch"] == batch and r["context"] == ctx),
-                      key=lambda r: r["us"])[:5]
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": ctx,
+                    "block_n": block_n,
+                    "warps": warps,
+                    "stages": stages,
+                    "us": seconds * 1e6,
+                    "gbps": kv_bytes / seconds / 1e9,
+                }
+            )
+        best = sorted(
+            (r for r in rows if r["batch"] == batch and r["context"] == ctx), key=lambda r: r["us"]
+        )[:5]
         for r in best:
-            print(f"decode B={batch:4d} ctx={ctx:6d}  n={r['block_n']:3d} w={r['warps']} "
-                  f"s={r['stages']}  {r['us']:8.1f} us  {r['gbps']:6.0f} GB/s")
+            print(
+                f"decode B={batch:4d} ctx={ctx:6d}  n={r['block_n']:3d} w={r['warps']} "
+                f"s={r['stages']}  {r['us']:8.1f} us  {r['gbps']:6.0f} GB/s"
+            )
         # The split count, at the best tiles: the default heuristic's choice among them.
         top = best[0]
         dec._decode_config = lambda *_, c=(top["block_n"], top["warps"], top["stages"]): c
-        chosen = dec.default_num_splits(batch, bk.NUM_KV_HEADS, ctx, top["block_n"],
-                                       paged.num_sms(timer.device))
+        chosen = dec.default_num_splits(
+            batch, bk.NUM_KV_HEADS, ctx, top["block_n"], paged.num_sms(timer.device)
+        )
         line = []
         for splits in (1, 2, 4, 8, 16, 32, 64):
             seconds = timer(functools.partial(call, num_splits=splits))
-            rows.append({"batch": batch, "context": ctx, **{k: top[k] for k in
-                         ("block_n", "warps", "stages")}, "num_splits": splits,
-                         "us": seconds * 1e6, "gbps": kv_bytes / seconds / 1e9})
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": ctx,
+                    **{k: top[k] for k in ("block_n", "warps", "stages")},
+                    "num_splits": splits,
+                    "us": seconds * 1e6,
+                    "gbps": kv_bytes / seconds / 1e9,
+                }
+            )
             line.append(f"{splits}{'*' if splits == chosen else ''}:{kv_bytes / seconds / 1e9:.0f}")
         dec._decode_config = default
-        print(f"decode B={batch:4d} ctx={ctx:6d}  splits GB/s (* = default {chosen}): "
-              + " ".join(line))
+        print(
+            f"decode B={batch:4d} ctx={ctx:6d}  splits GB/s (* = default {chosen}): "
+            + " ".join(line)
+        )
         k_cache = v_cache = call = None
         torch.cuda.empty_cache()
     return rows
@@ -79,15 +103,24 @@ def tune_prefill(timer: Timer, gen: torch.Generator, token_counts) -> list[dict]
     default = pre._prefill_config
     for tokens in token_counts:
         k_cache, v_cache, table = shuffled_pool(1, tokens, timer.device, torch.bfloat16, gen)
-        q = torch.randn(tokens, bk.NUM_HEADS, bk.HEAD_SIZE, device=timer.device,
-                        dtype=torch.bfloat16)
+        q = torch.randn(
+            tokens, bk.NUM_HEADS, bk.HEAD_SIZE, device=timer.device, dtype=torch.bfloat16
+        )
         qsl = torch.tensor([0, tokens], dtype=torch.int32, device=timer.device)
         lens = torch.tensor([tokens], dtype=torch.int32, device=timer.device)
         flops = 4 * bk.HEAD_SIZE * bk.NUM_HEADS * tokens * (tokens + 1) // 2
-        call = functools.partial(pre.paged_prefill_attention, q, k_cache, v_cache, table, qsl,
-                                 lens, bk.HEAD_SIZE**-0.5, max_query_len=tokens)
-        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8),
-                                                       (2, 3, 4)):
+        call = functools.partial(
+            pre.paged_prefill_attention,
+            q,
+            k_cache,
+            v_cache,
+            table,
+            qsl,
+            lens,
+            bk.HEAD_SIZE**-0.5,
+            max_query_len=tokens,
+        )
+        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
             pre._prefill_config = lambda *_, c=(bm, bn, warps, stages): c
             try:
                 seconds = timer(call, calls=4)
@@ -96,13 +129,23 @@ def tune_prefill(timer: Timer, gen: torch.Generator, token_counts) -> list[dict]
                 continue
             finally:
                 pre._prefill_config = default
-            rows.append({"tokens": tokens, "block_m": bm, "block_n": bn, "warps": warps,
-                         "stages": stages, "us": seconds * 1e6,
-                         "tflops": flops / seconds / 1e12})
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "block_m": bm,
+                    "block_n": bn,
+                    "warps": warps,
+                    "stages": stages,
+                    "us": seconds * 1e6,
+                    "tflops": flops / seconds / 1e12,
+                }
+            )
         best = sorted((r for r in rows if r["tokens"] == tokens), key=lambda r: r["us"])[:6]
         for r in best:
-            print(f"prefill T={tokens:5d}  m={r['block_m']:3d} n={r['block_n']:3d} "
-                  f"w={r['warps']} s={r['stages']}  {r['us']:8.1f} us  {r['tflops']:6.1f} TFLOP/s")
+            print(
+                f"prefill T={tokens:5d}  m={r['block_m']:3d} n={r['block_n']:3d} "
+                f"w={r['warps']} s={r['stages']}  {r['us']:8.1f} us  {r['tflops']:6.1f} TFLOP/s"
+            )
     return rows
 
 

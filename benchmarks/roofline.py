@@ -15,9 +15,15 @@ FLOPs plus its causal attention FLOPs at the matmul rate.
 
 A workload's roofline replays its requests through an ideal scheduler: FCFS admission
 while fewer than ``max_num_seqs`` run and the pool holds every running sequence's whole
-context, each running sequence decoding one token per step, prefill counted at the
-matmul rate on top. That is the time no engine with this batch limit and pool could
-beat; ``throughput / roofline throughput`` is the fraction reached.
+context, each running sequence decoding one token per step. Prefill is FLOPs at the
+matmul rate, and an ideal engine runs it inside decode steps whose linears wait on the
+weight reads: the compute those steps leave idle (``weight_bytes / bw - n * linear
+FLOPs / rate`` a step) absorbs for free the prefill of the requests admitted just
+before them (until the next admission), and only the rest adds time: a prompt cannot
+be computed before the pool has room for it, nor its decoding start before its prefill
+is done. That is a time no engine with
+this batch limit and pool could beat; ``throughput / roofline throughput`` is the
+fraction reached.
 
 Pure Python: the measured rates come from the caller (``copy_bandwidth`` and
 ``matmul_rate`` measure them on a GPU).
@@ -79,6 +85,7 @@ def workload_s(
     waiting = deque(requests)
     running: list[list[int]] = []  # [context, tokens left]
     total = 0.0
+    backlog = 0.0  # seconds of prefill (at the matmul rate) of admitted requests not yet run
     held = 0  # tokens of context the running sequences hold
     while waiting or running:
         while waiting and len(running) < max_num_seqs:
@@ -86,7 +93,7 @@ def workload_s(
             if running and held + inp + out > pool_tokens:
                 break  # the whole context must fit; a lone request always runs
             waiting.popleft()
-            total += prefill_s(shape, inp, rate)
+            backlog += prefill_s(shape, inp, rate)
             # Prefill makes the first output token; the rest are decode steps.
             if out > 1:
                 running.append([inp + 1, out - 1])
@@ -99,6 +106,10 @@ def workload_s(
         n = len(running)
         for i in range(k):  # contexts grow by n tokens a step
             total += decode_step_s(shape, n, context_sum + i * n, bw, rate)
+        # Compute these steps leave idle while their linears wait on the weights.
+        idle = k * max(0.0, shape.weight_bytes / bw - n * shape.linear_flops_per_token / rate)
+        total += backlog - min(backlog, idle)  # the rest runs before these steps
+        backlog = 0.0
         keep = []
         for r in running:
             r[0] += k
@@ -108,7 +119,7 @@ def workload_s(
             else:
                 held -= r[0]
         running = keep
-    return total
+    return total + backlog
 
 
 def copy_bandwidth(device, nbytes: int = 2 * 1024**3, iters: int = 10) -> float:

@@ -47,8 +47,20 @@ def test_a_decode_step_is_bound_by_bytes_or_by_flops_whichever_is_longer():
     )
     # bytes: (100 + 20) / 1 = 120 s; flops: (4 x 10 + 20) / 1000 = 0.06 s
     assert roofline.decode_step_s(s, 4, 20, bw=1.0, rate=1000.0) == pytest.approx(120.0)
-    # flops: 60 / 0.1 = 600 s beats 120 s of bytes
+    # flops: (40 + 20) / 0.1 = 600 s beats 120 s of bytes in both parts
     assert roofline.decode_step_s(s, 4, 20, bw=1.0, rate=0.1) == pytest.approx(600.0)
+
+
+def test_linears_and_attention_are_bound_each_by_its_own_limit():
+    # Linears: 100 bytes but 4 x 50 = 200 FLOPs; attention: 20 bytes and no FLOPs. At one
+    # byte and one FLOP a second they take 200 + 20 s, not max(120, 200) s.
+    s = roofline.Shape(
+        weight_bytes=100,
+        kv_bytes_per_token=1,
+        linear_flops_per_token=50,
+        attention_flops_per_pair=0,
+    )
+    assert roofline.decode_step_s(s, 4, 20, bw=1.0, rate=1.0) == pytest.approx(220.0)
 
 
 def test_prefill_counts_causal_pairs():
@@ -81,3 +93,46 @@ def test_workload_steps_shrink_as_requests_finish():
     assert got == pytest.approx((10 + 4) + (10 + 3) + (10 + 4))
     # A request of one output token is its prefill alone.
     assert roofline.workload_s(mem, [(5, 1)], 8, 100, 1.0, 1.0) == 0.0
+
+
+def test_prefill_fills_the_compute_that_weight_bound_decode_steps_leave_idle():
+    s = roofline.Shape(
+        weight_bytes=100,
+        kv_bytes_per_token=0,
+        linear_flops_per_token=10,
+        attention_flops_per_pair=0,
+    )
+    # (2 in, 3 out) alone at 1 byte/s and 1 FLOP/s: two decode steps of 100 s (reads),
+    # each leaving 100 - 10 = 90 s of compute idle; prefill needs 2 x 10 = 20 s: free.
+    assert roofline.workload_s(s, [(2, 3)], 8, 100, 1.0, 1.0) == pytest.approx(200.0)
+    # A 30-token prompt needs 300 s of compute: 180 s fit in the steps, 120 s add.
+    assert roofline.workload_s(s, [(30, 3)], 8, 100, 1.0, 1.0) == pytest.approx(320.0)
+
+
+def test_steps_before_a_request_is_admitted_do_not_absorb_its_prefill():
+    s = roofline.Shape(
+        weight_bytes=100,
+        kv_bytes_per_token=0,
+        linear_flops_per_token=10,
+        attention_flops_per_pair=0,
+    )
+    # One sequence at a time: (1 in, 3 out) then (30 in, 2 out). The first one's two
+    # steps leave 180 s idle but the second prompt (300 s) is not admitted yet; its own
+    # step leaves 90 s: 300 - 90 = 210 s add to 3 x 100 s of steps (+ 10 s of the first
+    # prompt, absorbed).
+    got = roofline.workload_s(s, [(1, 3), (30, 2)], 1, 100, 1.0, 1.0)
+    assert got == pytest.approx(300.0 + 210.0)
+
+
+def test_prefill_left_over_is_not_absorbed_by_later_requests_steps():
+    s = roofline.Shape(
+        weight_bytes=100,
+        kv_bytes_per_token=0,
+        linear_flops_per_token=10,
+        attention_flops_per_pair=0,
+    )
+    # (30 in, 2 out) then (1 in, 3 out), one at a time: the first prompt's 300 s meet one
+    # step's 90 s idle (210 s add) and must finish before it decodes, so the second
+    # request's idle steps cannot take the rest.
+    got = roofline.workload_s(s, [(30, 2), (1, 3)], 1, 100, 1.0, 1.0)
+    assert got == pytest.approx(300.0 + 210.0)

@@ -11,8 +11,9 @@ converts both to it once, at load):
     W[i, n] = (code[i, n] - zeros[i // group_size, n]) * scales[i // group_size, n]
 
 Act-order checkpoints (GPTQ ``desc_act``) scatter a group's rows over K; the loader
-sorts the rows by group once, and the kernel reads the activation columns through
-``perm`` instead, so a K tile never straddles two groups (BLOCK_K divides the group).
+sorts the rows by group once, and the kernels read the activation columns through
+``perm`` instead, so a K tile never straddles two groups (BLOCK_K divides the group), or
+(tensor-core kernel) holds whole groups.
 
 Grid ``(tiles, S)``. Split ``s`` covers the K tiles ``[s * T, (s + 1) * T)``; with
 ``S = 1`` the program writes ``out`` (bias added), else each split writes float32
@@ -29,7 +30,7 @@ been checked under the interpreter so far, so it stays off until a GPU run of
 counters are one zeroed buffer per device: two fixup launches must not run concurrently
 on two streams.
 
-Two kernels; both turn codes into floats by the exponent trick,
+Three kernels; all turn codes into floats by the exponent trick,
 ``bits(0x4B000000 | q) = 2**23 + q`` exactly for ``0 <= q < 2**23``: one OR and one
 subtraction instead of an int-to-float conversion (a quarter-rate instruction).
 
@@ -47,17 +48,41 @@ activation of plane j is pre-scaled by ``16**-j`` (a power of two: exact), so a 
 costs one AND, one subtraction and one FMA. The scale multiplies once per group and
 column; the tile's rows are summed once, after the K loop.
 
-With more rows ``_w4a16_kernel`` runs ``tl.dot`` on dequantized tiles in the activation
-dtype (float32 accumulation). With ``BLOCK_K >= 128`` (``planes``) it reads
-``[BLOCK_K / 8, BLOCK_N]`` words once and runs eight dots of depth ``BLOCK_K / 8``, nibble
-plane j against activation columns ``k0 + 8i + j``; otherwise it loads each word once for
-each of its 8 rows, which costs 8x the load instructions and, through ``cp.async``
-(which bypasses L1), 8x the L2 traffic.
+With more rows the product runs on tensor cores (``tl.dot``) on tiles dequantized in the
+activation dtype, float32 accumulation. The first dot kernel, ``_w4a16_kernel``
+(``kernel="dot"``): with ``BLOCK_K >= 128`` (``planes``) it reads ``[BLOCK_K / 8,
+BLOCK_N]`` words once and runs eight dots of depth ``BLOCK_K / 8``, nibble plane j against
+activation columns ``k0 + 8i + j``; otherwise it loads each word once for each of its 8
+rows, which costs 8x the load instructions and, through ``cp.async`` (which bypasses L1),
+8x the L2 traffic and shared memory. Measured on the H200 at 16-64 rows: 0.40-0.91x of
+bf16's speed. Compiled for sm_90 and read, the planes variant loads its strided
+activation columns outside the pipeline (2-byte loads that ``cp.async`` cannot take),
+and the per-row variant holds four stages of 8x-repeated words in 180 KB of shared
+memory at 64 rows: one program per multiprocessor.
+
+The tensor-core kernel, ``_w4a16_tc_kernel`` (``kernels/_w4a16_tc.py``, ``kernel="tc"``),
+is the one meant for 16-256 rows: it reads a ``[BLOCK_K / 8, BLOCK_N]`` tile of words once
+(``cp.async``, ``num_stages`` deep, like the contiguous activation tile), dequantizes its
+eight nibble planes in registers (the GEMV's exponent trick: one AND, one subtraction,
+one multiplication per weight), joins them back into row order inside each thread and
+runs one dot of depth ``BLOCK_K``. At 16-64 rows (one row tile) the 4-bit weights are
+most of the traffic, and its sm_90 loop issues 5-7 instructions per weight, about 4 of
+them the dequantization, which should leave it faster than bf16's 2 bytes per weight
+(not yet measured); from 128 rows the dequantization repeats per row tile and the tensor
+cores start to count, and whether it beats dequantize + mm is the sweep's to say. ``swap``
+multiplies ``W^T @ x^T`` instead (the weight tile as the first operand, in registers on
+sm_90); groups smaller than the tile (32, 64 with ``BLOCK_K = 128``) read one scale row
+per word row.
 
 For large M a fused kernel competes with cuBLAS on tensor-core efficiency; there
 ``dequantize_w4`` writes W once in the activation dtype (rows back in input order) and the
-caller multiplies with torch: about 2.5 bytes moved per weight, small beside the GEMM.
-``w4a16_matmul`` picks that path from ``dequant_min_m`` rows up.
+caller multiplies with torch: about 2.5 bytes moved per weight, small beside the GEMM,
+but a full pass over W per call, which at 64-256 rows costs about as much as the GEMM.
+``w4a16_matmul`` takes that path from ``DEQUANT_MIN_M`` (1024) rows up; below it, a
+shape and rows bucket with tiles in ``TUNED`` runs the fused kernel, and one without
+dequantizes from ``UNTUNED_DEQUANT_MIN_M`` (64) rows up (``uses_dequant_mm``).
+``benchmarks/w4a16.py --sweep`` times both per bucket and keeps a key in ``TUNED`` only
+where the fused kernel won, so the table is also the record of which path is faster.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ It keeps the fastest fused config of each shape and row count in ``w4a16.TUNED``
 rest of the run, or, where dequantize + mm was faster (from ``UNTUNED_DEQUANT_MIN_M``
 rows), removes the key so the launcher dequantizes there; it prints each decision and
 the TUNED entries to paste into ``kernels/w4a16.py``. The default sweep (16-256 rows,
-about 35 configs, most of the time in compiling them) takes about 2-3 minutes on an
+about 45 configs, most of the time in compiling them) takes about 2-3 minutes on an
 H200; with ``--skip-decode`` the whole run stays under 5.
 
-    python benchmarks/w4a16.py --sweep 240 --skip-decode --json benchmarks/results/w4a16_h200.json
+    python benchmarks/w4a16.py --sweep 200 --skip-decode --json benchmarks/results/w4a16_h200.json
     python benchmarks/w4a16.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
 """
 
@@ -230,7 +230,8 @@ def _sweep_configs(m: int) -> list:
     tensor-core kernel (``kernel="tc"``); the first dot kernel competes through the sweep's
     baseline, TUNED's tiles for the bucket. Each compiles once per split/no-split variant
     (a second or two), so the lists stay short. Every config here compiles for sm_90
-    without spilling registers, in at most 196 KB of shared memory."""
+    without spilling registers, in at most 196 KB of shared memory; ``scale_after``
+    variants for up to 64 rows, where it saves instructions (compiled and counted)."""
     from tessera.kernels.w4a16 import W4Config
 
     if m == 1:
@@ -247,20 +248,28 @@ def _sweep_configs(m: int) -> list:
                 tc(bm, 128, 128, 0, 4, 3, programs_per_sm=4, fixup=True),
                 tc(bm, 64, 128, 0, 4, 4, programs_per_sm=4),
                 tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True),
-                tc(bm, 256, 128, 0, 8, 3, programs_per_sm=2, swap=True)]  # fmt: skip
+                tc(bm, 256, 128, 0, 8, 3, programs_per_sm=2, swap=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, scale_after=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True, scale_after=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=4, swap=True, scale_after=True,
+                   fixup=True)]  # fmt: skip
     if m <= 64:
         return [tc(64, 128, 128, 0, 4, 3, programs_per_sm=2),
                 tc(64, 128, 128, 0, 4, 4, programs_per_sm=1),
                 tc(64, 64, 128, 0, 4, 4, programs_per_sm=4),
                 tc(64, 256, 64, 0, 8, 3, programs_per_sm=1),
-                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True)]  # fmt: skip
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True),
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, scale_after=True),
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True, scale_after=True)
+                ]  # fmt: skip
     # 128 rows and up: 128x128 tiles alone leave most multiprocessors idle on N = 4096
     # (32 tiles), hence smaller tiles and split-K next to them.
     wide = [tc(128, 128, 128, 1, 8, 3),
             tc(128, 128, 128, 0, 8, 3, programs_per_sm=1),
             tc(128, 128, 64, 1, 8, 4),
             tc(128, 256, 64, 1, 8, 3),
-            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1)]  # fmt: skip
+            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1),
+            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1, scale_after=True)]  # fmt: skip
     if m <= 128:
         return wide + [tc(128, 64, 128, 1, 4, 3)]
     return wide + [tc(256, 128, 64, 1, 8, 3)]

@@ -124,7 +124,9 @@ class W4Config:
     ``"dot"`` is ``_w4a16_kernel``, where ``planes`` (``block_k >= 128``) reads each word
     once and multiplies its eight nibble planes separately, instead of reading each word
     for each of its rows; ``"tc"`` is ``_w4a16_tc_kernel``, one dot of depth ``block_k``
-    per tile, with ``swap`` computing ``W^T @ x^T`` (the weight tile as first operand)."""
+    per tile, with ``swap`` computing ``W^T @ x^T`` (the weight tile as first operand) and
+    ``scale_after`` multiplying each tile's dot result by its group's scales instead of
+    each weight (where a tile holds one group; ignored where it holds several)."""
 
     block_m: int
     block_n: int
@@ -138,6 +140,7 @@ class W4Config:
     planes: bool = True
     kernel: str = "dot"
     swap: bool = False
+    scale_after: bool = False
 
 
 @triton.jit
@@ -617,7 +620,9 @@ def w4a16_matmul(
         kernel = _w4a16_tc_kernel if config.kernel == "tc" else _w4a16_kernel
         precision, upcast = dot_mode(x.dtype, kernel)
         if config.kernel == "tc":
-            specific = dict(TILE_GROUPS=max(1, config.block_k // group), SWAP=config.swap)
+            tile_groups = max(1, config.block_k // group)
+            specific = dict(TILE_GROUPS=tile_groups, SWAP=config.swap,
+                            SCALE_AFTER=config.scale_after and tile_groups == 1)  # fmt: skip
         else:
             specific = dict(PLANES=config.planes and config.block_k >= 128)
         kernel[(tiles, splits)](

@@ -80,16 +80,17 @@ def test_tc_matches_reference_float32(m, shape):
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("m", [7, 64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
-def test_tc_swapped_small_tiles(m, shape):
-    """W^T @ x^T with K tiles of 32: several tiles per group (the next tile's scale row is
-    read one tile ahead, across group boundaries)."""
+def test_tc_small_tiles_scale_after(m, shape, swap):
+    """K tiles of 32, several per group (the next tile's scale row is read one tile ahead,
+    across group boundaries), each dot's result scaled rather than each weight."""
     k, n, group_size, zeros, act_order = shape
     qweight, scales, zero, perm = _weight(k, n, group_size, zeros, act_order, seed=11)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(12)).to(DEVICE)
     out = torch.full((m, n), float("nan"), device=DEVICE)
-    config = _tc(m, 32, swap=True)
+    config = _tc(m, 32, swap=swap, scale_after=True)
     y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, config=config)
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
 
@@ -107,28 +108,33 @@ def test_dot_kernel_matches_reference(shape):
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
 
 
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("swap, scale_after", [(False, False), (True, False), (False, True),
+                                               (True, True)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [7, 16, 64])
-def test_tc_matches_reference_half(m, dtype, swap):
-    """The weight tile is rounded once to the activation dtype before its dot."""
+def test_tc_matches_reference_half(m, dtype, swap, scale_after):
+    """The weight tile is rounded once to the activation dtype before its dot (with
+    scale_after: code - zero, exact, and the dot's result scaled in float32)."""
     qweight, scales, zero, perm = _weight(256, 72, 64, True, True, seed=1)
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     bias = torch.randn(72, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
     out = torch.full((m, 72), float("nan"), device=DEVICE, dtype=dtype)
-    y = w4a16_matmul(x, qweight, scales, zero, perm, 64, bias, out=out,
-                     config=_tc(m, swap=swap))  # fmt: skip
+    config = _tc(m, 64, swap=swap, scale_after=scale_after)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 64, bias, out=out, config=config)
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 64, bias), dtype)
 
 
-@pytest.mark.parametrize("split_k, fixup", [(1, False), (3, False), (3, True), (5, True)])
-def test_tc_split_k_agrees(split_k, fixup):
+@pytest.mark.parametrize("split_k, fixup, block_k", [(1, False, 64), (3, False, 64), (3, True, 32),
+                                                     (5, True, 32)])  # fmt: skip
+def test_tc_split_k_agrees(split_k, fixup, block_k):
     """Splits of the tensor-core kernel (the last one short) summed by the second kernel
-    or in-kernel, bias added once; twice, so the fixup's counters are back at zero."""
+    or in-kernel, bias added once; twice, so the fixup's counters are back at zero. Tiles
+    of 64 rows hold two groups (scale_after does not apply), of 32 one."""
     qweight, scales, zero, perm = _weight(320, 40, 32, True, True, seed=2)
     x = torch.randn(20, 320, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     bias = torch.randn(40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    config = W4Config(16, 32, 64, split_k=split_k, fixup=fixup, kernel="tc")
+    config = W4Config(16, 32, block_k, split_k=split_k, fixup=fixup, kernel="tc",
+                      scale_after=True)  # fmt: skip
     ref = w4a16_matmul_ref(x, qweight, scales, zero, perm, 32, bias)
     for _ in range(2):
         out = torch.full((20, 40), float("nan"), device=DEVICE)

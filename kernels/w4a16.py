@@ -71,8 +71,9 @@ them the dequantization, which should leave it faster than bf16's 2 bytes per we
 (not yet measured); from 128 rows the dequantization repeats per row tile and the tensor
 cores start to count, and whether it beats dequantize + mm is the sweep's to say. ``swap``
 multiplies ``W^T @ x^T`` instead (the weight tile as the first operand, in registers on
-sm_90); groups smaller than the tile (32, 64 with ``BLOCK_K = 128``) read one scale row
-per word row.
+sm_90); ``scale_after`` (a tile within one group) dequantizes to ``code - zero`` with one
+FMA per weight and scales the tile's dot result instead; groups smaller than the tile
+(32, 64 with ``BLOCK_K = 128``) read one scale row per word row.
 
 For large M a fused kernel competes with cuBLAS on tensor-core efficiency; there
 ``dequantize_w4`` writes W once in the activation dtype (rows back in input order) and the

@@ -66,23 +66,23 @@ BIAS = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _plane_or(src, pos: tl.constexpr, zero, scale, DTYPE: tl.constexpr, SCALE_AFTER: tl.constexpr):
+def _plane_or(src, pos: tl.constexpr, zero, scale, SCALE_AFTER: tl.constexpr):
     # src: words with 0x4B000000 ORed in, this nibble at bits pos..pos+3 (pos <= 16);
-    # zero, scale: [BN, 1] fp32 (the zero point, not yet biased)
+    # zero, scale: [BN, 1] fp32 (the zero point, not yet biased) -> fp32 weights
     biased = (src & (0x4B000000 | (0xF << pos))).to(tl.float32, bitcast=True)
     if SCALE_AFTER:  # code - zero, exact, in one FMA: the scale multiplies the dot's result
         w = biased * (1.0 / (1 << pos)) - (zero + BIAS / (1 << pos))
     else:
         offset = zero * (1 << pos) + BIAS  # 2**23 + zero * 2**pos, exact
         w = (biased - offset) * (scale * (1.0 / (1 << pos)))
-    return w.to(DTYPE)
+    return w
 
 
 @triton.jit
-def _plane_shift(words, j: tl.constexpr, zero, scale, DTYPE: tl.constexpr):
+def _plane_shift(words, j: tl.constexpr, zero, scale):
     # zero, scale: [BN, BW] fp32, one per word row (groups smaller than the tile)
     biased = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-    return ((biased - (zero + BIAS)) * scale).to(DTYPE)
+    return (biased - (zero + BIAS)) * scale
 
 
 @triton.jit
@@ -101,26 +101,30 @@ def _unpack(
     if PER_COLUMN:
         low = (wt & 0xFFFFF) | 0x4B000000
         high = ((wt >> 20) & 0xFFF) | 0x4B000000
-        p0 = _plane_or(low, 0, zero, scale, DTYPE, SCALE_AFTER)
-        p1 = _plane_or(low, 4, zero, scale, DTYPE, SCALE_AFTER)
-        p2 = _plane_or(low, 8, zero, scale, DTYPE, SCALE_AFTER)
-        p3 = _plane_or(low, 12, zero, scale, DTYPE, SCALE_AFTER)
-        p4 = _plane_or(low, 16, zero, scale, DTYPE, SCALE_AFTER)
-        p5 = _plane_or(high, 0, zero, scale, DTYPE, SCALE_AFTER)
-        p6 = _plane_or(high, 4, zero, scale, DTYPE, SCALE_AFTER)
-        p7 = _plane_or(high, 8, zero, scale, DTYPE, SCALE_AFTER)
+        p0 = _plane_or(low, 0, zero, scale, SCALE_AFTER)
+        p1 = _plane_or(low, 4, zero, scale, SCALE_AFTER)
+        p2 = _plane_or(low, 8, zero, scale, SCALE_AFTER)
+        p3 = _plane_or(low, 12, zero, scale, SCALE_AFTER)
+        p4 = _plane_or(low, 16, zero, scale, SCALE_AFTER)
+        p5 = _plane_or(high, 0, zero, scale, SCALE_AFTER)
+        p6 = _plane_or(high, 4, zero, scale, SCALE_AFTER)
+        p7 = _plane_or(high, 8, zero, scale, SCALE_AFTER)
     else:
-        p0 = _plane_shift(wt, 0, zero, scale, DTYPE)
-        p1 = _plane_shift(wt, 1, zero, scale, DTYPE)
-        p2 = _plane_shift(wt, 2, zero, scale, DTYPE)
-        p3 = _plane_shift(wt, 3, zero, scale, DTYPE)
-        p4 = _plane_shift(wt, 4, zero, scale, DTYPE)
-        p5 = _plane_shift(wt, 5, zero, scale, DTYPE)
-        p6 = _plane_shift(wt, 6, zero, scale, DTYPE)
-        p7 = _plane_shift(wt, 7, zero, scale, DTYPE)
+        p0 = _plane_shift(wt, 0, zero, scale)
+        p1 = _plane_shift(wt, 1, zero, scale)
+        p2 = _plane_shift(wt, 2, zero, scale)
+        p3 = _plane_shift(wt, 3, zero, scale)
+        p4 = _plane_shift(wt, 4, zero, scale)
+        p5 = _plane_shift(wt, 5, zero, scale)
+        p6 = _plane_shift(wt, 6, zero, scale)
+        p7 = _plane_shift(wt, 7, zero, scale)
     even = tl.join(tl.join(p0, p4), tl.join(p2, p6))  # [BN, BW, 2, 2]: nibble 4a + 2b
     odd = tl.join(tl.join(p1, p5), tl.join(p3, p7))  # nibble 4a + 2b + 1
-    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    # Cast after the reshape: with the cast inside the planes, the reshape fed the shared
+    # memory buffer of the non-swapped dot directly, and Triton 3.6 (sm_90) then moved the
+    # reshape into shared memory with an illegal layout (a compile error at N % 16 != 0,
+    # or 64x32x32 tiles).
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K)).to(DTYPE)
 
 
 @triton.jit

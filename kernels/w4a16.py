@@ -477,8 +477,9 @@ def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> 
         return W4Config(1, 128, block_k, num_warps=4, num_stages=3)
     # Whole groups in a tile are fine here; 128: one group (-1) of a K no power divides.
     block_k = next((b for b in (128, 64, 32, 16) if group % b == 0 or b % group == 0), 128)
-    if m <= 64:
-        return W4Config(rows_bucket(m), 128, block_k, num_warps=4, num_stages=3, kernel="tc")
+    if m <= 64:  # the leanest loop compiled for sm_90 (574-637 instructions / 128 weights)
+        return W4Config(rows_bucket(m), 128, block_k, num_warps=4, num_stages=3, kernel="tc",
+                        swap=True, scale_after=True)  # fmt: skip
     return W4Config(128, 128, block_k, split_k=1, num_warps=8, num_stages=3, kernel="tc")
 
 

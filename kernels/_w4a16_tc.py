@@ -3,9 +3,10 @@ words, unpacked and dequantized in registers, and multiplied by one ``tl.dot`` o
 ``BLOCK_K`` (``kernels/w4a16.py``'s DESIGN says when it runs and why).
 
 Unpacking. A ``[BLOCK_K / 8, BLOCK_N]`` tile of words is transposed (a layout change, no
-data moves) and each of its eight nibble planes dequantized as a ``[BLOCK_N, BLOCK_K / 8]``
-tensor, plane j holding the rows ``8i + j``. Three levels of ``tl.join`` put the planes
-back in row order::
+data moves) and each of its eight nibble planes dequantized in float32 as a
+``[BLOCK_N, BLOCK_K / 8]`` tensor, plane j holding the rows ``8i + j``. Three levels of
+``tl.join`` put the planes back in row order, and the tile is cast to the activation
+dtype once, after the reshape::
 
     p_j[n, i]                 = W[8i + j, n]               8 planes [BN, BW]
     join(join(p0, p4), join(p2, p6))[n, i, a, b]  = p_{4a+2b}   even nibbles
@@ -18,7 +19,7 @@ eight rows in registers, next to each other: the reshape moves nothing, and the 
 reaches the dot in one layout conversion (the one any register tile needs). Broadcasting
 ``words[:, None, :] >> shifts`` instead spreads a word's nibbles over eight threads and
 costs a shuffle through shared memory of the whole tile (compiled for sm_90 and read:
-5x the shared-memory stores).
+132 shared-memory stores per thread and tile instead of 20).
 
 Dequantizing. When one group covers the whole tile (``PER_COLUMN``: ``BLOCK_K`` divides
 the group size), a plane costs one AND, one subtraction and one multiplication per
@@ -37,7 +38,7 @@ first (one more instruction per weight).
 exactly (a small integer, exact in fp16 and bf16 too), and the tile's dot result is
 multiplied by the column's scale in float32 instead, once per output element and tile
 rather than once per weight: fewer instructions when the tile has fewer rows than K
-(compiled for sm_90: 568 instead of 825 per 128 weights at 16 rows with ``SWAP``), and no
+(compiled for sm_90: 574 instead of 825 per 128 weights at 16 rows with ``SWAP``), and no
 rounding of the scaled weight. The dot then starts from zero in every iteration and its
 result waits to be scaled, where without it the tensor cores accumulate in place.
 
@@ -49,7 +50,9 @@ for a row count is the sweep's to say (``benchmarks/w4a16.py --sweep``).
 
 A tile's scale and zero rows are loaded one iteration ahead by hand: one 2-byte scale per
 thread is too narrow for the pipeliner's asynchronous copies, and an unpipelined load in
-the loop would wait a full memory latency per K tile.
+the loop would wait a full memory latency per K tile. With act-order (``perm``) the
+activation columns are gathered, 2 bytes at a time, and that load is not pipelined
+either: not measured yet (``benchmarks/w4a16.py --act-order``).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ is the one meant for 16-256 rows: it reads a ``[BLOCK_K / 8, BLOCK_N]`` tile of 
 eight nibble planes in registers (the GEMV's exponent trick: one AND, one subtraction,
 one multiplication per weight), joins them back into row order inside each thread and
 runs one dot of depth ``BLOCK_K``. At 16-64 rows (one row tile) the 4-bit weights are
-most of the traffic, and its sm_90 loop issues 5-7 instructions per weight, about 4 of
+most of the traffic, and its sm_90 loop issues 4.5-7 instructions per weight, 3-4 of
 them the dequantization, which should leave it faster than bf16's 2 bytes per weight
 (not yet measured); from 128 rows the dequantization repeats per row tile and the tensor
 cores start to count, and whether it beats dequantize + mm is the sweep's to say. ``swap``

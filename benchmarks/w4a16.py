@@ -2,12 +2,14 @@
 
 GEMM alone, Llama-3.1-8B layer shapes (fused q/k/v, o, fused gate/up, down), random
 4-bit GPTQ weights (group 128, symmetric; ``--act-order`` adds a random ``perm``), at
-M = 1, 16, 64, 256, 4096 rows:
+M = 1, 16, 32, 64, 128, 256, 4096 rows (``--rows``):
 
 - ``bf16``: ``F.linear`` on the bf16 weight (cuBLAS);
-- ``fused``: the W4A16 Triton kernel (split-K picked for small M);
-- ``dequant_mm``: ``dequantize_w4`` then ``torch.mm``, the path ``w4a16_matmul`` takes
-  from ``DEQUANT_MIN_M`` rows up.
+- ``fused``: a W4A16 Triton kernel with the launcher's tiles for the shape (``TUNED``'s,
+  else the heuristic's: the GEMV for one row, the tensor-core kernel otherwise);
+- ``dequant_mm``: ``dequantize_w4`` then ``torch.mm``;
+- ``auto``: ``w4a16_matmul`` as the engine calls it, which picks one of the two
+  (``auto_path``; ``uses_dequant_mm``).
 
 Reported: microseconds, 4-bit weight bytes read per second over the measured copy
 bandwidth (the small-M target is >= 0.7 at M = 1), TFLOP/s over the bf16 rate of the
@@ -18,12 +20,17 @@ Decode step at batch 1, 16, 64 (``random:llama-3.1-8b``, bf16 activations, ``--c
 tokens of KV): ``ModelRunner.execute`` of one decode step, bf16 weights against 4-bit
 (``quantization="gptq"``), with the KV pool each gets at the same memory utilization.
 
-``--sweep SECONDS`` first times candidate tile configs of the fused kernel (each result
-checked against float32; the in-kernel split-K fixup against the second sum kernel), puts
-the fastest of each shape and row count into ``w4a16.TUNED`` for the rest of the run,
-and prints that table and the row counts at which dequantize + mm won on every shape.
+``--sweep SECONDS`` first times, at each of ``--sweep-rows`` and each shape, dequantize +
+mm and then candidate tile configs of the fused kernels (each result checked against
+float32; the launcher's own config with its split-K fixup flipped), for at most SECONDS.
+It keeps the fastest fused config of each shape and row count in ``w4a16.TUNED`` for the
+rest of the run, or, where dequantize + mm was faster (from ``UNTUNED_DEQUANT_MIN_M``
+rows), removes the key so the launcher dequantizes there; it prints each decision and
+the TUNED entries to paste into ``kernels/w4a16.py``. The default sweep (16-256 rows,
+about 45 configs, most of the time in compiling them) takes about 2-3 minutes on an
+H200; with ``--skip-decode`` the whole run stays under 5.
 
-    python benchmarks/w4a16.py --sweep 120 --json benchmarks/results/w4a16_h200.json
+    python benchmarks/w4a16.py --sweep 200 --skip-decode --json benchmarks/results/w4a16_h200.json
     python benchmarks/w4a16.py --dry-run   # CPU: tiny shapes under TRITON_INTERPRET=1
 """
 
@@ -88,8 +95,9 @@ def copy_bandwidth(device, nbytes: int = 2 * 1024**3) -> float:
 
 
 def _time_shape(x, dense, qweights, scales, perm, group: int, iters: int):
-    """Seconds per call of bf16 F.linear, the fused kernel and dequantize + mm, each
-    cycling through its weight copies (so L2 holds none of them)."""
+    """Seconds per call of bf16 F.linear, the fused kernel, dequantize + mm and the
+    launcher's own choice between them, each cycling through its weight copies (so L2
+    holds none of them)."""
     import torch.nn.functional as F
 
     from tessera.kernels.w4a16 import dequantize_w4, w4a16_matmul
@@ -107,17 +115,21 @@ def _time_shape(x, dense, qweights, scales, perm, group: int, iters: int):
         w = dequantize_w4(nxt("q", qweights), scales, None, perm, group, dtype=x.dtype)
         return x @ w
 
+    def chosen():
+        return w4a16_matmul(x, nxt("q", qweights), scales, None, perm, group)
+
     return (
         _timer(lambda: F.linear(x, nxt("dense", dense)), x.device, iters),
         _timer(fused, x.device, iters),
         _timer(dequant_mm, x.device, iters),
+        _timer(chosen, x.device, iters),
     )
 
 
 def bench_gemm(shapes: dict, rows: list[int], device, act_order: bool, iters: int) -> list[dict]:
     import torch
 
-    from tessera.kernels.w4a16 import dequantize_w4
+    from tessera.kernels.w4a16 import default_config, dequantize_w4, uses_dequant_mm
 
     gen = torch.Generator(device=device).manual_seed(0)
     results = []
@@ -138,17 +150,22 @@ def bench_gemm(shapes: dict, rows: list[int], device, act_order: bool, iters: in
         dense = (dense * (-(-bf16_copies // len(dense))))[:bf16_copies]
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
-            t_bf16, t_fused, t_deq = _time_shape(x, dense, qweights, scales, perm, group, iters)
+            times = _time_shape(x, dense, qweights, scales, perm, group, iters)
+            t_bf16, t_fused, t_deq, t_auto = times
             flops = 2 * m * k * n
             r = {
                 "shape": name, "K": k, "N": n, "M": m,
                 "bf16_us": t_bf16 * 1e6, "fused_us": t_fused * 1e6, "dequant_mm_us": t_deq * 1e6,
+                "auto_us": t_auto * 1e6,
+                "auto_path": "dequant_mm" if uses_dequant_mm(m, n, k) else "fused",
+                "fused_config": repr(default_config(m, n, k, group, device)),
                 "fused_weight_GBps": w4_bytes / t_fused / 1e9,
                 "bf16_TFLOPs": flops / t_bf16 / 1e12,
                 "fused_TFLOPs": flops / t_fused / 1e12,
                 "dequant_mm_TFLOPs": flops / t_deq / 1e12,
                 "fused_speedup": t_bf16 / t_fused,
                 "dequant_mm_speedup": t_bf16 / t_deq,
+                "auto_speedup": t_bf16 / t_auto,
             }  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
@@ -209,21 +226,53 @@ def bench_decode(model: str, batches: list[int], context: int, steps: int, devic
 
 
 def _sweep_configs(m: int) -> list:
-    """Candidate tiles of the fused kernel at ``m`` rows (benchmarks the heuristic's table)."""
+    """Candidate tiles of the fused kernels at ``m`` rows: the GEMV for one row, else the
+    tensor-core kernel (``kernel="tc"``); the first dot kernel competes through the sweep's
+    baseline, TUNED's tiles for the bucket. Each compiles once per split/no-split variant
+    (a second or two), so the lists stay short. Every config here compiles for sm_90
+    without spilling registers, in at most 196 KB of shared memory; ``scale_after``
+    variants for up to 64 rows, where it saves instructions (compiled and counted)."""
     from tessera.kernels.w4a16 import W4Config
 
     if m == 1:
         return [W4Config(1, bn, 128, 0, w, 3, programs_per_sm=p)
                 for bn in (64, 128, 256) for w in (2, 4, 8) for p in (4, 8, 16)] + [
                 W4Config(1, 128, 64, 0, 4, 3, programs_per_sm=8)]  # fmt: skip
+
+    def tc(bm, bn, bk, split_k, warps, stages, **kw):
+        return W4Config(bm, bn, bk, split_k, warps, stages, kernel="tc", **kw)
+
+    if m <= 32:  # decode: one row tile, split-K over the multiprocessors
+        bm = 16 if m <= 16 else 32
+        return [tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=4, fixup=True),
+                tc(bm, 64, 128, 0, 4, 4, programs_per_sm=4),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True),
+                tc(bm, 256, 128, 0, 8, 3, programs_per_sm=2, swap=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, scale_after=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True, scale_after=True),
+                tc(bm, 128, 128, 0, 4, 3, programs_per_sm=4, swap=True, scale_after=True,
+                   fixup=True)]  # fmt: skip
     if m <= 64:
-        bm = max(16, m)
-        return [W4Config(bm, bn, 128, 0, 4, st, programs_per_sm=p)
-                for bn in (64, 128) for st in (3, 4) for p in (2, 4)] + [
-                W4Config(bm, 64, 64, 0, 4, 4), W4Config(bm, 64, 128, 0, 4, 4, planes=False)
+        return [tc(64, 128, 128, 0, 4, 3, programs_per_sm=2),
+                tc(64, 128, 128, 0, 4, 4, programs_per_sm=1),
+                tc(64, 64, 128, 0, 4, 4, programs_per_sm=4),
+                tc(64, 256, 64, 0, 8, 3, programs_per_sm=1),
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True),
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, scale_after=True),
+                tc(64, 128, 128, 0, 4, 3, programs_per_sm=2, swap=True, scale_after=True)
                 ]  # fmt: skip
-    return [W4Config(64, 128, 128, s, w, 3, programs_per_sm=p)
-            for w in (4, 8) for s, p in ((1, 1), (0, 2))]  # fmt: skip
+    # 128 rows and up: 128x128 tiles alone leave most multiprocessors idle on N = 4096
+    # (32 tiles), hence smaller tiles and split-K next to them.
+    wide = [tc(128, 128, 128, 1, 8, 3),
+            tc(128, 128, 128, 0, 8, 3, programs_per_sm=1),
+            tc(128, 128, 64, 1, 8, 4),
+            tc(128, 256, 64, 1, 8, 3),
+            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1),
+            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1, scale_after=True)]  # fmt: skip
+    if m <= 128:
+        return wide + [tc(128, 64, 128, 1, 4, 3)]
+    return wide + [tc(256, 128, 64, 1, 8, 3)]
 
 
 def _sweep_weights(k: int, n: int, device, gen):
@@ -244,7 +293,9 @@ def _sweep_weights(k: int, n: int, device, gen):
 
 
 def _sweep_one(weights, m: int, device, iters: int, deadline: float, gen):
-    """Every candidate config at ``m`` rows of one shape, then dequantize + mm."""
+    """Dequantize + mm at ``m`` rows of one shape, then every candidate config: the
+    sweep's, then the launcher's own (TUNED's or the heuristic's), with the split-K fixup
+    flipped."""
     import dataclasses
 
     import torch
@@ -266,8 +317,12 @@ def _sweep_one(weights, m: int, device, iters: int, deadline: float, gen):
 
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
     ref = x.float() @ ref_w
+    if time.perf_counter() > deadline:
+        return
+    yield {"M": m, "dequant_mm": True, "us": _timer(lambda: dequant_mm(x), device, iters) * 1e6}
     base = default_config(m, n, k, group, device)
-    for config in _sweep_configs(m) + [base, dataclasses.replace(base, fixup=not base.fixup)]:
+    configs = _sweep_configs(m) + [base, dataclasses.replace(base, fixup=not base.fixup)]
+    for config in dict.fromkeys(configs):  # in order, each once
         if time.perf_counter() > deadline:
             return
         r = {"M": m, **dataclasses.asdict(config)}
@@ -280,7 +335,6 @@ def _sweep_one(weights, m: int, device, iters: int, deadline: float, gen):
         except Exception as e:  # a config that does not compile or run
             r["error"] = repr(e)[:300]
         yield r
-    yield {"M": m, "dequant_mm": True, "us": _timer(lambda: dequant_mm(x), device, iters) * 1e6}
 
 
 def sweep(shapes: dict, rows: list[int], device, iters: int, budget_s: float) -> list[dict]:
@@ -303,38 +357,65 @@ def sweep(shapes: dict, rows: list[int], device, iters: int, budget_s: float) ->
 
 
 def install_fastest(results: list[dict]) -> dict:
-    """Put the fastest correct config of each (rows bucket, K, N) into ``w4a16.TUNED`` for
-    the rest of this run; returns the table and the row counts at which dequantize + mm
-    beat the fastest fused config on every shape."""
+    """Decide each swept (rows bucket, K, N) from its measurements: the fastest correct
+    fused config goes into ``w4a16.TUNED`` for the rest of this run, unless dequantize + mm
+    was faster and the bucket is one the launcher may send there (from
+    ``UNTUNED_DEQUANT_MIN_M`` rows), in which case the key is removed, as the launcher's
+    rule reads an absent key. Prints each decision and the TUNED entries to paste into
+    ``kernels/w4a16.py``."""
     from tessera.kernels import w4a16
 
     fields = list(w4a16.W4Config.__slots__)
     best: dict[tuple[int, int, int], dict] = {}
+    dequant: dict[tuple[int, int, int], float] = {}
     for r in results:
-        if "us" not in r or r.get("dequant_mm") or not r.get("rel_err", 1.0) <= 1e-2:
+        key = (w4a16.rows_bucket(r["M"]), r["K"], r["N"])
+        if "us" not in r or key[0] != r["M"]:
             continue
-        key = (w4a16.rows_bucket(r["M"]), r["K"], r["N"])
-        if key[0] == r["M"] and (key not in best or r["us"] < best[key]["us"]):
+        if r.get("dequant_mm"):
+            dequant[key] = r["us"]
+        elif r.get("rel_err", 1.0) <= 1e-2 and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    for key, r in best.items():
-        w4a16.TUNED[key] = w4a16.W4Config(**{f: r[f] for f in fields})
-    fused_wins: dict[int, list[bool]] = {}
-    for r in results:
-        key = (w4a16.rows_bucket(r["M"]), r["K"], r["N"])
-        if r.get("dequant_mm") and key in best:
-            fused_wins.setdefault(r["M"], []).append(best[key]["us"] < r["us"])
-    losing = [m for m, wins in sorted(fused_wins.items()) if not any(wins)]
-    table = {f"{m},{k},{n}": {f: r[f] for f in fields} for (m, k, n), r in sorted(best.items())}
-    print("TUNED =", json.dumps(table), flush=True)
-    print("dequant_mm wins on every shape at M =", losing, flush=True)
-    return {"tuned": table, "dequant_mm_wins_at": losing}
+    decisions, table, lines = [], {}, []
+    for key in sorted(best.keys() | dequant.keys()):
+        fused_us = best[key]["us"] if key in best else None
+        dequant_us = dequant.get(key)
+        config = w4a16.W4Config(**{f: best[key][f] for f in fields}) if key in best else None
+        loses = fused_us is None or (dequant_us is not None and dequant_us < fused_us)
+        if loses and key[0] >= w4a16.UNTUNED_DEQUANT_MIN_M:
+            w4a16.TUNED.pop(key, None)
+            winner = "dequant_mm"
+        elif config is not None:
+            w4a16.TUNED[key] = config
+            table[",".join(map(str, key))] = {f: best[key][f] for f in fields}
+            lines.append(f"    {key}: {_config_literal(config)},")
+            winner = "fused" if not loses else "fused (dequant_mm faster, but too few rows)"
+        else:  # under UNTUNED_DEQUANT_MIN_M rows and no fused config ran: leave TUNED be
+            winner = "none"
+        decisions.append({"M": key[0], "K": key[1], "N": key[2], "fused_us": fused_us,
+                          "dequant_mm_us": dequant_us, "winner": winner})  # fmt: skip
+        print(json.dumps(decisions[-1] | {"config": _config_literal(config) if config else None}),
+              flush=True)  # fmt: skip
+    print("TUNED entries (kernels/w4a16.py):\n" + "\n".join(lines), flush=True)
+    return {"tuned": table, "decisions": decisions}
+
+
+def _config_literal(config) -> str:
+    """``W4Config(...)`` as it would be written in TUNED: the tile shape, then the fields
+    that differ from their defaults."""
+    import dataclasses
+
+    head = f"W4Config({config.block_m}, {config.block_n}, {config.block_k}"
+    rest = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)[3:]
+            if getattr(config, f.name) != f.default]  # fmt: skip
+    return head + "".join(f", {x}" for x in rest) + ")"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 4096])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256, 4096])
     ap.add_argument("--act-order", action="store_true", help="GEMMs with a random perm")
     ap.add_argument("--model", default="random:llama-3.1-8b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
@@ -352,10 +433,18 @@ def main() -> None:
         help="first time candidate tile configs for up to SECONDS, then run with the "
         "fastest of each shape and row count (printed as TUNED)",
     )
+    ap.add_argument(
+        "--sweep-rows",
+        type=int,
+        nargs="+",
+        default=[16, 64, 256, 32, 128],
+        help="row counts the sweep times, most important first (a budget cut drops the "
+        "last); add 1 to re-sweep the GEMV, 512 for the next bucket",
+    )
     args = ap.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-        args.rows, args.model, args.batch = [1, 7, 64], "random:smollm2-135m", [1, 2]
+        args.rows, args.model, args.batch = [1, 7, 64, 128], "random:smollm2-135m", [1, 2]
         args.context, args.steps, args.iters = 16, 2, 1
     import torch
 
@@ -371,7 +460,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     if args.sweep:
         shapes = TINY if args.dry_run else LLAMA_8B
-        rows = [1, 16, 64, 256, 32, 128, 512] if not args.dry_run else args.rows
+        rows = args.sweep_rows if not args.dry_run else args.rows
         result["sweep"] = sweep(shapes, rows, device, args.iters, args.sweep)
         result.update(install_fastest(result["sweep"]))
     result["gemm"] = bench_gemm(

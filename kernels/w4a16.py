@@ -11,8 +11,9 @@ converts both to it once, at load):
     W[i, n] = (code[i, n] - zeros[i // group_size, n]) * scales[i // group_size, n]
 
 Act-order checkpoints (GPTQ ``desc_act``) scatter a group's rows over K; the loader
-sorts the rows by group once, and the kernel reads the activation columns through
-``perm`` instead, so a K tile never straddles two groups (BLOCK_K divides the group).
+sorts the rows by group once, and the kernels read the activation columns through
+``perm`` instead, so a K tile never straddles two groups (BLOCK_K divides the group), or
+(tensor-core kernel) holds whole groups.
 
 Grid ``(tiles, S)``. Split ``s`` covers the K tiles ``[s * T, (s + 1) * T)``; with
 ``S = 1`` the program writes ``out`` (bias added), else each split writes float32
@@ -29,7 +30,7 @@ been checked under the interpreter so far, so it stays off until a GPU run of
 counters are one zeroed buffer per device: two fixup launches must not run concurrently
 on two streams.
 
-Two kernels; both turn codes into floats by the exponent trick,
+Three kernels; all turn codes into floats by the exponent trick,
 ``bits(0x4B000000 | q) = 2**23 + q`` exactly for ``0 <= q < 2**23``: one OR and one
 subtraction instead of an int-to-float conversion (a quarter-rate instruction).
 
@@ -47,17 +48,42 @@ activation of plane j is pre-scaled by ``16**-j`` (a power of two: exact), so a 
 costs one AND, one subtraction and one FMA. The scale multiplies once per group and
 column; the tile's rows are summed once, after the K loop.
 
-With more rows ``_w4a16_kernel`` runs ``tl.dot`` on dequantized tiles in the activation
-dtype (float32 accumulation). With ``BLOCK_K >= 128`` (``planes``) it reads
-``[BLOCK_K / 8, BLOCK_N]`` words once and runs eight dots of depth ``BLOCK_K / 8``, nibble
-plane j against activation columns ``k0 + 8i + j``; otherwise it loads each word once for
-each of its 8 rows, which costs 8x the load instructions and, through ``cp.async``
-(which bypasses L1), 8x the L2 traffic.
+With more rows the product runs on tensor cores (``tl.dot``) on tiles dequantized in the
+activation dtype, float32 accumulation. The first dot kernel, ``_w4a16_kernel``
+(``kernel="dot"``): with ``BLOCK_K >= 128`` (``planes``) it reads ``[BLOCK_K / 8,
+BLOCK_N]`` words once and runs eight dots of depth ``BLOCK_K / 8``, nibble plane j against
+activation columns ``k0 + 8i + j``; otherwise it loads each word once for each of its 8
+rows, which costs 8x the load instructions and, through ``cp.async`` (which bypasses L1),
+8x the L2 traffic and shared memory. Measured on the H200 at 16-64 rows: 0.40-0.91x of
+bf16's speed. Compiled for sm_90 and read, the planes variant loads its strided
+activation columns outside the pipeline (2-byte loads that ``cp.async`` cannot take),
+and the per-row variant holds four stages of 8x-repeated words in 180 KB of shared
+memory at 64 rows: one program per multiprocessor.
+
+The tensor-core kernel, ``_w4a16_tc_kernel`` (``kernels/_w4a16_tc.py``, ``kernel="tc"``),
+is the one meant for 16-256 rows: it reads a ``[BLOCK_K / 8, BLOCK_N]`` tile of words once
+(``cp.async``, ``num_stages`` deep, like the contiguous activation tile), dequantizes its
+eight nibble planes in registers (the GEMV's exponent trick: one AND, one subtraction,
+one multiplication per weight), joins them back into row order inside each thread and
+runs one dot of depth ``BLOCK_K``. At 16-64 rows (one row tile) the 4-bit weights are
+most of the traffic, and its sm_90 loop issues 4.5-7 instructions per weight, 3-4 of
+them the dequantization, which should leave it faster than bf16's 2 bytes per weight
+(not yet measured); from 128 rows the dequantization repeats per row tile and the tensor
+cores start to count, and whether it beats dequantize + mm is the sweep's to say. ``swap``
+multiplies ``W^T @ x^T`` instead (the weight tile as the first operand, in registers on
+sm_90); ``scale_after`` (a tile within one group) dequantizes to ``code - zero`` with one
+FMA per weight and scales the tile's dot result instead; groups smaller than the tile
+(32, 64 with ``BLOCK_K = 128``) read one scale row per word row.
 
 For large M a fused kernel competes with cuBLAS on tensor-core efficiency; there
 ``dequantize_w4`` writes W once in the activation dtype (rows back in input order) and the
-caller multiplies with torch: about 2.5 bytes moved per weight, small beside the GEMM.
-``w4a16_matmul`` picks that path from ``dequant_min_m`` rows up.
+caller multiplies with torch: about 2.5 bytes moved per weight, small beside the GEMM,
+but a full pass over W per call, which at 64-256 rows costs about as much as the GEMM.
+``w4a16_matmul`` takes that path from ``DEQUANT_MIN_M`` (1024) rows up; below it, a
+shape and rows bucket with tiles in ``TUNED`` runs the fused kernel, and one without
+dequantizes from ``UNTUNED_DEQUANT_MIN_M`` (64) rows up (``uses_dequant_mm``).
+``benchmarks/w4a16.py --sweep`` times both per bucket and keeps a key in ``TUNED`` only
+where the fused kernel won, so the table is also the record of which path is faster.
 """
 
 from __future__ import annotations
@@ -70,27 +96,38 @@ import triton.language as tl
 
 from tessera.kernels._checks import check_devices, check_out, check_tensor
 from tessera.kernels._paged_common import _dot, dot_mode, num_sms
+from tessera.kernels._w4a16_common import _finish, _tile_coords
+from tessera.kernels._w4a16_tc import _w4a16_tc_kernel
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PACK = 8  # 4-bit codes per int32 word
 SYMMETRIC_ZERO = 8  # the implied zero point when a checkpoint stores none
-# From this many rows up, dequantize W and let torch (cuBLAS) multiply. H200, 2026-12-05,
-# benchmarks/w4a16.py --sweep on the 8B layer shapes with the tiles of TUNED: the kernel
-# wins at 1 row (0.52-0.71x of bf16's time) and at 16 rows against dequantize + mm; at
-# 64 rows it wins on gate_up and down and loses on qkv and o; dequantize + mm wins on
-# every shape from 128 rows (0.93-0.94 of bf16 at 4096).
-DEQUANT_MIN_M = 64
+# From this many rows up every GEMM dequantizes W and lets torch (cuBLAS) multiply: the
+# product is compute-bound there and the dequantization a small share of it (H200,
+# 2026-12-05: 0.90-0.94 of bf16's speed at 4096 rows).
+DEQUANT_MIN_M = 1024
+# Below DEQUANT_MIN_M, a shape with no TUNED tiles for its rows bucket (never swept, or
+# swept and slower than dequantize + mm) dequantizes from this many rows up. The first
+# H200 sweep (2026-12-05, the dot kernel): dequantize + mm won on every 8B shape from 128
+# rows, and at 64 rows on qkv and o (the fused kernel won on gate_up and down).
+UNTUNED_DEQUANT_MIN_M = 64
+KERNELS = ("dot", "tc")  # W4Config.kernel, for two rows or more
 
 
 @dataclass(slots=True, frozen=True)
 class W4Config:
     """Tile shape of one launch. ``block_m == 1`` (one row only) runs the GEMV kernel;
-    ``block_k`` must divide the group size; ``split_k`` 0 picks the split from the
-    device's multiprocessor count (``programs_per_sm`` programs per multiprocessor);
-    ``fixup`` sums the splits in the last split's program rather than a second kernel;
-    ``planes`` (dot kernel, ``block_k >= 128``) reads each word once and multiplies its
-    eight nibble planes separately, instead of reading each word for each of its rows."""
+    ``block_k`` must divide the group size (``kernel="tc"``: or be a multiple of it);
+    ``split_k`` 0 picks the split from the device's multiprocessor count
+    (``programs_per_sm`` programs per multiprocessor); ``fixup`` sums the splits in the
+    last split's program rather than a second kernel. ``kernel`` (two rows or more):
+    ``"dot"`` is ``_w4a16_kernel``, where ``planes`` (``block_k >= 128``) reads each word
+    once and multiplies its eight nibble planes separately, instead of reading each word
+    for each of its rows; ``"tc"`` is ``_w4a16_tc_kernel``, one dot of depth ``block_k``
+    per tile, with ``swap`` computing ``W^T @ x^T`` (the weight tile as first operand) and
+    ``scale_after`` multiplying each tile's dot result by its group's scales instead of
+    each weight (where a tile holds one group; ignored where it holds several)."""
 
     block_m: int
     block_n: int
@@ -102,6 +139,9 @@ class W4Config:
     programs_per_sm: int = 4
     fixup: bool = False
     planes: bool = True
+    kernel: str = "dot"
+    swap: bool = False
+    scale_after: bool = False
 
 
 @triton.jit
@@ -109,59 +149,6 @@ def _codes_to_float(words, shifts):
     # words: int32 [.., BN], shifts: int32 [BK, 1] -> float32 2**23 + code, exactly.
     q = (words >> shifts) & 0xF
     return (q | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _write_out(
-    acc, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr
-):
-    # acc: [BM, BN] fp32, rows: int64 [BM, 1] row indices
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    dst = out_ptr + rows * stride_om + offs_n[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _finish(
-    acc,  # [BM, BN] fp32: this split's sum
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
-    tile,  # this program's output tile, the index of its counter
-    out_ptr,
-    part_ptr,  # [S, M, N] fp32 workspace, with SPLIT
-    lock_ptr,  # [tiles] int32 arrival counters, zero between launches, with FIXUP
-    bias_ptr,
-    stride_om,
-    stride_pm,
-    stride_ps,
-    HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
-    FIXUP: tl.constexpr,
-):
-    mask = mask_m[:, None] & mask_n[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    if SPLIT:
-        parts = part_ptr + rows * stride_pm + offs_n[None, :]
-        tl.store(parts + tl.program_id(1).to(tl.int64) * stride_ps, acc, mask=mask)
-        if FIXUP:
-            num_splits = tl.num_programs(1)
-            # Every thread's partials are stored before the (release) arrival; the last
-            # split's acquire makes the other splits' partials visible to its loads.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                total = tl.zeros_like(acc)
-                for s in range(num_splits):  # in order: the same sum whoever is last
-                    src = parts + s * stride_ps  # [S, M, N] stays far below 2**31 elements
-                    total += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
-                _write_out(total, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om,
-                           HAS_BIAS)  # fmt: skip
-                tl.atomic_xchg(lock_ptr + tile, 0)
-    else:
-        _write_out(acc, rows, offs_n, mask, mask_n, bias_ptr, out_ptr, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -278,14 +265,7 @@ def _w4a16_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    # Grouped ordering: GROUP_M row tiles share each column tile while it is in L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile_coords(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -449,8 +429,9 @@ def _check_weight(
 
 # Tiles measured fastest on an H200 by ``benchmarks/w4a16.py --sweep 70`` (2026-12-05,
 # results/w4a16_h200.json) for Llama-3.1-8B's layers (group 128), keyed by (rows bucket,
-# K, N); other shapes take the heuristic. Buckets from DEQUANT_MIN_M up are not kept:
-# dequantize + mm runs there.
+# K, N); other shapes take the heuristic. A key is kept only where the fused kernel beat
+# dequantize + mm at that many rows (at 64 rows: gate_up and down, not qkv and o), and
+# its presence is what sends a bucket of UNTUNED_DEQUANT_MIN_M rows or more to the kernel.
 TUNED: dict[tuple[int, int, int], W4Config] = {
     (1, 4096, 4096): W4Config(1, 128, 128, fixup=True),
     (1, 4096, 6144): W4Config(1, 128, 128, fixup=True),
@@ -464,8 +445,6 @@ TUNED: dict[tuple[int, int, int], W4Config] = {
     (32, 4096, 6144): W4Config(32, 64, 64, num_stages=4),
     (32, 4096, 28672): W4Config(32, 64, 64, num_stages=4),
     (32, 14336, 4096): W4Config(32, 64, 64, num_stages=4),
-    (64, 4096, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
-    (64, 4096, 6144): W4Config(64, 64, 128, num_stages=4, planes=False),
     (64, 4096, 28672): W4Config(64, 64, 128, num_stages=4, planes=False),
     (64, 14336, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
 }  # fmt: skip
@@ -476,18 +455,45 @@ def rows_bucket(m: int) -> int:
     return 1 if m == 1 else max(16, triton.next_power_of_2(m))
 
 
+def fits_group(config: W4Config, group: int) -> bool:
+    """Whether ``config``'s K tile suits ``group`` rows per group: a tile never straddles
+    two groups, or (``kernel="tc"``) holds whole groups."""
+    if config.block_k % 16:
+        return False
+    if group % config.block_k == 0:
+        return True
+    return config.kernel == "tc" and config.block_m > 1 and config.block_k % group == 0
+
+
 def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> W4Config:
-    """Tiles by the row count: a GEMV for one row, 16-64-row dot tiles with split-K for
-    small M (decode), 64x128 tiles without split for large M."""
+    """TUNED's tiles for the shape and rows bucket, else by the row count: a GEMV for one
+    row, tensor-core tiles of 16-64 rows with split-K for small M (decode), 128x128 tiles
+    without split for more rows."""
     tuned = TUNED.get((rows_bucket(m), k, n))
-    if tuned is not None and group % tuned.block_k == 0:
+    if tuned is not None and fits_group(tuned, group):
         return tuned
-    block_k = next((b for b in (128, 64, 32, 16) if group % b == 0), 128)  # 128: one group
     if m == 1:
+        block_k = next((b for b in (128, 64, 32, 16) if group % b == 0), 128)  # 128: one group
         return W4Config(1, 128, block_k, num_warps=4, num_stages=3)
-    if m <= 64:
-        return W4Config(rows_bucket(m), 64, block_k, num_warps=4, num_stages=4)
-    return W4Config(64, 128, block_k, split_k=1, num_warps=8, num_stages=3)
+    # Whole groups in a tile are fine here; 128: one group (-1) of a K no power divides.
+    block_k = next((b for b in (128, 64, 32, 16) if group % b == 0 or b % group == 0), 128)
+    if m <= 64:  # the leanest loop compiled for sm_90 (574-637 instructions / 128 weights)
+        return W4Config(rows_bucket(m), 128, block_k, num_warps=4, num_stages=3, kernel="tc",
+                        swap=True, scale_after=True)  # fmt: skip
+    return W4Config(128, 128, block_k, split_k=1, num_warps=8, num_stages=3, kernel="tc")
+
+
+def uses_dequant_mm(m: int, n: int, k: int, dequant_min_m: int | None = DEQUANT_MIN_M) -> bool:
+    """Whether ``w4a16_matmul`` dequantizes a ``[K, N]`` weight and multiplies with torch at
+    ``m`` rows: from ``dequant_min_m`` rows up (None: never); below, from
+    ``UNTUNED_DEQUANT_MIN_M`` rows up where ``TUNED`` has no tiles for the shape at m's
+    rows bucket. The sweep keeps tiles only where the fused kernel beat dequantize + mm,
+    so each bucket runs whichever it measured faster."""
+    if dequant_min_m is None:
+        return False
+    if m >= dequant_min_m:
+        return True
+    return m >= UNTUNED_DEQUANT_MIN_M and (rows_bucket(m), k, n) not in TUNED
 
 
 def _num_splits(config: W4Config, tiles: int, k_tiles: int, device: torch.device) -> int:
@@ -496,6 +502,21 @@ def _num_splits(config: W4Config, tiles: int, k_tiles: int, device: torch.device
     # programs_per_sm programs per multiprocessor, with at least 2 K tiles in a split.
     target = -(-config.programs_per_sm * num_sms(device) // max(1, tiles))
     return max(1, min(target, k_tiles // 2, 64))
+
+
+def _check_config(config: W4Config, m: int, group: int | None) -> None:
+    """Raise ValueError where ``config`` cannot run ``m`` rows (``group``: rows per group,
+    None for one group of every row)."""
+    if config.kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {config.kernel!r}")
+    if config.block_m == 1 and m != 1:
+        raise ValueError(f"block_m 1 (the GEMV) takes one row, got M = {m}")
+    if config.block_k % 16 or (group is not None and not fits_group(config, group)):
+        whole = " (or, kernel 'tc', a multiple of it)" if config.kernel == "tc" else ""
+        raise ValueError(
+            f"block_k {config.block_k} must be a multiple of 16 that divides the group size "
+            f"{group}{whole}"
+        )
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -529,7 +550,8 @@ def w4a16_matmul(
     """``x @ W (+ bias)`` in x's dtype, W dequantized from 4 bits (see the module docstring).
 
     ``dequant_min_m``: from this many rows up, dequantize W and multiply with torch
-    (None: always the fused kernel). ``config`` overrides the tile heuristic.
+    (None: always a fused kernel); fewer rows choose by ``uses_dequant_mm``. ``config``
+    (a fused kernel's tiles) overrides both the choice and ``TUNED``.
     """
     check_tensor("x", x, 2, ACT_DTYPES, unit_last_stride=True)
     k, n, group = _check_weight(qweight, scales, zeros, perm, group_size)
@@ -548,17 +570,12 @@ def w4a16_matmul(
     check_devices(_w4a16_kernel, x=x, qweight=qweight, scales=scales, out=out, **extra)
     if m == 0 or n == 0:
         return out
-    if dequant_min_m is not None and m >= dequant_min_m and config is None:
+    if config is None and uses_dequant_mm(m, n, k, dequant_min_m):
         w = dequantize_w4(qweight, scales, zeros, perm, group_size, dtype=x.dtype)
         return torch.addmm(bias, x, w, out=out) if bias is not None else torch.mm(x, w, out=out)
 
     config = config or default_config(m, n, k, group, x.device)
-    if config.block_k % 16 or (group_size != -1 and group % config.block_k):
-        raise ValueError(
-            f"block_k {config.block_k} must be a multiple of 16 that divides the group size {group}"
-        )
-    if config.block_m == 1 and m != 1:
-        raise ValueError(f"block_m 1 (the GEMV) takes one row, got M = {m}")
+    _check_config(config, m, group if group_size != -1 else None)
     k_tiles = triton.cdiv(k, config.block_k)
     if group_size == -1:
         group = k_tiles * config.block_k  # every tile in group 0, K a tile multiple or not
@@ -599,13 +616,20 @@ def w4a16_matmul(
             zero_stride, part.stride(0) if split else 0, **common,
         )  # fmt: skip
     else:
-        precision, upcast = dot_mode(x.dtype, _w4a16_kernel)
-        _w4a16_kernel[(tiles, splits)](
-            x, *weight, m, n, k, k_per_split, group, x.stride(0), qweight.stride(0),
-            scales.stride(0), zero_stride, out.stride(0), part.stride(1) if split else 0,
-            part.stride(0) if split else 0, BLOCK_M=config.block_m, GROUP_M=config.group_m,
-            PRECISION=precision, UPCAST=upcast, PLANES=config.planes and config.block_k >= 128,
-            **common,
+        sizes = (m, n, k, k_per_split, group, x.stride(0), qweight.stride(0), scales.stride(0),
+                 zero_stride, out.stride(0), part.stride(1) if split else 0,
+                 part.stride(0) if split else 0)  # fmt: skip
+        kernel = _w4a16_tc_kernel if config.kernel == "tc" else _w4a16_kernel
+        precision, upcast = dot_mode(x.dtype, kernel)
+        if config.kernel == "tc":
+            tile_groups = max(1, config.block_k // group)
+            specific = dict(TILE_GROUPS=tile_groups, SWAP=config.swap,
+                            SCALE_AFTER=config.scale_after and tile_groups == 1)  # fmt: skip
+        else:
+            specific = dict(PLANES=config.planes and config.block_k >= 128)
+        kernel[(tiles, splits)](
+            x, *weight, *sizes, BLOCK_M=config.block_m, GROUP_M=config.group_m,
+            PRECISION=precision, UPCAST=upcast, **specific, **common,
         )  # fmt: skip
     if split and not fixup:
         block = min(1024, triton.next_power_of_2(n))

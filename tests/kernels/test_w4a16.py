@@ -1,4 +1,6 @@
-"""The W4A16 GEMM (kernels/w4a16.py) against its float32 reference (kernels/w4a16_reference.py).
+"""The W4A16 GEMMs (kernels/w4a16.py, kernels/_w4a16_tc.py) against their float32 reference
+(kernels/w4a16_reference.py), and the launcher's choice between a fused kernel and
+dequantize + mm.
 
 On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1`` (conftest.py), so
 shapes stay tiny. The weights are random codes, scales and zero points in the kernel's
@@ -13,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.kernels.w4a16 import W4Config, dequantize_w4, w4a16_matmul
+from tessera.kernels import w4a16
+from tessera.kernels.w4a16 import W4Config, dequantize_w4, uses_dequant_mm, w4a16_matmul
 from tessera.kernels.w4a16_reference import dequantize_ref, w4a16_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +60,106 @@ def test_matches_reference_float32(m, shape):
     y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, dequant_min_m=None)
     assert y is out
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
+
+
+def _tc(m: int, block_k: int = 128, **change) -> W4Config:
+    """Tensor-core tiles for m rows: 16 rows a tile up to 16 rows, else 64 (300 rows: 5)."""
+    return W4Config(16 if m <= 16 else 64, 32, block_k, kernel="tc", **change)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 300])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
+def test_tc_matches_reference_float32(m, shape):
+    """One dot of depth 128 per tile: groups of 32 and 64 are 4 and 2 scale rows per tile,
+    128 and -1 one; K = 200 and 296 end in a partial tile, N in a partial column tile."""
+    k, n, group_size, zeros, act_order = shape
+    qweight, scales, zero, perm = _weight(k, n, group_size, zeros, act_order)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, config=_tc(m))
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("m", [7, 64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
+def test_tc_small_tiles_scale_after(m, shape, swap):
+    """K tiles of 32, several per group (the next tile's scale row is read one tile ahead,
+    across group boundaries), each dot's result scaled rather than each weight."""
+    k, n, group_size, zeros, act_order = shape
+    qweight, scales, zero, perm = _weight(k, n, group_size, zeros, act_order, seed=11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    config = _tc(m, 32, swap=swap, scale_after=True)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
+def test_dot_kernel_matches_reference(shape):
+    """The first dot kernel (nibble planes from 128-row tiles, else a read per row) stays
+    selectable for comparison in the sweep."""
+    k, n, group_size, zeros, act_order = shape
+    qweight, scales, zero, perm = _weight(k, n, group_size, zeros, act_order)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    config = W4Config(16, 32, 128 if group_size in (128, -1) else group_size, kernel="dot")
+    out = torch.full((7, n), float("nan"), device=DEVICE)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, group_size, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
+
+
+@pytest.mark.parametrize("swap, scale_after", [(False, False), (True, False), (False, True),
+                                               (True, True)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [7, 16, 64])
+def test_tc_matches_reference_half(m, dtype, swap, scale_after):
+    """The weight tile is rounded once to the activation dtype before its dot (with
+    scale_after: code - zero, exact, and the dot's result scaled in float32)."""
+    qweight, scales, zero, perm = _weight(256, 72, 64, True, True, seed=1)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    bias = torch.randn(72, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    out = torch.full((m, 72), float("nan"), device=DEVICE, dtype=dtype)
+    config = _tc(m, 64, swap=swap, scale_after=scale_after)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 64, bias, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 64, bias), dtype)
+
+
+@pytest.mark.parametrize("split_k, fixup, block_k", [(1, False, 64), (3, False, 64), (3, True, 32),
+                                                     (5, True, 32)])  # fmt: skip
+def test_tc_split_k_agrees(split_k, fixup, block_k):
+    """Splits of the tensor-core kernel (the last one short) summed by the second kernel
+    or in-kernel, bias added once; twice, so the fixup's counters are back at zero. Tiles
+    of 64 rows hold two groups (scale_after does not apply), of 32 one."""
+    qweight, scales, zero, perm = _weight(320, 40, 32, True, True, seed=2)
+    x = torch.randn(20, 320, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    config = W4Config(16, 32, block_k, split_k=split_k, fixup=fixup, kernel="tc",
+                      scale_after=True)  # fmt: skip
+    ref = w4a16_matmul_ref(x, qweight, scales, zero, perm, 32, bias)
+    for _ in range(2):
+        out = torch.full((20, 40), float("nan"), device=DEVICE)
+        y = w4a16_matmul(x, qweight, scales, zero, perm, 32, bias, out=out, config=config)
+        _check(y, ref, torch.float32)
+
+
+def test_dequant_mm_choice(monkeypatch):
+    """Dequantize + mm from DEQUANT_MIN_M rows always; below it from UNTUNED_DEQUANT_MIN_M
+    rows unless TUNED has tiles for the shape's rows bucket (the sweep keeps a bucket's
+    tiles only where the fused kernel won); dequant_min_m=None never."""
+    k, n = 512, 96
+    monkeypatch.setattr(w4a16, "TUNED", {(256, k, n): _tc(256)})
+    untuned = w4a16.UNTUNED_DEQUANT_MIN_M
+    assert not uses_dequant_mm(16, n, k)
+    assert not uses_dequant_mm(untuned - 1, n, k)
+    assert uses_dequant_mm(untuned, n, k)
+    assert uses_dequant_mm(128, n, k)  # bucket 128: not tuned
+    assert not uses_dequant_mm(129, n, k) and not uses_dequant_mm(256, n, k)  # bucket 256
+    assert uses_dequant_mm(256, n, 2 * k)  # another shape
+    assert uses_dequant_mm(w4a16.DEQUANT_MIN_M, n, k)
+    assert not uses_dequant_mm(4096, n, k, dequant_min_m=None)
+    assert uses_dequant_mm(8, n, k, dequant_min_m=8)
+    # The launcher runs the tuned tiles (block_m 64 of _tc) at 200 rows.
+    assert w4a16.default_config(200, n, k, 128, torch.device(DEVICE)) == _tc(256)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -154,6 +257,8 @@ def _bad(**change):
         (dict(bias=torch.ones(15)), "bias must have N = 16"),
         (dict(out=torch.empty(2, 16, dtype=torch.float16)), "out must be"),
         (dict(config=W4Config(16, 32, 64)), "block_k 64 must be a multiple of 16 that divides"),
+        (dict(config=W4Config(16, 32, 48, kernel="tc")), r"\(or, kernel 'tc', a multiple"),
+        (dict(config=W4Config(16, 32, 32, kernel="mma")), "kernel must be one of"),
     ],
 )
 def test_rejects_bad_arguments(change, match):

@@ -427,26 +427,34 @@ def _check_weight(
     return k, n, group
 
 
-# Tiles measured fastest on an H200 by ``benchmarks/w4a16.py --sweep 70`` (2026-12-05,
-# results/w4a16_h200.json) for Llama-3.1-8B's layers (group 128), keyed by (rows bucket,
-# K, N); other shapes take the heuristic. A key is kept only where the fused kernel beat
-# dequantize + mm at that many rows (at 64 rows: gate_up and down, not qkv and o), and
+# Tiles measured fastest for Llama-3.1-8B's layers (group 128), keyed by (rows bucket, K,
+# N); other shapes take the heuristic. One row: H200, ``benchmarks/w4a16.py --sweep 70``
+# (2026-12-05, results/w4a16_h200.json); 16-256 rows (the tensor-core kernel): H100,
+# ``--sweep 150`` (2026-12-07, results/w4a16_tc_h100.json). A key is kept only where the
+# fused kernel beat dequantize + mm at that many rows (at 256 rows: gate_up only), and
 # its presence is what sends a bucket of UNTUNED_DEQUANT_MIN_M rows or more to the kernel.
 TUNED: dict[tuple[int, int, int], W4Config] = {
     (1, 4096, 4096): W4Config(1, 128, 128, fixup=True),
     (1, 4096, 6144): W4Config(1, 128, 128, fixup=True),
     (1, 4096, 28672): W4Config(1, 64, 128, num_warps=2, programs_per_sm=16),
     (1, 14336, 4096): W4Config(1, 128, 128, fixup=True),
-    (16, 4096, 4096): W4Config(16, 128, 128, programs_per_sm=2),
-    (16, 4096, 6144): W4Config(16, 128, 128),
-    (16, 4096, 28672): W4Config(16, 128, 128),
-    (16, 14336, 4096): W4Config(16, 128, 128),
-    (32, 4096, 4096): W4Config(32, 64, 64, num_stages=4),
-    (32, 4096, 6144): W4Config(32, 64, 64, num_stages=4),
-    (32, 4096, 28672): W4Config(32, 64, 64, num_stages=4),
-    (32, 14336, 4096): W4Config(32, 64, 64, num_stages=4),
-    (64, 4096, 28672): W4Config(64, 64, 128, num_stages=4, planes=False),
-    (64, 14336, 4096): W4Config(64, 64, 128, num_stages=4, planes=False),
+    (16, 4096, 4096): W4Config(16, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (16, 4096, 6144): W4Config(16, 256, 128, 0, 8, programs_per_sm=2, kernel="tc", swap=True),
+    (16, 4096, 28672): W4Config(16, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (16, 14336, 4096): W4Config(16, 256, 128, 0, 8, programs_per_sm=2, kernel="tc", swap=True),
+    (32, 4096, 4096): W4Config(32, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (32, 4096, 6144): W4Config(32, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (32, 4096, 28672): W4Config(32, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (32, 14336, 4096): W4Config(32, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (64, 4096, 4096): W4Config(64, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (64, 4096, 6144): W4Config(64, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (64, 4096, 28672): W4Config(64, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (64, 14336, 4096): W4Config(64, 128, 128, programs_per_sm=2, kernel="tc", swap=True),
+    (128, 4096, 4096): W4Config(64, 128, 128, programs_per_sm=1, kernel="tc"),
+    (128, 4096, 6144): W4Config(128, 64, 128, split_k=1, kernel="tc"),
+    (128, 4096, 28672): W4Config(128, 128, 64, split_k=1, num_warps=8, num_stages=4, kernel="tc"),
+    (128, 14336, 4096): W4Config(64, 128, 128, programs_per_sm=1, kernel="tc"),
+    (256, 4096, 28672): W4Config(128, 128, 64, split_k=1, num_warps=8, num_stages=4, kernel="tc"),
 }  # fmt: skip
 
 

@@ -88,7 +88,8 @@ def tune_prefill(timer: Timer, gen: torch.Generator, token_counts) -> list[dict]
                                  lens, bk.HEAD_SIZE**-0.5, max_query_len=tokens)
         for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8),
                                                        (2, 3, 4)):
-            pre._prefill_config = lambda *_, c=(bm, bn, warps, stages): c
+            config = pre.PrefillConfig(bm, bn, warps, stages)
+            pre._prefill_config = lambda *_, c=config: c
             try:
                 seconds = timer(call, calls=4)
             except Exception as e:

@@ -18,6 +18,8 @@ prefill of one 4k-token prompt runs at 0.53 of the bf16 matmul rate (417 TFLOP/s
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -191,28 +193,59 @@ def _prefill_kernel(
             tl.store(dst + d[None, :] * stride_o_d, o.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    """Tiles, warps and pipeline stages of one prefill launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            check_block(name, getattr(self, name), 16)
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"bad num_warps {self.num_warps} / num_stages {self.num_stages}")
+
+    def label(self) -> str:
+        """A short name for tables: ``128x64 w4 s3``."""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+# 16-bit queries, head size 128: (waves, config) rows, where waves = tiles_of_128 /
+# num_sms and a launch takes the last row it reaches. Written by
+# `benchmarks/tune_attention.py --only prefill`, which prints rows to paste here.
+# Measured on an H100 (bf16, 32 query / 8 KV heads, one causal prompt): 128x64 with 4
+# warps once there are a few waves of programs (416 TFLOP/s at 4k tokens, 360 at 2k),
+# but at 1k tokens (1.9 waves) 64-row tiles win (284 vs 201).
+D128_TUNED: tuple[tuple[float, PrefillConfig], ...] = (
+    (0.0, PrefillConfig(64, 64, 4, 2)),
+    (3.0, PrefillConfig(128, 64, 4, 3)),
+)
+
+
 def _prefill_config(
     head_size: int, group: int, q_dtype: torch.dtype, tiles_of_128: int, num_sms: int
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel.
+) -> PrefillConfig:
+    """The prefill kernel's config for a launch.
 
-    Measured on an H100 (bf16, 32 query / 8 KV heads, one causal prompt; see
-    benchmarks/tune_attention.py): D=128 runs best at 128x64 with 4 warps once there are
-    a few waves of programs (416 TFLOP/s at 4k tokens, 360 at 2k), but at 1k tokens
-    64-row tiles win (284 vs 201), hence the switch on ``tiles_of_128``, the program
-    count that 128-row tiles would give (256 at 1k, 512 at 2k on 132 SMs). D=64 prefers
-    64x64, D=256 128x64 with 8 warps.
+    ``tiles_of_128`` is the program count that 128-row tiles would give (256 at 1k
+    tokens of one prompt with 8 KV heads, 1024 at 4k): 16-bit D=128 picks from
+    D128_TUNED by it. D=64 prefers 64x64, D=256 128x64 with 8 warps (H100).
     """
     block_d = max(16, triton.next_power_of_2(head_size))
     if q_dtype == torch.float32:  # not a serving dtype: sized to fit, not tuned
-        block_m, block_n, warps, stages = (32 if block_d >= 256 else 64), 32, 4, 2
+        config = PrefillConfig(32 if block_d >= 256 else 64, 32, 4, 2)
     elif block_d >= 256:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    elif block_d >= 128 and tiles_of_128 >= 3 * num_sms:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+        config = PrefillConfig(128, 64, 8, 3)
+    elif block_d >= 128:
+        waves = tiles_of_128 / num_sms
+        config = next(c for w, c in reversed(D128_TUNED) if waves >= w)
     else:
-        block_m, block_n, warps, stages = 64, 64, 4, 2
-    return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
+        config = PrefillConfig(64, 64, 4, 2)
+    block_m = max(config.block_m, triton.next_power_of_2(group))
+    return dataclasses.replace(config, block_m=block_m)
 
 
 def paged_prefill_attention(
@@ -228,11 +261,13 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,  # [T, H, D], q's dtype
     block_m: int | None = None,
     block_n: int | None = None,
+    config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of variable-length query runs over their paged context.
 
     ``max_query_len`` must be at least the longest run (rows past it stay unwritten);
-    rows after ``query_start_loc[S]`` are zeroed.
+    rows after ``query_start_loc[S]`` are zeroed. ``config`` replaces the tuned
+    default (``_prefill_config``); ``block_m`` / ``block_n`` override its tiles.
     """
     check_tensor("q", q, 3, FLOAT_DTYPES)
     _, block_size, num_kv_heads, head_size = check_kv_caches(k_cache, v_cache)
@@ -256,12 +291,13 @@ def paged_prefill_attention(
                   block_tables=block_tables, query_start_loc=query_start_loc,
                   context_lens=context_lens, out=out)
     group = num_heads // num_kv_heads
-    tiles_of_128 = num_kv_heads * num_seqs * triton.cdiv(max_query_len, max(1, 128 // group))
-    default_m, default_n, num_warps, num_stages = _prefill_config(
-        head_size, group, q.dtype, tiles_of_128, paged.num_sms(q.device)
-    )
-    block_m = check_block("block_m", block_m, default_m)
-    block_n = check_block("block_n", block_n, default_n)
+    if config is None:
+        tiles_of_128 = num_kv_heads * num_seqs * triton.cdiv(max_query_len, max(1, 128 // group))
+        config = _prefill_config(head_size, group, q.dtype, tiles_of_128, paged.num_sms(q.device))
+    elif not isinstance(config, PrefillConfig):
+        raise ValueError(f"config must be a PrefillConfig, got {type(config).__name__}")
+    block_m = check_block("block_m", block_m, config.block_m)
+    block_n = check_block("block_n", block_n, config.block_n)
     if block_m < group:
         raise ValueError(f"block_m {block_m} must hold one token's {group} query heads")
     if num_tokens == 0:
@@ -294,7 +330,7 @@ def paged_prefill_attention(
         INDEX_64=paged.needs_int64(k_cache),
         PRECISION=precision,
         UPCAST=upcast,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out

@@ -24,7 +24,7 @@ from tessera.kernels.attention_reference import (
 )
 from tessera.kernels.kv_cache import write_kv
 from tessera.kernels.paged_decode import paged_decode_attention
-from tessera.kernels.paged_prefill import paged_prefill_attention
+from tessera.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -362,6 +362,7 @@ def test_decode_rejects_bad_arguments(change, match):
         (dict(max_query_len=-1), "max_query_len"),
         (dict(max_query_len=4), "exceeds"),
         (dict(block_m=16, q=torch.zeros(3, 64, 64)), "block_m 16 must hold"),
+        (dict(config=(64, 64, 4, 2)), "config must be a PrefillConfig"),
     ],
 )
 def test_prefill_rejects_bad_arguments(change, match):
@@ -369,6 +370,15 @@ def test_prefill_rejects_bad_arguments(change, match):
     args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(ValueError, match=match):
         paged_prefill_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [((24, 64, 4, 2), "block_m must be a power of two"), ((64, 64, 3, 2), "num_warps")],
+)
+def test_prefill_config_rejects_bad_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        PrefillConfig(*fields)
 
 
 @pytest.mark.parametrize(

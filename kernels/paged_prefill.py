@@ -33,6 +33,14 @@ H100; ``benchmarks/tune_attention.py --only prefill`` measures them side by side
   in flight, the next table read included, so the gather's latency is paid per tile.
   Carried offsets make the loads direct: prefetched num_stages - 1 tiles ahead, with
   the next ones left in flight (TTGIR: async_wait num=2 instead of 0 at 3 stages).
+- ``overlap`` (whole tiles): software-pipelined by one tile, so P @ V of tile j is
+  issued before the softmax of tile j + 1 and the tensor cores run it meanwhile (the
+  other FA3 direction, q @ k^T during the softmax, is out of reach: Triton waits for a
+  dot as soon as non-dot code reads its result). Two details keep Triton and ptxas on
+  board: V's table rows are read afresh, since a value carried two iterations makes
+  the pipeliner give up on the loop, and the first tile is masked instead of guarded
+  by an ``if``, since acc flowing through one made ptxas serialise every wgmma of the
+  kernel (C7515).
 - ``lazy_rescale``: a row's running max moves only when a tile raises it by more
   than 2**8, so most tiles rescale nothing and one tile-wide test skips acc * alpha.
 
@@ -229,6 +237,91 @@ def _prefill_tiles(
     return m_i, l_i, acc
 
 
+@triton.jit
+def _prefill_tiles_overlapped(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table,
+    head_off,
+    d,
+    n_start,
+    n_end,
+    qk_scale,
+    stride_c_n,
+    stride_c_b,
+    stride_c_d,
+    stride_bt_w,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PAGE_READS: tl.constexpr,
+    AHEAD: tl.constexpr,
+    LAZY: tl.constexpr,
+):
+    """Whole key tiles ``[n_start, n_end)`` (a multiple of BLOCK_N long, no causal mask),
+    software-pipelined by one tile:
+
+        iteration j:  s_j = q @ k_j^T      (waits for every earlier product)
+                      acc = acc * alpha_{j-1} + p_{j-1} @ v_{j-1}   (issued, not awaited)
+                      p_j, alpha_j = softmax(s_j)   <- runs while p_{j-1} @ v_{j-1} does
+
+    so the tensor cores work on P @ V while the exponentials of the next tile are
+    computed (Hopper's dots are asynchronous; a dot whose result is next read after
+    the following dot's wait is left in flight by Triton's pipeliner).
+    """
+    # The first tile's scores. Its loads and keys are masked so that an empty range
+    # (n_end == n_start) adds nothing; no `if` around it: ptxas serialises every wgmma
+    # of the kernel when acc passes through one here (C7515).
+    tok = n_start + tl.arange(0, BLOCK_N)
+    rows_v = _kv_rows(table, n_start, n_end, head_off, stride_c_n, stride_c_b, stride_bt_w,
+                      BLOCK_SIZE, BLOCK_N, PAGE_READS, INDEX_64)
+    k = _load_kv(k_cache_ptr, rows_v, tok, n_end, d, stride_c_d, q.dtype, True, HEAD_SIZE,
+                 BLOCK_D)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST)
+    last = tl.full([BLOCK_M], n_end - 1, tl.int32)
+    p, alpha, m_i, l_i = _softmax_step(s, tok, last, m_i, l_i, qk_scale, True, LAZY)
+    if AHEAD:
+        rows = _kv_rows(table, n_start + BLOCK_N, n_end, head_off, stride_c_n, stride_c_b,
+                        stride_bt_w, BLOCK_SIZE, BLOCK_N, PAGE_READS, INDEX_64)
+    for n0 in range(n_start + BLOCK_N, n_end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        if AHEAD:
+            rows_next = _kv_rows(table, n0 + BLOCK_N, n_end, head_off, stride_c_n, stride_c_b,
+                                 stride_bt_w, BLOCK_SIZE, BLOCK_N, PAGE_READS, INDEX_64)
+        else:
+            rows = _kv_rows(table, n0, n_end, head_off, stride_c_n, stride_c_b, stride_bt_w,
+                            BLOCK_SIZE, BLOCK_N, PAGE_READS, INDEX_64)
+        k = _load_kv(k_cache_ptr, rows, tok, n_end, d, stride_c_d, q.dtype, False, HEAD_SIZE,
+                     BLOCK_D)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        v = _load_kv(v_cache_ptr, rows_v, tok, n_end, d, stride_c_d, q.dtype, False, HEAD_SIZE,
+                     BLOCK_D)
+        acc = _rescale(acc, alpha, LAZY) + _dot(p.to(q.dtype), v, PRECISION, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, tok, tok, m_i, l_i, qk_scale, False, LAZY)
+        if AHEAD:
+            # Read afresh, not carried over from `rows`: a table value carried two
+            # iterations makes Triton's pipeliner give up on the loop.
+            rows_v = _kv_rows(table, n0, n_end, head_off, stride_c_n, stride_c_b, stride_bt_w,
+                              BLOCK_SIZE, BLOCK_N, PAGE_READS, INDEX_64)
+            rows = rows_next
+        else:
+            rows_v = rows
+    tok = tl.maximum(n_end - BLOCK_N, n_start) + tl.arange(0, BLOCK_N)  # the last tile
+    v = _load_kv(v_cache_ptr, rows_v, tok, n_end, d, stride_c_d, q.dtype, True, HEAD_SIZE,
+                 BLOCK_D)
+    acc = _rescale(acc, alpha, LAZY) + _dot(p.to(q.dtype), v, PRECISION, UPCAST)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_tokens", "num_seqs", "stride_bt_s"])
 def _prefill_kernel(
     q_ptr,
@@ -265,6 +358,7 @@ def _prefill_kernel(
     MASK_FULL: tl.constexpr,
     PAGE_READS: tl.constexpr,
     AHEAD: tl.constexpr,
+    OVERLAP: tl.constexpr,
     LAZY: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
@@ -316,12 +410,20 @@ def _prefill_kernel(
             head_off = _index(kv_head, INDEX_64) * stride_c_h
             # Keys 0..first+t0 are visible to every row: whole tiles of them need no mask.
             n_full = (tl.maximum(first + t0 + 1, 0) // BLOCK_N) * BLOCK_N
-            m_i, l_i, acc = _prefill_tiles(
-                q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_off, d, 0,
-                n_full, qk_scale, stride_c_n, stride_c_b, stride_c_d, stride_bt_w, HEAD_SIZE,
-                BLOCK_SIZE, BLOCK_D, BLOCK_N, False, MASK_FULL, INDEX_64, PRECISION, UPCAST,
-                PAGE_READS, AHEAD, LAZY,
-            )
+            if OVERLAP:
+                m_i, l_i, acc = _prefill_tiles_overlapped(
+                    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_off, d, 0, n_full,
+                    qk_scale, stride_c_n, stride_c_b, stride_c_d, stride_bt_w, HEAD_SIZE,
+                    BLOCK_SIZE, BLOCK_M, BLOCK_D, BLOCK_N, INDEX_64, PRECISION, UPCAST, PAGE_READS,
+                    AHEAD, LAZY,
+                )
+            else:
+                m_i, l_i, acc = _prefill_tiles(
+                    q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_off, d, 0,
+                    n_full, qk_scale, stride_c_n, stride_c_b, stride_c_d, stride_bt_w, HEAD_SIZE,
+                    BLOCK_SIZE, BLOCK_D, BLOCK_N, False, MASK_FULL, INDEX_64, PRECISION, UPCAST,
+                    PAGE_READS, AHEAD, LAZY,
+                )
             m_i, l_i, acc = _prefill_tiles(
                 q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_off, d, n_full,
                 first + last + 1, qk_scale, stride_c_n, stride_c_b, stride_c_d, stride_bt_w,
@@ -348,6 +450,7 @@ class PrefillConfig:
     mask_full: bool = True  # mask the loads of whole tiles too (the first kernel did)
     page_reads: bool = False  # one table read per page, not per key row (see DESIGN)
     ahead: bool = False  # read the next tile's table entries one tile early
+    overlap: bool = False  # P @ V of tile j in flight during the softmax of tile j + 1
     lazy_rescale: bool = False  # rescale acc only when a row's max grows by > 2**8
 
     def __post_init__(self) -> None:
@@ -360,7 +463,7 @@ class PrefillConfig:
         """A short name for tables: ``128x64 w8 s3 +page+ahead``."""
         flags = [name for name, on in (
             ("unmasked", not self.mask_full), ("page", self.page_reads), ("ahead", self.ahead),
-            ("lazy", self.lazy_rescale),
+            ("overlap", self.overlap), ("lazy", self.lazy_rescale),
         ) if on]
         tiles = f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
         return " +".join([tiles, *flags])
@@ -486,6 +589,7 @@ def paged_prefill_attention(
         MASK_FULL=config.mask_full,
         PAGE_READS=config.page_reads,
         AHEAD=config.ahead,
+        OVERLAP=config.overlap,
         LAZY=config.lazy_rescale,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -255,6 +255,10 @@ VARIANTS = {
     "ahead": dict(mask_full=False, ahead=True),
     "page-ahead": dict(mask_full=False, page_reads=True, ahead=True),
     "lazy": dict(mask_full=False, page_reads=True, ahead=True, lazy_rescale=True),
+    "overlap": dict(mask_full=False, overlap=True),
+    "overlap-page-ahead": dict(mask_full=False, page_reads=True, ahead=True, overlap=True),
+    "overlap-lazy": dict(mask_full=False, page_reads=True, ahead=True, overlap=True,
+                         lazy_rescale=True),
 }
 VARIANT_CASES = [
     # variant, dtype, head size, block size, GQA group, block_m, block_n
@@ -268,6 +272,11 @@ VARIANT_CASES = [
         ("page-ahead", torch.bfloat16, 128, 32, 4, 64, 32),  # page = tile
         ("page-ahead", torch.float32, 64, 12, 4, 32, 16),  # pages straddle tiles
         ("lazy", torch.float32, 64, 16, 4, 32, 16),
+        ("overlap", torch.float32, 64, 16, 1, 16, 16),
+        ("overlap", torch.bfloat16, 128, 8, 4, 32, 32),
+        ("overlap-page-ahead", torch.float32, 64, 64, 4, 32, 16),
+        ("overlap-page-ahead", torch.float16, 128, 8, 2, 32, 32),
+        ("overlap-lazy", torch.float32, 128, 16, 4, 32, 16),
     ]
 ]
 

@@ -6,10 +6,11 @@ helpers both launchers call (offset width, dot precision, SM count).
 Keys and values of one layer live in ``k_cache``/``v_cache`` ``[N, B, H_kv, D]``;
 token ``p`` of a sequence is row ``p % B`` of block ``block_table[p // B]``. Both
 kernels gather a key tile of ``BLOCK_N`` tokens (several pool blocks) per step through
-the block table, one ``int32`` table read per token, and keep an online softmax in
-fp32 with base-2 exponentials (scores are scaled by ``scale * log2(e)`` once). Pool
-offsets are computed in int32 unless the pool's shape and strides can reach 2**31
-elements (``INDEX_64``): the 64-bit arithmetic took ~11% of prefill time on an H100.
+the block table, one ``int32`` table read per token (prefill can read one per page: see
+its DESIGN), and keep an online softmax in fp32 with base-2 exponentials (scores are
+scaled by ``scale * log2(e)`` once). Pool offsets are computed in int32 unless the
+pool's shape and strides can reach 2**31 elements (``INDEX_64``): the 64-bit
+arithmetic took ~11% of prefill time on an H100.
 
 GQA: a program serves every query head of one KV head, so each K/V tile is read once
 for the whole group. The group's rows are packed into the M dimension of ``tl.dot``:

@@ -24,7 +24,7 @@ from tessera.kernels.attention_reference import (
 )
 from tessera.kernels.kv_cache import write_kv
 from tessera.kernels.paged_decode import paged_decode_attention
-from tessera.kernels.paged_prefill import paged_prefill_attention
+from tessera.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -246,6 +246,72 @@ def test_paged_prefill(gen, dtype, head_size, block_size, group, block_m, block_
     assert not out[-3:].any(), "padding rows after the last sequence must be zeros"
 
 
+
+# The kernel's code variants (PrefillConfig flags), each on small tiles so that a short
+# batch crosses many key tiles: page sizes below, equal to and above BLOCK_N.
+VARIANTS = {
+    "unmasked": dict(mask_full=False),
+    "page": dict(mask_full=False, page_reads=True),
+    "ahead": dict(mask_full=False, ahead=True),
+    "page-ahead": dict(mask_full=False, page_reads=True, ahead=True),
+    "lazy": dict(mask_full=False, page_reads=True, ahead=True, lazy_rescale=True),
+    "overlap": dict(mask_full=False, overlap=True),
+    "overlap-page-ahead": dict(mask_full=False, page_reads=True, ahead=True, overlap=True),
+    "overlap-lazy": dict(mask_full=False, page_reads=True, ahead=True, overlap=True,
+                         lazy_rescale=True),
+}
+VARIANT_CASES = [
+    # variant, dtype, head size, block size, GQA group, block_m, block_n
+    pytest.param(v, dt, hs, bs, g, bm, bn, id=f"{v}-{str(dt)[6:]}-d{hs}-bs{bs}-g{g}-m{bm}n{bn}")
+    for v, dt, hs, bs, g, bm, bn in [
+        ("unmasked", torch.float32, 64, 16, 4, 32, 16),
+        ("page", torch.float32, 64, 8, 4, 32, 32),  # 4 pages per key tile
+        ("page", torch.bfloat16, 128, 64, 2, 32, 16),  # 4 key tiles per page
+        ("ahead", torch.float32, 128, 16, 3, 32, 32),  # 2 pages per tile, dead rows
+        ("page-ahead", torch.float32, 64, 8, 4, 16, 16),  # BLOCK_M = 4 tokens
+        ("page-ahead", torch.bfloat16, 128, 32, 4, 64, 32),  # page = tile
+        ("page-ahead", torch.float32, 64, 12, 4, 32, 16),  # pages straddle tiles
+        ("lazy", torch.float32, 64, 16, 4, 32, 16),
+        ("overlap", torch.float32, 64, 16, 1, 16, 16),
+        ("overlap", torch.bfloat16, 128, 8, 4, 32, 32),
+        ("overlap-page-ahead", torch.float32, 64, 64, 4, 32, 16),
+        ("overlap-page-ahead", torch.float16, 128, 8, 2, 32, 32),
+        ("overlap-lazy", torch.float32, 128, 16, 4, 32, 16),
+    ]
+]
+
+
+@pytest.mark.parametrize(
+    "variant, dtype, head_size, block_size, group, block_m, block_n", VARIANT_CASES
+)
+def test_paged_prefill_variants(gen, variant, dtype, head_size, block_size, group, block_m,
+                                block_n):
+    num_kv_heads = 2
+    seqs = [
+        (0, 45),  # a fresh prompt: whole key tiles below its later query tiles
+        (37, 1),  # a decode
+        (83, 12),  # a chunk over a cached prefix of many whole tiles
+        (0, 0),  # a padding sequence with no tokens
+        (0, 3),  # a prompt shorter than one key tile: no whole tile at all
+        (block_n - 5, 5),  # a chunk ending exactly on a tile boundary: one whole tile
+    ]
+    qsl, context_lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=2)
+    k_cache, v_cache, table = make_pool(gen, context_lens.tolist(), block_size, num_kv_heads,
+                                        head_size, dtype)
+    # Keys 48..63 of the chunk's prefix score far higher: its running max jumps by more
+    # than the lazy rescale's slack mid-sequence (and by less on the other tiles).
+    k_cache[table[2, 48 // block_size : max(64 // block_size, 48 // block_size + 1)].long()] *= 4
+    num_heads = num_kv_heads * group
+    q = randn(gen, num_tokens, num_heads, head_size, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    config = PrefillConfig(block_m, block_n, 4, 2, **VARIANTS[variant])
+    scale = head_size**-0.5
+    paged_prefill_attention(q, k_cache, v_cache, table, qsl, context_lens, scale,
+                            max_query_len=max_q, out=out, config=config)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, context_lens, scale)
+    assert_close(out, ref, dtype)
+    assert not out[-2:].any(), "padding rows after the last sequence must be zeros"
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_paged_prefill_over_an_fp8_pool(gen, dtype):
     """K/V stored as float8 are widened to the query's dtype: the reference reads the
@@ -362,6 +428,7 @@ def test_decode_rejects_bad_arguments(change, match):
         (dict(max_query_len=-1), "max_query_len"),
         (dict(max_query_len=4), "exceeds"),
         (dict(block_m=16, q=torch.zeros(3, 64, 64)), "block_m 16 must hold"),
+        (dict(config=(64, 64, 4, 2)), "config must be a PrefillConfig"),
     ],
 )
 def test_prefill_rejects_bad_arguments(change, match):
@@ -369,6 +436,15 @@ def test_prefill_rejects_bad_arguments(change, match):
     args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(ValueError, match=match):
         paged_prefill_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [((24, 64, 4, 2), "block_m must be a power of two"), ((64, 64, 3, 2), "num_warps")],
+)
+def test_prefill_config_rejects_bad_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        PrefillConfig(*fields)
 
 
 @pytest.mark.parametrize(
@@ -435,6 +511,27 @@ def test_realistic_prefill(gen, dtype, head_size, group):
     scale = head_size**-0.5
     paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max_q,
                             out=out)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale)
+    assert_close(out, ref, dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("head_size, group, block_size, tiles", [
+    (128, 4, 16, (128, 64, 8, 3)), (128, 4, 16, (64, 64, 4, 2)), (64, 1, 32, (128, 128, 8, 2)),
+])
+def test_realistic_prefill_variants(gen, variant, head_size, group, block_size, tiles):
+    """Each variant compiled for the device at the sweep's tile shapes (pipelining and
+    wgmma scheduling differ from the interpreter's sequential run)."""
+    h_kv, dtype = 4, torch.bfloat16
+    seqs = [(0, 1500), (700, 513), (2047, 1), (0, 2048), (31, 97)]
+    qsl, lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=5)
+    k_cache, v_cache, table = make_pool(gen, lens.tolist(), block_size, h_kv, head_size, dtype)
+    q = randn(gen, num_tokens, h_kv * group, head_size, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_size**-0.5
+    paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max_q,
+                            out=out, config=PrefillConfig(*tiles, **VARIANTS[variant]))
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale)
     assert_close(out, ref, dtype)
 

@@ -72,11 +72,9 @@ class Timer:
             torch.cuda.current_stream().wait_stream(stream)
             run = g.replay
         else:
-
             def run() -> None:
                 for _ in range(calls):
                     fn()
-
         run()
         times = []
         for _ in range(self.reps):
@@ -156,9 +154,8 @@ def bench_decode(timer: Timer, batch: int, ctx: int, dtype, gen) -> dict:
         k_cache, v_cache, table = shuffled_pool(batch, ctx, device, dtype, gen)
         q = torch.randn(batch, NUM_HEADS, HEAD_SIZE, device=device, dtype=dtype, generator=gen)
         paged.append((q, k_cache, v_cache, table, torch.empty_like(q)))
-        dense.append(
-            (q.unsqueeze(2), contiguous_kv(k_cache, table, ctx), contiguous_kv(v_cache, table, ctx))
-        )
+        dense.append((q.unsqueeze(2), contiguous_kv(k_cache, table, ctx),
+                      contiguous_kv(v_cache, table, ctx)))
 
     def run_paged(q, k_cache, v_cache, table, out) -> None:
         paged_decode_attention(q, k_cache, v_cache, table, lens, scale, out=out)
@@ -188,9 +185,8 @@ def bench_prefill(timer: Timer, tokens: int, dtype, gen) -> dict:
     flops = 4 * HEAD_SIZE * NUM_HEADS * tokens * (tokens + 1) // 2
 
     def paged() -> None:
-        paged_prefill_attention(
-            q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=tokens, out=out
-        )
+        paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale,
+                                max_query_len=tokens, out=out)
 
     row = {"tokens": tokens, "flops": flops}
     row["paged_s"] = timer(paged, calls=4)  # compute-bound: L2 reuse is immaterial
@@ -217,45 +213,28 @@ def bench_mixed(timer: Timer, decodes: int, ctx: int, chunk: int, dtype, gen) ->
     num_seqs = decodes + 1
     k_cache, v_cache, table = shuffled_pool(num_seqs, ctx, device, dtype, gen)
     q_lens = [1] * decodes + [chunk]
-    qsl = torch.tensor(
-        [0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device
-    )
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                       device=device)
     lens = torch.full((num_seqs,), ctx, dtype=torch.int32, device=device)
-    q = torch.randn(
-        decodes + chunk, NUM_HEADS, HEAD_SIZE, device=device, dtype=dtype, generator=gen
-    )
+    q = torch.randn(decodes + chunk, NUM_HEADS, HEAD_SIZE, device=device, dtype=dtype,
+                    generator=gen)
     out = torch.empty_like(q)
     scale = HEAD_SIZE**-0.5
     chunk_qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
 
     def unified() -> None:
-        paged_prefill_attention(
-            q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=chunk, out=out
-        )
+        paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale,
+                                max_query_len=chunk, out=out)
 
     def split() -> None:
-        paged_decode_attention(
-            q[:decodes], k_cache, v_cache, table[:decodes], lens[:decodes], scale, out=out[:decodes]
-        )
-        paged_prefill_attention(
-            q[decodes:],
-            k_cache,
-            v_cache,
-            table[decodes:],
-            chunk_qsl,
-            lens[decodes:],
-            scale,
-            max_query_len=chunk,
-            out=out[decodes:],
-        )
+        paged_decode_attention(q[:decodes], k_cache, v_cache, table[:decodes], lens[:decodes],
+                               scale, out=out[:decodes])
+        paged_prefill_attention(q[decodes:], k_cache, v_cache, table[decodes:], chunk_qsl,
+                                lens[decodes:], scale, max_query_len=chunk, out=out[decodes:])
 
-    return {
-        "decodes": decodes,
-        "context": ctx,
-        "chunk": chunk,
-        "prefill_kernel_s": timer(unified, calls=4),
-        "decode_plus_prefill_s": timer(split, calls=4),
-    }
+    return {"decodes": decodes, "context": ctx, "chunk": chunk,
+            "prefill_kernel_s": timer(unified, calls=4),
+            "decode_plus_prefill_s": timer(split, calls=4)}
 
 
 def fits(device: torch.device, nbytes: int) -> bool:
@@ -280,13 +259,8 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "host": platform.node(),
         "torch": torch.__version__,
-        "shape": {
-            "heads": NUM_HEADS,
-            "kv_heads": NUM_KV_HEADS,
-            "head_size": HEAD_SIZE,
-            "block_size": BLOCK_SIZE,
-            "dtype": str(dtype),
-        },
+        "shape": {"heads": NUM_HEADS, "kv_heads": NUM_KV_HEADS, "head_size": HEAD_SIZE,
+                  "block_size": BLOCK_SIZE, "dtype": str(dtype)},
         "dry_run": dry,
     }
     result["copy_gbps"] = copy_bandwidth(timer, (1 << 20) if dry else (2 << 30)) / 1e9
@@ -320,33 +294,26 @@ def run(args) -> dict:
 
 
 def print_tables(result: dict) -> None:
-    print(
-        f"\n{result['device']}: copy {result['copy_gbps']:.0f} GB/s (read + write), "
-        f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s"
-    )
+    print(f"\n{result['device']}: copy {result['copy_gbps']:.0f} GB/s (read + write), "
+          f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s")
     print("\ndecode  batch  context   paged GB/s  /copy   sdpa GB/s  /copy   paged us")
     for r in result["decode"]:
         if "skipped" in r:
             print(f"        {r['batch']:5d}  {r['context']:7d}   skipped ({r['skipped']})")
             continue
-        print(
-            f"        {r['batch']:5d}  {r['context']:7d}   {r['paged_gbps']:10.0f}  "
-            f"{r['paged_vs_copy']:5.2f}  {r['sdpa_gbps']:10.0f}  {r['sdpa_vs_copy']:5.2f}  "
-            f"{r['paged_s'] * 1e6:9.1f}"
-        )
+        print(f"        {r['batch']:5d}  {r['context']:7d}   {r['paged_gbps']:10.0f}  "
+              f"{r['paged_vs_copy']:5.2f}  {r['sdpa_gbps']:10.0f}  {r['sdpa_vs_copy']:5.2f}  "
+              f"{r['paged_s'] * 1e6:9.1f}")
     print("\nprefill tokens   paged TFLOP/s  /matmul   sdpa TFLOP/s  /matmul   paged us")
     for r in result["prefill"]:
-        print(
-            f"        {r['tokens']:6d}   {r['paged_tflops']:13.1f}  {r['paged_vs_matmul']:7.2f}  "
-            f"{r['sdpa_tflops']:13.1f}  {r['sdpa_vs_matmul']:7.2f}  {r['paged_s'] * 1e6:9.1f}"
-        )
+        print(f"        {r['tokens']:6d}   {r['paged_tflops']:13.1f}  {r['paged_vs_matmul']:7.2f}  "
+              f"{r['sdpa_tflops']:13.1f}  {r['sdpa_vs_matmul']:7.2f}  {r['paged_s'] * 1e6:9.1f}")
+
 
     print("\nmixed step: decodes  context  chunk   one prefill launch us   decode + prefill us")
     for r in result["mixed"]:
-        print(
-            f"            {r['decodes']:7d}  {r['context']:7d}  {r['chunk']:5d}   "
-            f"{r['prefill_kernel_s'] * 1e6:21.1f}   {r['decode_plus_prefill_s'] * 1e6:19.1f}"
-        )
+        print(f"            {r['decodes']:7d}  {r['context']:7d}  {r['chunk']:5d}   "
+              f"{r['prefill_kernel_s'] * 1e6:21.1f}   {r['decode_plus_prefill_s'] * 1e6:19.1f}")
 
 
 def plot(result: dict, path: str) -> None:
@@ -362,18 +329,10 @@ def plot(result: dict, path: str) -> None:
     rows = [r for r in result["decode"] if "skipped" not in r]
     for ctx in sorted({r["context"] for r in rows}):
         sel = [r for r in rows if r["context"] == ctx]
-        ax.plot(
-            [r["batch"] for r in sel],
-            [r["paged_vs_copy"] for r in sel],
-            "o-",
-            label=f"paged, ctx {ctx}",
-        )
-        ax.plot(
-            [r["batch"] for r in sel],
-            [r["sdpa_vs_copy"] for r in sel],
-            "x:",
-            label=f"SDPA, ctx {ctx}",
-        )
+        ax.plot([r["batch"] for r in sel], [r["paged_vs_copy"] for r in sel], "o-",
+                label=f"paged, ctx {ctx}")
+        ax.plot([r["batch"] for r in sel], [r["sdpa_vs_copy"] for r in sel], "x:",
+                label=f"SDPA, ctx {ctx}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("KV read bandwidth / copy bandwidth")
@@ -388,23 +347,17 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--json",
-        default=None,
-        help="write the result here as JSON (default benchmarks/results/kernels.json; "
-        "none for --dry-run)",
-    )
+    p.add_argument("--json", default=None,
+                   help="write the result here as JSON (default benchmarks/results/kernels.json; "
+                   "none for --dry-run)")
     p.add_argument("--plot", default=None, help="also save a decode plot here (matplotlib)")
     p.add_argument("--batches", type=int, nargs="+", default=list(DECODE_BATCHES))
     p.add_argument("--contexts", type=int, nargs="+", default=list(DECODE_CONTEXTS))
     p.add_argument("--prefill-tokens", type=int, nargs="+", default=list(PREFILL_TOKENS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the logic only",
-    )
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the logic only")
     args = p.parse_args()
     if args.dry_run:
         if torch.cuda.is_available():

@@ -65,9 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 # -- the peer: gateway and mirror executor ------------------------------------------
 
 
-def run_peer(
-    gateway_address: str, executor_address: str, workload: str, num_kv_blocks: int, max_tokens: int
-) -> None:
+def run_peer(gateway_address: str, executor_address: str, workload: str, num_kv_blocks: int,
+             max_tokens: int) -> None:
     """Answer plans and send requests until killed (the worker ends it)."""
     import zmq
 
@@ -215,13 +214,8 @@ def _measured_server(base: type) -> type:
                            self._step >= 8 and self.scheduler.num_running == num_seqs
                            and self.scheduler.num_waiting == 0)  # fmt: skip
                 if settled:
-                    self._start = (
-                        self._step,
-                        time.process_time(),
-                        time.thread_time(),
-                        time.perf_counter(),
-                        self.counters.num_generated_tokens,
-                    )
+                    self._start = (self._step, time.process_time(), time.thread_time(),
+                                   time.perf_counter(), self.counters.num_generated_tokens)
             elif self._step - self._start[0] == steps:
                 step0, cpu0, thread0, wall0, tokens0 = self._start
                 self.window = {
@@ -326,11 +320,9 @@ def main() -> int:
     for workload in args.workloads:
         for name in trees:
             r = results[name][workload]
-            print(
-                f"{workload:<12} {name:<9} {r['cpu_ms_per_step_median']:>12.3f} "
-                f"{r['cpu_ms_per_step_min']:>7.3f} {r['thread_ms_per_step_median']:>12.3f} "
-                f"{r['wall_ms_per_step_median']:>8.3f} {r['tokens_per_step_median']:>9.1f}"
-            )
+            print(f"{workload:<12} {name:<9} {r['cpu_ms_per_step_median']:>12.3f} "
+                  f"{r['cpu_ms_per_step_min']:>7.3f} {r['thread_ms_per_step_median']:>12.3f} "
+                  f"{r['wall_ms_per_step_median']:>8.3f} {r['tokens_per_step_median']:>9.1f}")
         if args.baseline:
             ratio = (results["baseline"][workload]["cpu_ms_per_step_median"]
                      / results["current"][workload]["cpu_ms_per_step_median"])  # fmt: skip

@@ -39,7 +39,9 @@ def main(paths: list[str]) -> None:
         where = result.get("gpu", result["device"])
         workloads = only.split(",") if only else list(result["runs"]["on"][0])
         x = range(len(workloads))
-        for row, (metric, label) in enumerate(((0, "output tokens/s"), (1, "TTFT p50 (ms, log)"))):
+        for row, (metric, label) in enumerate(
+            ((0, "output tokens/s"), (1, "TTFT p50 (ms, log)"))
+        ):
             ax = axes[row][col]
             for shift, mode, color in ((-0.2, "off", "#999999"), (0.2, "on", "#1f77b4")):
                 values = [medians(result, mode, w)[metric] for w in workloads]

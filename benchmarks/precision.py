@@ -32,7 +32,6 @@ def _greedy_test():
     spec.loader.exec_module(module)
     return module
 
-
 PATHS = {
     "float32 triton": dict(dtype="float32", attention_backend="triton"),
     "float32 torch": dict(dtype="float32", attention_backend="torch"),

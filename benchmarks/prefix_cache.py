@@ -94,9 +94,8 @@ async def run_batch(stubs, work: list[tuple[list[int], int]]) -> dict:
     return summary(list(results), time.perf_counter() - t0)
 
 
-async def run_multiturn(
-    stubs, conversations: int, turns: int, user: int, out: int, seed: int
-) -> dict:
+async def run_multiturn(stubs, conversations: int, turns: int, user: int, out: int,
+                        seed: int) -> dict:
     async def conversation(c: int) -> list[dict]:
         rng = random.Random(seed * 1000 + c)
         history: list[int] = []
@@ -179,12 +178,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="rounds of (off, on), alternating")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--server-args",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="passed to tessera serve as they are (last)",
-    )
+    p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                   help="passed to tessera serve as they are (last)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.target = None
@@ -212,7 +207,8 @@ def main() -> None:
         "model": args.model,
         "device": args.device,
         "command": " ".join(sys.argv),
-        "workloads": {"shared": args.shared, "multiturn": args.multiturn, "random": args.random},
+        "workloads": {"shared": args.shared, "multiturn": args.multiturn,
+                      "random": args.random},
         "runs": runs,
         "ratios": ratios,
     }

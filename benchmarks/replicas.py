@@ -81,21 +81,12 @@ def main() -> None:
     )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--shared",
-        type=int,
-        nargs=5,
-        metavar=("G", "P", "S", "Q", "O"),
-        default=[8, 8, 512, 32, 32],
-    )
+    p.add_argument("--shared", type=int, nargs=5, metavar=("G", "P", "S", "Q", "O"),
+                   default=[8, 8, 512, 32, 32])
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--server-args",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="passed to tessera serve as they are (last)",
-    )
+    p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                   help="passed to tessera serve as they are (last)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     runs: dict[str, list[dict]] = {name: [] for name in MODES}
@@ -104,12 +95,9 @@ def main() -> None:
         for name in names:
             runs[name].append(serve_mode(args, *MODES[name]))
             r = runs[name][-1]
-            print(
-                f"{name}: {r['output_tok_per_s']:.1f} tok/s, hit rate {r['hit_rate']:.2f}, "
-                f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms, per replica "
-                f"{r['requests_per_replica']}",
-                flush=True,
-            )
+            print(f"{name}: {r['output_tok_per_s']:.1f} tok/s, hit rate {r['hit_rate']:.2f}, "
+                  f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms, per replica "
+                  f"{r['requests_per_replica']}", flush=True)
     med = {name: {k: statistics.median(r[k] for r in rs)
                   for k in ("output_tok_per_s", "hit_rate")}
            for name, rs in runs.items()}  # fmt: skip

@@ -263,11 +263,8 @@ def main() -> None:
         "mean_output_len": statistics.mean(o for _, o in work),
         "seed": args.seed,
         "served": served,
-        "slo": {
-            "ttft_p99_ms": args.slo_ttft_ms,
-            "tpot_p99_ms": args.slo_tpot_ms,
-            "max_rate_within": within_slo(served, args.slo_ttft_ms, args.slo_tpot_ms),
-        },
+        "slo": {"ttft_p99_ms": args.slo_ttft_ms, "tpot_p99_ms": args.slo_tpot_ms,
+                "max_rate_within": within_slo(served, args.slo_ttft_ms, args.slo_tpot_ms)},
     }
     if args.no_in_process:
         print(json.dumps(result, indent=2))

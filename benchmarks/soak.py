@@ -282,21 +282,13 @@ async def soak(args, launcher: int, target: str, http_url: str) -> dict:
     t = load.tally
     return {
         "elapsed_s": round(elapsed, 1),
-        "requests": {
-            "served": t.served,
-            "cancelled": t.cancelled,
-            "failed": t.failed,
-            "lost": t.lost,
-            "greedy_mismatched": t.mismatched,
-        },  # fmt: skip
+        "requests": {"served": t.served, "cancelled": t.cancelled, "failed": t.failed,
+                     "lost": t.lost, "greedy_mismatched": t.mismatched},  # fmt: skip
         "lost_examples": t.lost_examples[:10],
         "output_tokens_served": t.tokens,
         "output_tok_per_s": round(t.tokens / elapsed, 1),
-        "latency_s": {
-            "p50": pct(t.latencies, 50),
-            "p99": pct(t.latencies, 99),
-            "max": pct(t.latencies, 100),
-        },  # fmt: skip
+        "latency_s": {"p50": pct(t.latencies, 50), "p99": pct(t.latencies, 99),
+                      "max": pct(t.latencies, 100)},  # fmt: skip
         "ttft_s": {"p50": pct(t.ttfts, 50), "p99": pct(t.ttfts, 99)},
         "executor_kills": kills,
         "rss_mib": {"start": rss[0], "end": rss[-1], "samples": rss},
@@ -313,14 +305,9 @@ def pool_whole(target: str, timeout: float = 60.0) -> dict:
             if load.num_kv_blocks_free == info.num_kv_blocks or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-    return {
-        "num_kv_blocks": info.num_kv_blocks,
-        "free": load.num_kv_blocks_free,
-        "used": load.num_kv_blocks_used,
-        "running": load.num_running,
-        "waiting": load.num_waiting,
-        "whole": load.num_kv_blocks_free == info.num_kv_blocks,
-    }
+    return {"num_kv_blocks": info.num_kv_blocks, "free": load.num_kv_blocks_free,
+            "used": load.num_kv_blocks_used, "running": load.num_running,
+            "waiting": load.num_waiting, "whole": load.num_kv_blocks_free == info.num_kv_blocks}
 
 
 def counter(http_url: str, name: str) -> float | None:
@@ -335,9 +322,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8, help="streams kept open")
-    parser.add_argument(
-        "--kill-every", type=float, default=60.0, help="seconds between executor kills; 0: none"
-    )
+    parser.add_argument("--kill-every", type=float, default=60.0,
+                        help="seconds between executor kills; 0: none")
     parser.add_argument("--cancel", type=float, default=0.1, help="share of requests cancelled")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -50,23 +50,9 @@ def one_start(model: str, numba_dir: str) -> dict:
     env = dict(os.environ, TESSERA_LOG_LEVEL="INFO", NUMBA_CACHE_DIR=numba_dir)
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-P",
-            "-m",
-            "tessera",
-            "serve",
-            model,
-            "--port",
-            str(port),
-            "--http-port",
-            str(http_port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, "-P", "-m", "tessera", "serve", model, "--port", str(port),
+         "--http-port", str(http_port)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     ready: dict[str, float] = {}
     lines: list[str] = []
 
@@ -94,13 +80,8 @@ def one_start(model: str, numba_dir: str) -> dict:
                     pass
                 time.sleep(0.05)
             healthy = time.monotonic() - t0
-            body = {
-                "model": model,
-                "max_tokens": 32,
-                "temperature": 0,
-                "stream": True,
-                "messages": [{"role": "user", "content": "Write a haiku about the sea"}],
-            }
+            body = {"model": model, "max_tokens": 32, "temperature": 0, "stream": True,
+                    "messages": [{"role": "user", "content": "Write a haiku about the sea"}]}
             sent = time.monotonic()
             first = None
             with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -108,13 +89,10 @@ def one_start(model: str, numba_dir: str) -> dict:
                     if first is None and '"content":"' in line:
                         first = time.monotonic() - sent
             total = time.monotonic() - sent
-        result = {
-            "healthy_s": round(healthy, 2),
-            "first_token_s": round(first or total, 3),
-            "first_request_s": round(total, 3),
-            "stage_ready_s": {k: round(v, 2) for k, v in sorted(ready.items())},
-            "log_lines": len(lines),
-        }
+        result = {"healthy_s": round(healthy, 2), "first_token_s": round(first or total, 3),
+                  "first_request_s": round(total, 3),
+                  "stage_ready_s": {k: round(v, 2) for k, v in sorted(ready.items())},
+                  "log_lines": len(lines)}
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -138,13 +116,9 @@ def main() -> int:
             runs.append(r)
             print(json.dumps(r), flush=True)
     load = os.getloadavg()
-    report = {
-        "model": args.model,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "load_average_after": [round(x, 2) for x in load],
-        "runs": runs,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    report = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_average_after": [round(x, 2) for x in load], "runs": runs,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

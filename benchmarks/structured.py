@@ -57,12 +57,8 @@ def compile_times() -> dict:
         checker.check(c)
         warm.append(time.perf_counter() - t0)
     checker.close()
-    return {
-        "schemas": len(constraints),
-        "cold_ms_total": 1e3 * sum(cold),
-        "cold_ms_max": 1e3 * max(cold),
-        "cached_ms_total": 1e3 * sum(warm),
-    }
+    return {"schemas": len(constraints), "cold_ms_total": 1e3 * sum(cold),
+            "cold_ms_max": 1e3 * max(cold), "cached_ms_total": 1e3 * sum(warm)}
 
 
 def lend_tokenizer(donor: str) -> None:
@@ -88,22 +84,13 @@ def run(args) -> dict:
 
     SCHEMAS = load_schemas()
     # No prefix cache: the second run would find the first one's prompts cached.
-    llm = LLM(
-        args.model,
-        device=args.device,
-        show_progress=False,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=False,
-    )
+    llm = LLM(args.model, device=args.device, show_progress=False,
+              max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
     schemas = [SCHEMAS[i % len(SCHEMAS)] for i in range(args.num_prompts)]
     # Short prompts, so that decoding (where the masks are) dominates the time.
     prompts = [f"Record {i} as JSON:" for i in range(args.num_prompts)]
-    constrained = [
-        SamplingParams(
-            temperature=0.0, max_tokens=args.max_tokens, constraint=Constraint.json_schema(s)
-        )
-        for s in schemas
-    ]
+    constrained = [SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                  constraint=Constraint.json_schema(s)) for s in schemas]
     llm.generate(prompts[:2], constrained[:2], use_tqdm=False)  # warm-up (vocabulary, JIT)
     outs = llm.generate(prompts, constrained, use_tqdm=False)
     lengths = [len(o.outputs[0].token_ids) for o in outs]
@@ -122,8 +109,7 @@ def run(args) -> dict:
         assert [len(o.outputs[0].token_ids) for o in free_outs] == lengths
     tokens = sum(lengths)
     return {
-        "num_prompts": args.num_prompts,
-        "output_tokens": tokens,
+        "num_prompts": args.num_prompts, "output_tokens": tokens,
         "mean_output_len": statistics.mean(lengths),
         "constrained_tok_per_s": tokens / t_constrained,
         "unconstrained_tok_per_s": tokens / t_free,
@@ -139,22 +125,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument(
-        "--tokenizer-from",
-        default="",
-        help="with random:<shape> weights: the model whose tokenizer they use",
-    )
+    p.add_argument("--tokenizer-from", default="",
+                   help="with random:<shape> weights: the model whose tokenizer they use")
     p.add_argument("--out", default="")
     args = p.parse_args()
-    result = {
-        "date": str(date.today()),
-        "host": platform.node(),
-        "device": args.device,
-        "model": args.model,
-        "tokenizer_from": args.tokenizer_from,
-        "compile": compile_times(),
-        "throughput": run(args),
-    }
+    result = {"date": str(date.today()), "host": platform.node(), "device": args.device,
+              "model": args.model, "tokenizer_from": args.tokenizer_from,
+              "compile": compile_times(), "throughput": run(args)}
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -472,12 +472,14 @@ class PrefillConfig:
 # 16-bit queries, head size 128: (waves, config) rows, where waves = tiles_of_128 /
 # num_sms and a launch takes the last row it reaches. Written by
 # `benchmarks/tune_attention.py --only prefill`, which prints rows to paste here.
-# Measured on an H100 (bf16, 32 query / 8 KV heads, one causal prompt): 128x64 with 4
-# warps once there are a few waves of programs (416 TFLOP/s at 4k tokens, 360 at 2k),
-# but at 1k tokens (1.9 waves) 64-row tiles win (284 vs 201).
+# Measured on an H100 (bf16, 32 query / 8 KV heads, one causal prompt on a shuffled paged
+# pool; benchmarks/tune_attention.py --only prefill, 2026-12-07, results/
+# tune_prefill_h100_dec07.json): with the table read a tile ahead, per page, and whole
+# tiles unmasked, 8 warps win at every length: 306 TFLOP/s at 1k tokens (1.9 waves;
+# the first kernel's best 285), 439 at 4k (412), 498 at 16k (447).
 D128_TUNED: tuple[tuple[float, PrefillConfig], ...] = (
-    (0.0, PrefillConfig(64, 64, 4, 2)),
-    (3.0, PrefillConfig(128, 64, 4, 3)),
+    (0.0, PrefillConfig(128, 64, 8, 3, mask_full=False, page_reads=True, ahead=True)),
+    (3.9, PrefillConfig(128, 128, 8, 3, mask_full=False, page_reads=True, ahead=True)),
 )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -311,16 +311,24 @@ _STOP = engine_pb2.FINISH_REASON_STOP
 _ERROR = engine_pb2.FINISH_REASON_ERROR
 
 
+# The output of a sequence that runs on with one new token and nothing else to report
+# (no logprobs, no queue time, not finished), the row nearly every running sequence
+# gives every step: (new token id, num prompt tokens, num output tokens, num cached
+# tokens), keyed by request id (Scheduler.update_from_result's token_rows).
+TokenRow = tuple[int, int, int, int]
+
+
 class TokenColumnsBuilder:
     """Outputs of sequences in, one ``TokenColumns`` out (engine.proto).
 
-    ``add`` costs a tuple and a few appends, so the scheduler can queue 256 outputs a
-    step without a protobuf object each; ``to_pb`` turns the rows into columns at once.
+    ``add`` costs a tuple and a few appends, and ``add_token_rows`` takes a whole step's
+    running rows at once, so the scheduler can queue 256 outputs a step without a
+    protobuf object each; ``to_pb`` turns the rows into columns at once.
     """
 
     __slots__ = ("rows", "token_ids", "stop_token_ids", "errors", "error_kinds",
                  "queue_rows", "queue_seconds", "logprob_rows", "logprobs",
-                 "embedding_rows", "embeddings", "embedding_size")  # fmt: skip
+                 "embedding_rows", "embeddings", "embedding_size", "token_rows")  # fmt: skip
 
     def __init__(self) -> None:
         # (request_id, num_new_tokens, finish code, num_prompt, num_output, num_cached)
@@ -336,9 +344,11 @@ class TokenColumnsBuilder:
         self.embedding_rows: list[int] = []
         self.embeddings: list[float] = []
         self.embedding_size = 0  # of every vector in these columns
+        # Running rows added whole (add_token_rows), after the rows above in the columns.
+        self.token_rows: list[Mapping[str, TokenRow]] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + sum(map(len, self.token_rows))
 
     def add(
         self,
@@ -411,15 +421,38 @@ class TokenColumnsBuilder:
                           num_output_tokens, num_cached_tokens))  # fmt: skip
         self.token_ids += new_token_ids
 
+    def add_token_rows(self, rows: Mapping[str, TokenRow]) -> None:
+        """Many running rows at once, in their order: add_tokens for each (one new
+        token), without a call each. They come after every row ``add`` and
+        ``add_tokens`` queue, before or after this call; ``rows`` is kept, not copied:
+        leave it unchanged from now on."""
+        if rows:
+            self.token_rows.append(rows)
+
     def fields(self) -> dict[str, Sequence]:
         """The TokenColumns fields that are not empty: ``TokenColumns(**fields())``, or
         ``EngineOutputs(tokens=fields())``, which builds it in place (no copy)."""
         columns = zip(*self.rows, strict=True) if self.rows else [()] * 6
         ids, counts, codes, prompts, outputs, cached = columns
+        token_ids = self.token_ids
+        if self.token_rows:  # the columns of add() rows, then those of each mapping
+            ids, counts, codes, prompts, outputs, cached = (
+                list(ids), list(counts), list(codes), list(prompts), list(outputs), list(cached)
+            )  # fmt: skip
+            token_ids = list(token_ids)
+            for rows in self.token_rows:
+                new_token_ids, num_prompt, num_output, num_cached = zip(*rows.values(), strict=True)
+                ids += rows
+                counts += [1] * len(rows)
+                codes += [engine_pb2.FINISH_REASON_UNSPECIFIED] * len(rows)
+                token_ids += new_token_ids
+                prompts += num_prompt
+                outputs += num_output
+                cached += num_cached
         fields = {
             "request_ids": ids,
             "num_new_tokens": counts,
-            "new_token_ids": self.token_ids,
+            "new_token_ids": token_ids,
             "finish_reasons": codes,
             "num_prompt_tokens": prompts,
             "num_output_tokens": outputs,

@@ -60,7 +60,7 @@ from tessera.common.plan import (
 from tessera.scheduler.block_pool import BlockPool
 from tessera.scheduler.config import SchedulerConfig
 from tessera.scheduler.kv_cache_manager import KVCacheManager
-from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.outputs import RequestOutput, TokenRow
 from tessera.scheduler.policy import LPM_MAX_OVERTAKEN, LPM_WINDOW, make_policy
 from tessera.scheduler.request import Request, RequestStatus
 
@@ -152,9 +152,18 @@ class Scheduler:
             plan.finished_request_ids, self._finished_ids = self._finished_ids, []
         return plan
 
-    def update_from_result(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+    def update_from_result(
+        self, plan: StepPlan, result: StepResult, token_rows: dict[str, TokenRow] | None = None
+    ) -> list[RequestOutput]:
         """Cache the full blocks the step computed, append sampled tokens, finish
         requests that hit a stop, report each token.
+
+        With ``token_rows``, the outputs of the requests that run on with one new token
+        and nothing else to report (no stop, no logprobs: nearly all of them, every
+        step) go there instead of into the list, as request id -> (token id, prompt
+        tokens, output tokens, cached tokens), without an object each (the scheduler
+        process's hot path: common/wire.TokenColumnsBuilder.add_token_rows); the list
+        then has only the other outputs, in the same order as without.
 
         Runs once per step over every sampled request: the loop reads each request
         once, and calls out only for the rare cases (a block to cache, a stop)."""
@@ -200,34 +209,43 @@ class Scheduler:
             if logprobs is None:  # as request.append_output, inline
                 output_token_ids = request.output_token_ids
                 output_token_ids.append(token_id)
-                request.all_token_ids.append(token_id)
+                all_token_ids = request.all_token_ids
+                all_token_ids.append(token_id)
             else:
                 request.append_output(token_id, logprobs)
                 output_token_ids = request.output_token_ids
-            stop = request.stop
+                all_token_ids = request.all_token_ids
             num_outputs = len(output_token_ids)
             if (
-                token_id in stop.stop_token_ids
-                or token_id in stop.eos_token_ids
-                or num_outputs >= stop.max_tokens
-                or len(request.all_token_ids) >= max_model_len
+                # Cheap tests that every stop passes (a stop or EOS id, max_tokens,
+                # max_model_len); _stop_status decides.
+                token_id in request.stop_check_ids
+                or len(all_token_ids) >= request.max_num_tokens
+                or len(all_token_ids) >= max_model_len
             ) and (status := self._stop_status(request, token_id)) is not None:
                 self._finish(request, status)
                 outputs.append(_output(request, [token_id], [] if logprobs is None else [logprobs]))
-                continue
-            outputs.append(
-                RequestOutput(
-                    request_id,
-                    [token_id],
-                    [] if logprobs is None else [logprobs],
-                    False,
-                    None,
-                    None,
+            elif logprobs is None and token_rows is not None:
+                token_rows[request_id] = (
+                    token_id,
                     len(request.prompt_token_ids),
                     num_outputs,
                     request.num_cached_tokens or 0,
                 )
-            )
+            else:
+                outputs.append(
+                    RequestOutput(
+                        request_id,
+                        [token_id],
+                        [] if logprobs is None else [logprobs],
+                        False,
+                        None,
+                        None,
+                        len(request.prompt_token_ids),
+                        num_outputs,
+                        request.num_cached_tokens or 0,
+                    )
+                )
         return outputs
 
     def _current(self, plan: StepPlan, request_id: str) -> Request | None:

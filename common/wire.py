@@ -588,6 +588,7 @@ def _same_length(values: Sequence, rows: Sequence[int], name: str) -> Sequence:
 # -- helpers ---------------------------------------------------------------------
 
 _F32 = struct.Struct("<f")
+_F32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]  # the largest finite float32
 
 
 def _decimal(value: float) -> float:
@@ -595,6 +596,7 @@ def _decimal(value: float) -> float:
     target = _F32.pack(value)
     for digits in range(1, 10):  # 9 significant digits always round-trip a float32
         candidate = float(f"{value:.{digits}g}")
-        if _F32.pack(candidate) == target:
+        # A short decimal of a float32 near its largest rounds past it: not this one.
+        if abs(candidate) <= _F32_MAX and _F32.pack(candidate) == target:
             return candidate
     return value  # inf or nan

@@ -780,6 +780,14 @@ def test_user_floats_survive_float32_exactly():
     assert math.isclose(pb.SamplingOptions(temperature=0.7).temperature, 0.7, rel_tol=1e-7)
 
 
+def test_floats_near_the_largest_float32_read_back_without_overflow():
+    # 3.4025e38's shorter decimals (3.403e38) round past the largest float32: skipped.
+    for value in (3.4025e38, -3.4025e38, 3.4028234e38):
+        wide = pb.SamplingOptions(frequency_penalty=value).frequency_penalty
+        back = sampling_from_pb(pb.SamplingOptions(frequency_penalty=wide)).frequency_penalty
+        assert pb.SamplingOptions(frequency_penalty=back).frequency_penalty == wide
+
+
 # -- flags and environment ----------------------------------------------------------------
 
 

@@ -367,30 +367,32 @@ class Scheduler:
         num_scheduled_tokens = plan.num_scheduled_tokens
         sampling = plan.sampling
         num_computed_after = plan.num_computed_after if self.kv_cache.enable_caching else None
-        index = 0
-        while index < len(running) and budget > 0:
-            request = running[index]
+        # A for loop over a list that preemption shortens from its end: the iterator
+        # stops at the (new) end, and a request that preempts itself breaks out.
+        for request in running:
+            if budget <= 0:
+                break
             pending = request.num_pending_tokens
             num_known = len(request.all_token_ids) + pending
             num_computed = request.num_computed_tokens
-            num_new = min(num_known - num_computed, budget)
-            if (
-                num_new == 0
-                or pending >= MAX_PENDING_TOKENS
-                or (  # the pending token ends it by length: nothing follows it
-                    pending
-                    and (
-                        len(request.output_token_ids) + pending >= request.stop.max_tokens
-                        or num_known >= max_model_len
-                    )
+            num_new = num_known - num_computed
+            if num_new > budget:
+                num_new = budget
+            if num_new == 0 or (
+                pending
+                and (
+                    pending >= MAX_PENDING_TOKENS
+                    # the pending token ends it by length (max_tokens or max_model_len):
+                    # nothing follows it
+                    or num_known >= request.max_num_tokens
+                    or num_known >= max_model_len
                 )
             ):  # its tokens are not back yet, or the pending one ends the request
-                index += 1
                 continue
             if num_computed + num_new > len(request.block_ids) * block_size:
                 while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
-                    # Requests before index are scheduled and have smaller keys, so the
-                    # largest key left is at the end: a later one, or this one.
+                    # Requests before this one are scheduled and have smaller keys, so
+                    # the largest key left is at the end: a later one, or this one.
                     victim = running.pop()
                     self._preempt(victim)
                     preempted = True
@@ -412,7 +414,6 @@ class Scheduler:
                 request.num_pending_tokens = pending + 1  # this step samples one
                 sampling[request_id] = request.num_preemptions
             budget -= num_new
-            index += 1
         return budget, preempted
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:

@@ -76,13 +76,22 @@ class KVCacheManager:
         Returns the blocks appended (possibly none; the cached ones first), or None,
         leaving the table and the pool as they were, when the pool has too few blocks.
         """
+        if not cached_block_ids:  # the usual case (a decode's next block): no hit to take
+            num_missing = (
+                -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+                - len(request.block_ids)
+            )
+            if num_missing <= 0:
+                return []
+            new_block_ids = self.pool.allocate(num_missing)
+            if new_block_ids is not None:
+                request.block_ids.extend(new_block_ids)
+            return new_block_ids
         num_tokens = (
             request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         )
         num_owned = len(request.block_ids) + len(cached_block_ids)
         num_missing = max(0, self.num_blocks_for(num_tokens) - num_owned)
-        if not cached_block_ids and num_missing == 0:
-            return []
         # Cached blocks nobody owns leave the evictable queue: they no longer count free.
         num_reclaimed = sum(self.pool.ref_count(b) == 0 for b in cached_block_ids)
         if num_missing > self.pool.num_free_blocks - num_reclaimed:

@@ -85,14 +85,15 @@ def extend_block_hashes(
     block_hashes holds the hashes of the first len(block_hashes) blocks already (the
     tokens only ever grow), so each block is hashed once.
     """
+    first, end = len(block_hashes), len(token_ids) // block_size
+    if first >= end:
+        return
     parent = block_hashes[-1] if block_hashes else ROOT_HASH
     pack_tokens = _tokens_struct(block_size).pack
-    for index in range(len(block_hashes), len(token_ids) // block_size):
+    sha256 = hashlib.sha256
+    for index in range(first, end):  # _hash, inline: a decode hashes a block this way
         start = index * block_size
-        parent = _hash(
-            parent,
-            pack_tokens,
-            token_ids[start : start + block_size],
-            extra_keys(index, cache_salt),
-        )
+        keys = extra_keys(index, cache_salt)
+        tokens = pack_tokens(block_size, *token_ids[start : start + block_size])
+        parent = sha256(parent + tokens + (_encode_keys(keys) if keys else _NO_KEYS)).digest()
         block_hashes.append(parent)

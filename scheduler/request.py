@@ -86,25 +86,23 @@ class Request:
     # Read only: append through append_output. A plain attribute, not a property: the
     # scheduler reads it for every running request in every step.
     all_token_ids: list[int] = field(init=False, repr=False)
-    # Derived from prompt and stop once, for the per-step loops: the token count at
-    # which max_tokens is reached (prompt plus max_tokens outputs), and every token id
-    # that may stop the request (stop ids and EOS ids, whatever min_tokens and
-    # ignore_eos say: Scheduler._stop_status decides).
+    # Derived from prompt and stop once (they never change), for the per-step loops:
+    # the prompt's length, the token count at which max_tokens is reached (prompt plus
+    # max_tokens outputs), and every token id that may stop the request (stop ids and
+    # EOS ids, whatever min_tokens and ignore_eos say: Scheduler._stop_status decides).
+    num_prompt_tokens: int = field(init=False, repr=False)
     max_num_tokens: int = field(init=False, repr=False)
     stop_check_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
-        self.max_num_tokens = len(self.prompt_token_ids) + self.stop.max_tokens
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.max_num_tokens = self.num_prompt_tokens + self.stop.max_tokens
         self.stop_check_ids = frozenset((*self.stop.stop_token_ids, *self.stop.eos_token_ids))
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -207,32 +207,32 @@ class Scheduler:
             request.num_pending_tokens -= 1
             logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is None:  # as request.append_output, inline
-                output_token_ids = request.output_token_ids
-                output_token_ids.append(token_id)
+                request.output_token_ids.append(token_id)
                 all_token_ids = request.all_token_ids
                 all_token_ids.append(token_id)
             else:
                 request.append_output(token_id, logprobs)
-                output_token_ids = request.output_token_ids
                 all_token_ids = request.all_token_ids
-            num_outputs = len(output_token_ids)
+            num_tokens = len(all_token_ids)
             if (
                 # Cheap tests that every stop passes (a stop or EOS id, max_tokens,
                 # max_model_len); _stop_status decides.
                 token_id in request.stop_check_ids
-                or len(all_token_ids) >= request.max_num_tokens
-                or len(all_token_ids) >= max_model_len
+                or num_tokens >= request.max_num_tokens
+                or num_tokens >= max_model_len
             ) and (status := self._stop_status(request, token_id)) is not None:
                 self._finish(request, status)
                 outputs.append(_output(request, [token_id], [] if logprobs is None else [logprobs]))
             elif logprobs is None and token_rows is not None:
+                num_prompt = request.num_prompt_tokens
                 token_rows[request_id] = (
                     token_id,
-                    len(request.prompt_token_ids),
-                    num_outputs,
+                    num_prompt,
+                    num_tokens - num_prompt,
                     request.num_cached_tokens or 0,
                 )
             else:
+                num_prompt = request.num_prompt_tokens
                 outputs.append(
                     RequestOutput(
                         request_id,
@@ -241,8 +241,8 @@ class Scheduler:
                         False,
                         None,
                         None,
-                        len(request.prompt_token_ids),
-                        num_outputs,
+                        num_prompt,
+                        num_tokens - num_prompt,
                         request.num_cached_tokens or 0,
                     )
                 )

@@ -750,6 +750,20 @@ def test_step_results_round_trip_through_bytes(sampled, step_id):
     assert msg.step_id == step_id and result_from_pb(msg) == result
 
 
+def test_step_results_with_embeddings_round_trip_and_bad_maps_are_refused():
+    result = StepResult(sampled_token_ids={"a": 5}, logprobs={"a": TokenLogprobs(5, -0.5, 1, ())},
+                        embeddings={"e": [0.5, -1.25]})  # fmt: skip
+    assert result_from_pb(decode(pb.StepResult, encode(result_to_pb(result, 3)))) == result
+    unsampled = result_to_pb(StepResult(sampled_token_ids={"a": 5}), 3)
+    unsampled.logprobs["b"].CopyFrom(logprobs_to_pb(TokenLogprobs(5, -0.5, 1, ())))
+    with pytest.raises(WireError, match=r"logprobs for unsampled \['b'\]"):
+        result_from_pb(unsampled)
+    both = result_to_pb(StepResult(sampled_token_ids={"a": 5}), 3)
+    both.embeddings["a"].values.extend([1.0])
+    with pytest.raises(WireError, match=r"a token and an embedding for \['a'\]"):
+        result_from_pb(both)
+
+
 @given(st.integers(1, 1000), st.integers(0, 1000), st.lists(_u32, max_size=4), st.booleans())
 def test_stop_conditions_round_trip_with_the_models_eos(max_tokens, min_tokens, stops, ignore):
     min_tokens = min(min_tokens, max_tokens)

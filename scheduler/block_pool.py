@@ -126,7 +126,9 @@ class BlockPool:
     def register(self, block_id: int, block_hash: bytes) -> bool:
         """Name an owned block's (now computed) content; False, changing nothing, if
         another block holds that content already."""
-        if self.ref_count(block_id) == 0:
+        if not 0 <= block_id < self.num_blocks:
+            self._check_id(block_id)  # raises
+        if self._ref_counts[block_id] == 0:
             raise ValueError(f"cannot register block {block_id}: nobody owns it")
         if self._hashes[block_id] is not None:
             raise ValueError(f"block {block_id} is registered already")

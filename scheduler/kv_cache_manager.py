@@ -112,12 +112,15 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
-        if num_full <= request.num_registered_blocks:
+        start = request.num_registered_blocks
+        if num_full <= start:
             return
         self._hash_full_blocks(request)
-        for index in range(request.num_registered_blocks, num_full):
+        register = self.pool.register
+        block_hashes = request.block_hashes
+        for index, block_id in enumerate(request.block_ids[start:num_full], start):
             # False for content another block holds already: this one stays uncached.
-            self.pool.register(request.block_ids[index], request.block_hashes[index])
+            register(block_id, block_hashes[index])
         request.num_registered_blocks = num_full
 
     def hashes_in_flight(self, requests: Iterable[Request]) -> set[bytes]:
@@ -158,7 +161,8 @@ class KVCacheManager:
         return self.pool.reset_cache()
 
     def _hash_full_blocks(self, request: Request) -> None:
-        if len(request.block_hashes) < request.num_tokens // self.block_size:
+        all_token_ids = request.all_token_ids
+        if len(request.block_hashes) < len(all_token_ids) // self.block_size:
             extend_block_hashes(
-                request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+                request.block_hashes, all_token_ids, self.block_size, request.cache_salt
             )

@@ -180,7 +180,7 @@ class Scheduler:
                     and request.status is running_status
                     and request.num_preemptions == num_preemptions
                     # else its blocks went back while the step ran: not its own now
-                    and min(num_computed, request.num_tokens) // block_size
+                    and min(num_computed, len(request.all_token_ids)) // block_size
                     > request.num_registered_blocks  # a full block not cached yet
                 ):
                     register_computed(request, num_computed)

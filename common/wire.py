@@ -444,7 +444,10 @@ class TokenColumnsBuilder:
             )  # fmt: skip
             token_ids = list(token_ids)
             for rows in self.token_rows:
-                new_token_ids, num_prompt, num_output, num_cached = zip(*rows.values(), strict=True)
+                # (strict=False: TokenRow tuples all have four items; a check costs a third)
+                new_token_ids, num_prompt, num_output, num_cached = zip(
+                    *rows.values(), strict=False
+                )
                 ids += rows
                 counts += [1] * len(rows)
                 codes += [engine_pb2.FINISH_REASON_UNSPECIFIED] * len(rows)

@@ -87,9 +87,10 @@ class Request:
     # scheduler reads it for every running request in every step.
     all_token_ids: list[int] = field(init=False, repr=False)
     # Derived from prompt and stop once (they never change), for the per-step loops:
-    # the prompt's length, the token count at which max_tokens is reached (prompt plus
-    # max_tokens outputs), and every token id that may stop the request (stop ids and
-    # EOS ids, whatever min_tokens and ignore_eos say: Scheduler._stop_status decides).
+    # the prompt's length, the token count at which the request ends by length (prompt
+    # plus max_tokens outputs; Scheduler.add_request lowers it to max_model_len), and
+    # every token id that may stop it (stop ids and EOS ids, whatever min_tokens and
+    # ignore_eos say: Scheduler._stop_status decides).
     num_prompt_tokens: int = field(init=False, repr=False)
     max_num_tokens: int = field(init=False, repr=False)
     stop_check_ids: frozenset[int] = field(init=False, repr=False)

@@ -99,6 +99,8 @@ class Scheduler:
         self.check_admissible(request)
         request.arrival_index = self._next_arrival_index
         self._next_arrival_index += 1
+        # The per-step loops compare with this one bound, not with two.
+        request.max_num_tokens = min(request.max_num_tokens, self.config.max_model_len)
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         insort(self.waiting, request, key=self.policy.key)
@@ -195,7 +197,6 @@ class Scheduler:
             outputs.append(_output(request, [], []))
         plan_sampling = plan.sampling
         all_logprobs = result.logprobs
-        max_model_len = self.config.max_model_len
         for request_id, token_id in result.sampled_token_ids.items():
             request = requests.get(request_id)
             if (
@@ -215,11 +216,9 @@ class Scheduler:
                 all_token_ids = request.all_token_ids
             num_tokens = len(all_token_ids)
             if (
-                # Cheap tests that every stop passes (a stop or EOS id, max_tokens,
+                # Cheap tests that every stop passes (a stop or EOS id, max_tokens or
                 # max_model_len); _stop_status decides.
-                token_id in request.stop_check_ids
-                or num_tokens >= request.max_num_tokens
-                or num_tokens >= max_model_len
+                token_id in request.stop_check_ids or num_tokens >= request.max_num_tokens
             ) and (status := self._stop_status(request, token_id)) is not None:
                 self._finish(request, status)
                 outputs.append(_output(request, [token_id], [] if logprobs is None else [logprobs]))
@@ -363,7 +362,6 @@ class Scheduler:
         preempted = False
         running = self.running
         block_size = self.config.block_size
-        max_model_len = self.config.max_model_len
         num_scheduled_tokens = plan.num_scheduled_tokens
         sampling = plan.sampling
         num_computed_after = plan.num_computed_after if self.kv_cache.enable_caching else None
@@ -385,7 +383,6 @@ class Scheduler:
                     # the pending token ends it by length (max_tokens or max_model_len):
                     # nothing follows it
                     or num_known >= request.max_num_tokens
-                    or num_known >= max_model_len
                 )
             ):  # its tokens are not back yet, or the pending one ends the request
                 continue

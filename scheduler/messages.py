@@ -41,8 +41,9 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         sampling = _checked_sampling(
             seq.sampling.SerializeToString() if seq.HasField("sampling") else None, vocab
         )
-        room = max(info.max_model_len - len(prompt), 1)
-        stop = stop_from_pb(seq.stop, info.eos_token_ids, default_max_tokens=room)
+        # max_tokens unset (0) means the room the prompt leaves: only then is it a key
+        room = max(info.max_model_len - len(prompt), 1) if seq.stop.max_tokens == 0 else 0
+        stop = _cached_stop(seq.stop.SerializeToString(), tuple(info.eos_token_ids), room)
         cache_salt = check_cache_salt(seq.cache_salt)
         if resumed and (
             len(resumed) >= stop.max_tokens or len(prompt) + len(resumed) >= info.max_model_len
@@ -88,6 +89,16 @@ def _convert_sampling(data: bytes | None, vocab_size: int) -> SamplingOptions:
 
 _MAX_CACHED_SAMPLING_BYTES = 1024
 _cached_sampling = functools.lru_cache(maxsize=256)(_convert_sampling)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_stop(data: bytes, eos_token_ids: tuple[int, ...], room: int) -> StopConditions:
+    """The stop conditions of a StopConditions message's bytes, with the model's EOS ids
+    and, for a message without max_tokens, the room the prompt leaves; ValueError if
+    they contradict each other. Cached like the sampling options (StopConditions is
+    frozen too): requests carry a few settings."""
+    pb = engine_pb2.StopConditions.FromString(data)
+    return stop_from_pb(pb, eos_token_ids, default_max_tokens=room or None)
 
 
 def _embed_request(seq: engine_pb2.AddSequence, prompt: list[int]) -> Request:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tessera.common.plan import SamplingOptions
-from tessera.common.wire import sampling_from_pb
+from tessera.common.wire import sampling_from_pb, stop_from_pb
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tessera.scheduler.config import SchedulerServerConfig
 from tessera.scheduler.messages import check_sampling, request_from_pb
@@ -180,6 +180,25 @@ def test_cached_sampling_options_are_the_ones_converted_each_time(drawn):
             assert str(raised.value) == f"request 'a': {e}"
             continue
         assert request_from_pb(seq, INFO).sampling == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(valid_stop | wild_stop | st.none(), st.integers(1, 60)), min_size=1,
+                max_size=4))  # fmt: skip
+def test_cached_stop_conditions_are_the_ones_converted_each_time(drawn):
+    """The same for the stop conditions, whose unset max_tokens depends on the prompt's
+    length (the room it leaves within max_model_len)."""
+    for stop, prompt_len in [*drawn, *drawn]:
+        seq = pb.AddSequence(request_id="a", prompt_token_ids=[1] * prompt_len, stop=stop)
+        room = max(INFO.max_model_len - prompt_len, 1)
+        try:
+            expected = stop_from_pb(seq.stop, INFO.eos_token_ids, default_max_tokens=room)
+        except ValueError as e:
+            with pytest.raises(ValueError) as raised:
+                request_from_pb(seq, INFO)
+            assert str(raised.value) == f"request 'a': {e}"
+            continue
+        assert request_from_pb(seq, INFO).stop == expected
 
 
 def test_a_large_sampling_message_is_converted_not_cached():

@@ -209,7 +209,7 @@ def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
                 request_id=new.request_id,
                 all_token_ids=new.all_token_ids,
                 num_prompt_tokens=new.num_prompt_tokens,
-                sampling=sampling_to_pb(new.sampling),
+                sampling=_sampling_pb(new.sampling),
                 block_ids=new.block_ids,
                 num_computed_tokens=new.num_computed_tokens,
                 embed=new.embed,
@@ -225,6 +225,26 @@ def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
         num_scheduled_tokens=list(plan.num_scheduled_tokens.values()),
         finished_request_ids=plan.finished_request_ids,
     )
+
+
+# SamplingOptions object id -> (the object, its message), for plan_to_pb: see _sampling_pb.
+_sampling_pbs: dict[int, tuple[SamplingOptions, engine_pb2.SamplingOptions]] = {}
+
+
+def _sampling_pb(options: SamplingOptions) -> engine_pb2.SamplingOptions:
+    """sampling_to_pb, once per SamplingOptions object: requests share a few (the
+    scheduler caches them by their message, scheduler/messages.py), and a plan carries
+    each new request's. Keyed by identity, so equal options that are not the same
+    (0.0 and -0.0) keep their own message; the entry holds the object, so its id is
+    not reused while it is there. The caller copies the message, never changes it."""
+    entry = _sampling_pbs.get(id(options))
+    if entry is not None and entry[0] is options:
+        return entry[1]
+    if len(_sampling_pbs) >= 256:
+        _sampling_pbs.clear()
+    pb = sampling_to_pb(options)
+    _sampling_pbs[id(options)] = (options, pb)
+    return pb
 
 
 def plan_from_pb(pb: engine_pb2.StepPlan) -> StepPlan:

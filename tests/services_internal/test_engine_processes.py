@@ -750,6 +750,21 @@ def test_step_results_round_trip_through_bytes(sampled, step_id):
     assert msg.step_id == step_id and result_from_pb(msg) == result
 
 
+def test_plans_convert_each_sampling_object_as_its_own():
+    """plan_to_pb converts a SamplingOptions object once (requests share a few), by
+    identity: equal options that are not the same object keep their own message."""
+    negative, positive = SamplingOptions(temperature=-0.0), SamplingOptions(temperature=0.0)
+    for _ in range(2):
+        plan = StepPlan(new_requests=[
+            NewRequestData("a", [1], 1, negative, [0]), NewRequestData("b", [1], 1, positive, [1]),
+            NewRequestData("c", [1], 1, negative, [2]),
+        ])  # fmt: skip
+        signs = [math.copysign(1, new.sampling.temperature)
+                 for new in plan_to_pb(plan, 1).new_requests]  # fmt: skip
+        assert signs == [-1, 1, -1]
+        assert plan_from_pb(plan_to_pb(plan, 1)) == plan
+
+
 def test_step_results_with_embeddings_round_trip_and_bad_maps_are_refused():
     result = StepResult(sampled_token_ids={"a": 5}, logprobs={"a": TokenLogprobs(5, -0.5, 1, ())},
                         embeddings={"e": [0.5, -1.25]})  # fmt: skip

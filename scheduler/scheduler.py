@@ -46,7 +46,7 @@ compute are registered for the requests that follow.
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable
 
@@ -444,7 +444,7 @@ class Scheduler:
                 if victim is None:
                     break  # the head waits, and nothing behind it skips ahead
                 budget += self._unschedule(plan, victim)
-                self.running.remove(victim)
+                self._remove(self.running, victim)
                 self._preempt(victim)
                 in_flight = None  # the victim's blocks in flight are not coming
                 continue
@@ -452,7 +452,7 @@ class Scheduler:
                 del self.waiting[0]
             else:
                 del order[0]
-                self.waiting.remove(request)
+                self._remove(self.waiting, request)
             admitted.append(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:  # the first admission
@@ -548,13 +548,24 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            self._remove(self.running, request)
             self._finished_ids.append(request.request_id)
         else:
-            self.waiting.remove(request)
+            self._remove(self.waiting, request)
         self.kv_cache.free(request)
         request.status = status
         del self._requests[request.request_id]
+
+    def _remove(self, queue: list[Request], request: Request) -> None:
+        """queue.remove(request), found by bisection on the policy key (unique: every
+        key ends with the arrival index) instead of a scan that reads every request
+        before it, which under churn meant a cache miss per running request."""
+        key = self.policy.key
+        index = bisect_left(queue, key(request), key=key)
+        if index < len(queue) and queue[index] is request:
+            del queue[index]
+        else:  # out of order (check_invariants says so): the scan still finds it
+            queue.remove(request)
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         stop = request.stop

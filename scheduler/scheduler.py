@@ -298,6 +298,7 @@ class Scheduler:
         _require(len(self.running) <= self.config.max_num_seqs, "too many running")
         queued = Counter(r.request_id for r in [*self.waiting, *self.running])
         _require(queued == Counter(list(self._requests)), "queues and requests disagree")
+        self.kv_cache.check_invariants(self.running)
         for request in self.waiting:
             _require(request.status is RequestStatus.WAITING, f"{request} not waiting")
             _require(not request.block_ids, f"waiting {request.request_id} owns blocks")
@@ -434,7 +435,7 @@ class Scheduler:
             cached_block_ids = [] if request.embed else kv_cache.find_cached_prefix(request)
             if kv_cache.enable_caching and not request.embed:
                 if in_flight is None:
-                    in_flight = kv_cache.hashes_in_flight(self.running)
+                    in_flight = kv_cache.hashes_in_flight()  # of every running request
                 if kv_cache.waits_for_block_in_flight(request, len(cached_block_ids), in_flight):
                     break  # the head waits for it to be cached, as it would for blocks
             num_cached = len(cached_block_ids) * self.config.block_size

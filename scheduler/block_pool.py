@@ -85,8 +85,11 @@ class BlockPool:
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks: {num_blocks}")
         free = self._free
-        if num_blocks == 1 and free:  # the usual case: a decode's next block
-            block_id = free.popleft()
+        if num_blocks == 1 and (free or self._evictable):  # the usual case: a decode's
+            if free:  # next block, from the free queue, or else the evictable one
+                block_id = free.popleft()
+            else:
+                block_id = self._evict()
             self._ref_counts[block_id] = 1
             return [block_id]
         if num_blocks > len(free) + len(self._evictable):
@@ -94,13 +97,17 @@ class BlockPool:
         num_from_free = min(num_blocks, len(free))
         block_ids = [free.popleft() for _ in range(num_from_free)]
         for _ in range(num_blocks - num_from_free):
-            block_id, _ = self._evictable.popitem(last=False)
-            del self._cached[self._hashes[block_id]]
-            self._hashes[block_id] = None
-            block_ids.append(block_id)
+            block_ids.append(self._evict())
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         return block_ids
+
+    def _evict(self) -> int:
+        """Take the least recently freed cached block out of the cache (nobody owns it)."""
+        block_id, _ = self._evictable.popitem(last=False)
+        del self._cached[self._hashes[block_id]]
+        self._hashes[block_id] = None
+        return block_id
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add one owner to each owned block (a shared prefix, a forked sequence)."""

@@ -17,6 +17,7 @@ that step would sample counts as the last one and nothing is scheduled after it.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from tessera.common.plan import SamplingOptions, StopConditions, TokenLogprobs
@@ -99,7 +100,8 @@ class Request:
         self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.max_num_tokens = self.num_prompt_tokens + self.stop.max_tokens
-        self.stop_check_ids = frozenset((*self.stop.stop_token_ids, *self.stop.eos_token_ids))
+        stop = self.stop  # (tuple() of a tuple is that tuple: a key for the cache, free)
+        self.stop_check_ids = _stop_check_ids(tuple(stop.stop_token_ids), tuple(stop.eos_token_ids))
 
     @property
     def num_tokens(self) -> int:
@@ -123,3 +125,12 @@ class Request:
         self.all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
+
+
+@functools.lru_cache(maxsize=256)
+def _stop_check_ids(
+    stop_token_ids: tuple[int, ...], eos_token_ids: tuple[int, ...]
+) -> frozenset[int]:
+    """One shared set per stop setting: the per-step loop tests every sampled token
+    against its request's set, and a set that many requests share stays in cache."""
+    return frozenset((*stop_token_ids, *eos_token_ids))

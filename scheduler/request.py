@@ -85,8 +85,11 @@ class Request:
     embedding: list[float] | None = field(default=None, repr=False)
     # Prompt followed by outputs, kept alongside so reading it costs no copy per step.
     # Read only: append through append_output. A plain attribute, not a property: the
-    # scheduler reads it for every running request in every step.
+    # scheduler reads it for every running request in every step. Its length too,
+    # kept as a field: the per-step loops read it from the request they hold, without
+    # fetching the list.
     all_token_ids: list[int] = field(init=False, repr=False)
+    num_tokens: int = field(init=False, repr=False)
     # Derived from prompt and stop once (they never change), for the per-step loops:
     # the prompt's length, the token count at which the request ends by length (prompt
     # plus max_tokens outputs; Scheduler.add_request lowers it to max_model_len), and
@@ -98,14 +101,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
+        self.num_tokens = len(self.all_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.max_num_tokens = self.num_prompt_tokens + self.stop.max_tokens
         stop = self.stop  # (tuple() of a tuple is that tuple: a key for the cache, free)
         self.stop_check_ids = _stop_check_ids(tuple(stop.stop_token_ids), tuple(stop.eos_token_ids))
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -123,6 +123,7 @@ class Request:
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        self.num_tokens += 1
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
 

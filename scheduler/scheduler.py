@@ -182,7 +182,7 @@ class Scheduler:
                     and request.status is running_status
                     and request.num_preemptions == num_preemptions
                     # else its blocks went back while the step ran: not its own now
-                    and min(num_computed, len(request.all_token_ids)) // block_size
+                    and min(num_computed, request.num_tokens) // block_size
                     > request.num_registered_blocks  # a full block not cached yet
                 ):
                     register_computed(request, num_computed)
@@ -209,12 +209,11 @@ class Scheduler:
             logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is None:  # as request.append_output, inline
                 request.output_token_ids.append(token_id)
-                all_token_ids = request.all_token_ids
-                all_token_ids.append(token_id)
+                request.all_token_ids.append(token_id)
+                request.num_tokens = num_tokens = request.num_tokens + 1
             else:
                 request.append_output(token_id, logprobs)
-                all_token_ids = request.all_token_ids
-            num_tokens = len(all_token_ids)
+                num_tokens = request.num_tokens
             if (
                 # Cheap tests that every stop passes (a stop or EOS id, max_tokens or
                 # max_model_len); _stop_status decides.
@@ -298,6 +297,11 @@ class Scheduler:
         _require(len(self.running) <= self.config.max_num_seqs, "too many running")
         queued = Counter(r.request_id for r in [*self.waiting, *self.running])
         _require(queued == Counter(list(self._requests)), "queues and requests disagree")
+        for request in [*self.waiting, *self.running]:
+            _require(
+                request.num_tokens == len(request.all_token_ids),
+                f"{request.request_id}'s num_tokens is not its token count",
+            )
         self.kv_cache.check_invariants(self.running)
         for request in self.waiting:
             _require(request.status is RequestStatus.WAITING, f"{request} not waiting")
@@ -372,7 +376,7 @@ class Scheduler:
             if budget <= 0:
                 break
             pending = request.num_pending_tokens
-            num_known = len(request.all_token_ids) + pending
+            num_known = request.num_tokens + pending
             num_computed = request.num_computed_tokens
             num_new = num_known - num_computed
             if num_new > budget:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -209,23 +209,42 @@ def plan_to_pb(plan: StepPlan, step_id: int) -> engine_pb2.StepPlan:
                 request_id=new.request_id,
                 all_token_ids=new.all_token_ids,
                 num_prompt_tokens=new.num_prompt_tokens,
-                sampling=sampling_to_pb(new.sampling),
+                sampling=_sampling_pb(new.sampling),
                 block_ids=new.block_ids,
                 num_computed_tokens=new.num_computed_tokens,
                 embed=new.embed,
             )
             for new in plan.new_requests
         ],
+        # As dicts, which the constructor reads faster than messages it would copy.
         cached_requests=[
-            engine_pb2.CachedRequestData(
-                request_id=cached.request_id, new_block_ids=cached.new_block_ids
-            )
+            {"request_id": cached.request_id, "new_block_ids": cached.new_block_ids}
             for cached in plan.cached_requests
         ],
         scheduled_ids=list(plan.num_scheduled_tokens),
         num_scheduled_tokens=list(plan.num_scheduled_tokens.values()),
         finished_request_ids=plan.finished_request_ids,
     )
+
+
+# SamplingOptions object id -> (the object, its message), for plan_to_pb: see _sampling_pb.
+_sampling_pbs: dict[int, tuple[SamplingOptions, engine_pb2.SamplingOptions]] = {}
+
+
+def _sampling_pb(options: SamplingOptions) -> engine_pb2.SamplingOptions:
+    """sampling_to_pb, once per SamplingOptions object: requests share a few (the
+    scheduler caches them by their message, scheduler/messages.py), and a plan carries
+    each new request's. Keyed by identity, so equal options that are not the same
+    (0.0 and -0.0) keep their own message; the entry holds the object, so its id is
+    not reused while it is there. The caller copies the message, never changes it."""
+    entry = _sampling_pbs.get(id(options))
+    if entry is not None and entry[0] is options:
+        return entry[1]
+    if len(_sampling_pbs) >= 256:
+        _sampling_pbs.clear()
+    pb = sampling_to_pb(options)
+    _sampling_pbs[id(options)] = (options, pb)
+    return pb
 
 
 def plan_from_pb(pb: engine_pb2.StepPlan) -> StepPlan:
@@ -280,20 +299,24 @@ def result_from_pb(pb: engine_pb2.StepResult) -> StepResult:
             f"StepResult {pb.step_id}: {len(pb.sampled_ids)} sampled_ids but "
             f"{len(pb.sampled_token_ids)} sampled_token_ids"
         )
-    sampled = dict(zip(pb.sampled_ids, pb.sampled_token_ids, strict=True))
+    # Slices: lists copied out of the repeated fields faster than zip reads them.
+    sampled = dict(zip(pb.sampled_ids[:], pb.sampled_token_ids[:], strict=True))
     if len(sampled) != len(pb.sampled_ids):
         raise WireError(f"StepResult {pb.step_id}: a request has two sampled tokens")
-    unknown = set(pb.logprobs) - sampled.keys()
-    if unknown:
-        raise WireError(f"StepResult {pb.step_id}: logprobs for unsampled {sorted(unknown)}")
-    both = sampled.keys() & set(pb.embeddings)
-    if both:
-        raise WireError(f"StepResult {pb.step_id}: a token and an embedding for {sorted(both)}")
-    return StepResult(
-        sampled_token_ids=sampled,
-        logprobs={rid: logprobs_from_pb(lp) for rid, lp in pb.logprobs.items()},
-        embeddings={rid: list(e.values) for rid, e in pb.embeddings.items()},
-    )
+    result = StepResult(sampled_token_ids=sampled)
+    if pb.logprobs:  # (maps looked at only when there is something in them)
+        unknown = set(pb.logprobs) - sampled.keys()
+        if unknown:
+            raise WireError(f"StepResult {pb.step_id}: logprobs for unsampled {sorted(unknown)}")
+        result.logprobs = {rid: logprobs_from_pb(lp) for rid, lp in pb.logprobs.items()}
+    if pb.embeddings:
+        both = sampled.keys() & set(pb.embeddings)
+        if both:
+            raise WireError(
+                f"StepResult {pb.step_id}: a token and an embedding for {sorted(both)}"
+            )
+        result.embeddings = {rid: list(e.values) for rid, e in pb.embeddings.items()}
+    return result
 
 
 # -- a step's outputs, as columns ----------------------------------------------------
@@ -311,16 +334,24 @@ _STOP = engine_pb2.FINISH_REASON_STOP
 _ERROR = engine_pb2.FINISH_REASON_ERROR
 
 
+# The output of a sequence that runs on with one new token and nothing else to report
+# (no logprobs, no queue time, not finished), the row nearly every running sequence
+# gives every step: (new token id, num prompt tokens, num output tokens, num cached
+# tokens), keyed by request id (Scheduler.update_from_result's token_rows).
+TokenRow = tuple[int, int, int, int]
+
+
 class TokenColumnsBuilder:
     """Outputs of sequences in, one ``TokenColumns`` out (engine.proto).
 
-    ``add`` costs a tuple and a few appends, so the scheduler can queue 256 outputs a
-    step without a protobuf object each; ``to_pb`` turns the rows into columns at once.
+    ``add`` costs a tuple and a few appends, and ``add_token_rows`` takes a whole step's
+    running rows at once, so the scheduler can queue 256 outputs a step without a
+    protobuf object each; ``to_pb`` turns the rows into columns at once.
     """
 
     __slots__ = ("rows", "token_ids", "stop_token_ids", "errors", "error_kinds",
                  "queue_rows", "queue_seconds", "logprob_rows", "logprobs",
-                 "embedding_rows", "embeddings", "embedding_size")  # fmt: skip
+                 "embedding_rows", "embeddings", "embedding_size", "token_rows")  # fmt: skip
 
     def __init__(self) -> None:
         # (request_id, num_new_tokens, finish code, num_prompt, num_output, num_cached)
@@ -336,9 +367,11 @@ class TokenColumnsBuilder:
         self.embedding_rows: list[int] = []
         self.embeddings: list[float] = []
         self.embedding_size = 0  # of every vector in these columns
+        # Running rows added whole (add_token_rows), after the rows above in the columns.
+        self.token_rows: list[Mapping[str, TokenRow]] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + sum(map(len, self.token_rows))
 
     def add(
         self,
@@ -411,15 +444,41 @@ class TokenColumnsBuilder:
                           num_output_tokens, num_cached_tokens))  # fmt: skip
         self.token_ids += new_token_ids
 
+    def add_token_rows(self, rows: Mapping[str, TokenRow]) -> None:
+        """Many running rows at once, in their order: add_tokens for each (one new
+        token), without a call each. They come after every row ``add`` and
+        ``add_tokens`` queue, before or after this call; ``rows`` is kept, not copied:
+        leave it unchanged from now on."""
+        if rows:
+            self.token_rows.append(rows)
+
     def fields(self) -> dict[str, Sequence]:
         """The TokenColumns fields that are not empty: ``TokenColumns(**fields())``, or
         ``EngineOutputs(tokens=fields())``, which builds it in place (no copy)."""
         columns = zip(*self.rows, strict=True) if self.rows else [()] * 6
         ids, counts, codes, prompts, outputs, cached = columns
+        token_ids = self.token_ids
+        if self.token_rows:  # the columns of add() rows, then those of each mapping
+            ids, counts, codes, prompts, outputs, cached = (
+                list(ids), list(counts), list(codes), list(prompts), list(outputs), list(cached)
+            )  # fmt: skip
+            token_ids = list(token_ids)
+            for rows in self.token_rows:
+                # (strict=False: TokenRow tuples all have four items; a check costs a third)
+                new_token_ids, num_prompt, num_output, num_cached = zip(
+                    *rows.values(), strict=False
+                )
+                ids += rows
+                counts += [1] * len(rows)
+                codes += [engine_pb2.FINISH_REASON_UNSPECIFIED] * len(rows)
+                token_ids += new_token_ids
+                prompts += num_prompt
+                outputs += num_output
+                cached += num_cached
         fields = {
             "request_ids": ids,
             "num_new_tokens": counts,
-            "new_token_ids": self.token_ids,
+            "new_token_ids": token_ids,
             "finish_reasons": codes,
             "num_prompt_tokens": prompts,
             "num_output_tokens": outputs,
@@ -555,6 +614,7 @@ def _same_length(values: Sequence, rows: Sequence[int], name: str) -> Sequence:
 # -- helpers ---------------------------------------------------------------------
 
 _F32 = struct.Struct("<f")
+_F32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]  # the largest finite float32
 
 
 def _decimal(value: float) -> float:
@@ -562,6 +622,7 @@ def _decimal(value: float) -> float:
     target = _F32.pack(value)
     for digits in range(1, 10):  # 9 significant digits always round-trip a float32
         candidate = float(f"{value:.{digits}g}")
-        if _F32.pack(candidate) == target:
+        # A short decimal of a float32 near its largest rounds past it: not this one.
+        if abs(candidate) <= _F32_MAX and _F32.pack(candidate) == target:
             return candidate
     return value  # inf or nan

@@ -18,9 +18,10 @@ prefix) can compute them too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # The parent of a request's first block; the version names this encoding.
 ROOT_HASH = hashlib.sha256(b"tessera prefix cache, block hash v1").digest()
@@ -32,15 +33,38 @@ def hash_block(
     parent_hash: bytes, token_ids: Sequence[int], extra_keys: Sequence[ExtraKey] = ()
 ) -> bytes:
     """The hash of one full block, given its parent's (ROOT_HASH for the first)."""
-    h = hashlib.sha256(parent_hash)
-    # Little-endian: a count, then each token as a signed 64-bit integer.
-    h.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
-    h.update(struct.pack("<I", len(extra_keys)))
+    return _hash(parent_hash, _tokens_struct(len(token_ids)).pack, token_ids, extra_keys)
+
+
+def _hash(
+    parent_hash: bytes,
+    pack_tokens: Callable[..., bytes],
+    token_ids: Sequence[int],
+    extra_keys: Sequence[ExtraKey],
+) -> bytes:
+    # Little-endian: a count, then each token as a signed 64-bit integer; then the
+    # extra keys (_encode_keys). One buffer, one sha256 call: blocks are hashed in
+    # every step (each block a request fills, every prompt block at admission).
+    keys = _encode_keys(extra_keys) if extra_keys else _NO_KEYS
+    tokens = pack_tokens(len(token_ids), *token_ids)
+    return hashlib.sha256(parent_hash + tokens + keys).digest()
+
+
+def _encode_keys(extra_keys: Sequence[ExtraKey]) -> bytes:
+    """A count, then each key's kind and value, length-prefixed: no ambiguity."""
+    parts = [struct.pack("<I", len(extra_keys))]
     for kind, value in extra_keys:
-        for part in (kind.encode(), value.encode()):  # length-prefixed: no ambiguity
-            h.update(struct.pack("<I", len(part)))
-            h.update(part)
-    return h.digest()
+        for part in (kind.encode(), value.encode()):
+            parts += (struct.pack("<I", len(part)), part)
+    return b"".join(parts)
+
+
+_NO_KEYS = _encode_keys(())
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens_struct(num_tokens: int) -> struct.Struct:
+    return struct.Struct(f"<I{num_tokens}q")
 
 
 def extra_keys(block_index: int, cache_salt: str) -> tuple[ExtraKey, ...]:
@@ -61,10 +85,15 @@ def extend_block_hashes(
     block_hashes holds the hashes of the first len(block_hashes) blocks already (the
     tokens only ever grow), so each block is hashed once.
     """
+    first, end = len(block_hashes), len(token_ids) // block_size
+    if first >= end:
+        return
     parent = block_hashes[-1] if block_hashes else ROOT_HASH
-    for index in range(len(block_hashes), len(token_ids) // block_size):
+    pack_tokens = _tokens_struct(block_size).pack
+    sha256 = hashlib.sha256
+    for index in range(first, end):  # _hash, inline: a decode hashes a block this way
         start = index * block_size
-        parent = hash_block(
-            parent, token_ids[start : start + block_size], extra_keys(index, cache_salt)
-        )
+        keys = extra_keys(index, cache_salt)
+        tokens = pack_tokens(block_size, *token_ids[start : start + block_size])
+        parent = sha256(parent + tokens + (_encode_keys(keys) if keys else _NO_KEYS)).digest()
         block_hashes.append(parent)

@@ -84,18 +84,30 @@ class BlockPool:
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks: {num_blocks}")
-        if num_blocks > self.num_free_blocks:
+        free = self._free
+        if num_blocks == 1 and (free or self._evictable):  # the usual case: a decode's
+            if free:  # next block, from the free queue, or else the evictable one
+                block_id = free.popleft()
+            else:
+                block_id = self._evict()
+            self._ref_counts[block_id] = 1
+            return [block_id]
+        if num_blocks > len(free) + len(self._evictable):
             return None
-        num_from_free = min(num_blocks, len(self._free))
-        block_ids = [self._free.popleft() for _ in range(num_from_free)]
+        num_from_free = min(num_blocks, len(free))
+        block_ids = [free.popleft() for _ in range(num_from_free)]
         for _ in range(num_blocks - num_from_free):
-            block_id, _ = self._evictable.popitem(last=False)
-            del self._cached[self._hashes[block_id]]
-            self._hashes[block_id] = None
-            block_ids.append(block_id)
+            block_ids.append(self._evict())
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         return block_ids
+
+    def _evict(self) -> int:
+        """Take the least recently freed cached block out of the cache (nobody owns it)."""
+        block_id, _ = self._evictable.popitem(last=False)
+        del self._cached[self._hashes[block_id]]
+        self._hashes[block_id] = None
+        return block_id
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add one owner to each owned block (a shared prefix, a forked sequence)."""
@@ -121,7 +133,9 @@ class BlockPool:
     def register(self, block_id: int, block_hash: bytes) -> bool:
         """Name an owned block's (now computed) content; False, changing nothing, if
         another block holds that content already."""
-        if self.ref_count(block_id) == 0:
+        if not 0 <= block_id < self.num_blocks:
+            self._check_id(block_id)  # raises
+        if self._ref_counts[block_id] == 0:
             raise ValueError(f"cannot register block {block_id}: nobody owns it")
         if self._hashes[block_id] is not None:
             raise ValueError(f"block {block_id} is registered already")
@@ -141,18 +155,30 @@ class BlockPool:
         Checks every block before changing any, so a bad call leaves the pool as it was.
         """
         block_ids = list(block_ids)
-        for block_id, times in Counter(block_ids).items():
-            if self.ref_count(block_id) < times:
-                raise ValueError(
-                    f"cannot free block {block_id} {times} time(s): it has "
-                    f"{self._ref_counts[block_id]} owner(s) (double free?)"
-                )
+        ref_counts = self._ref_counts
+        if not block_ids:
+            return
+        # The usual call (a block table: distinct blocks, each owned) is checked
+        # without a Python loop; anything else by the loop that says what is wrong.
+        if not (
+            len(set(block_ids)) == len(block_ids)
+            and min(block_ids) >= 0
+            and max(block_ids) < self.num_blocks
+            and min(map(ref_counts.__getitem__, block_ids)) > 0
+        ):
+            for block_id, times in Counter(block_ids).items():
+                if self.ref_count(block_id) < times:
+                    raise ValueError(
+                        f"cannot free block {block_id} {times} time(s): it has "
+                        f"{ref_counts[block_id]} owner(s) (double free?)"
+                    )
+        hashes = self._hashes
         now_cached = []
         for block_id in block_ids:
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] > 0:
+            ref_counts[block_id] -= 1
+            if ref_counts[block_id] > 0:
                 continue
-            if self._hashes[block_id] is None:
+            if hashes[block_id] is None:
                 self._free.append(block_id)
             else:
                 now_cached.append(block_id)

@@ -39,7 +39,7 @@ from tessera.scheduler.request import Request
 
 
 class KVCacheManager:
-    __slots__ = ("pool", "block_size", "enable_caching")
+    __slots__ = ("pool", "block_size", "enable_caching", "_hashed_ahead")
 
     def __init__(self, pool: BlockPool, block_size: int, enable_caching: bool = True) -> None:
         if block_size < 1:
@@ -47,6 +47,10 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = block_size
         self.enable_caching = enable_caching
+        # Requests with a block table whose hashes run ahead of their registered blocks
+        # (a prompt hashed at admission, not yet computed): the only ones in which
+        # hashes_in_flight() can find anything, so it need not read every running one.
+        self._hashed_ahead: dict[Request, None] = {}
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)  # ceiling division
@@ -76,13 +80,23 @@ class KVCacheManager:
         Returns the blocks appended (possibly none; the cached ones first), or None,
         leaving the table and the pool as they were, when the pool has too few blocks.
         """
+        if not cached_block_ids:  # the usual case (a decode's next block): no hit to take
+            num_missing = (
+                -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+                - len(request.block_ids)
+            )
+            if num_missing <= 0:
+                return []
+            new_block_ids = self.pool.allocate(num_missing)
+            if new_block_ids is not None:
+                request.block_ids.extend(new_block_ids)
+                self._note_hashed_ahead(request)
+            return new_block_ids
         num_tokens = (
             request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         )
         num_owned = len(request.block_ids) + len(cached_block_ids)
         num_missing = max(0, self.num_blocks_for(num_tokens) - num_owned)
-        if not cached_block_ids and num_missing == 0:
-            return []
         # Cached blocks nobody owns leave the evictable queue: they no longer count free.
         num_reclaimed = sum(self.pool.ref_count(b) == 0 for b in cached_block_ids)
         if num_missing > self.pool.num_free_blocks - num_reclaimed:
@@ -95,6 +109,7 @@ class KVCacheManager:
             request.num_registered_blocks = len(cached_block_ids)
         appended = [*cached_block_ids, *new_block_ids]
         request.block_ids.extend(appended)
+        self._note_hashed_ahead(request)
         return appended
 
     def register_computed(self, request: Request, num_computed_tokens: int) -> None:
@@ -103,20 +118,30 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
-        if num_full <= request.num_registered_blocks:
+        start = request.num_registered_blocks
+        if num_full <= start:
             return
         self._hash_full_blocks(request)
-        for index in range(request.num_registered_blocks, num_full):
+        register = self.pool.register
+        block_hashes = request.block_hashes
+        for index, block_id in enumerate(request.block_ids[start:num_full], start):
             # False for content another block holds already: this one stays uncached.
-            self.pool.register(request.block_ids[index], request.block_hashes[index])
+            register(block_id, block_hashes[index])
         request.num_registered_blocks = num_full
+        if len(block_hashes) > num_full:
+            self._hashed_ahead[request] = None
+        else:
+            self._hashed_ahead.pop(request, None)
 
-    def hashes_in_flight(self, requests: Iterable[Request]) -> set[bytes]:
+    def hashes_in_flight(self, requests: Iterable[Request] | None = None) -> set[bytes]:
         """Hashes of the full blocks these (running) requests compute in steps not
-        back yet: scheduled, not registered."""
+        back yet: scheduled, not registered. None: every request with a block table
+        (every running one), read through the few whose hashes run ahead."""
         found: set[bytes] = set()
         block_size = self.block_size
-        for request in requests:  # every running one, each step that admits: kept lean
+        if requests is None:
+            requests = list(self._hashed_ahead)
+        for request in requests:  # each step that admits: kept lean
             start = request.num_registered_blocks
             end = request.num_computed_tokens // block_size
             if end > start:  # (a slice stops at the hashes there are)
@@ -143,13 +168,34 @@ class KVCacheManager:
         # A new list, not clear(): a plan sent earlier may still hold the old one.
         request.block_ids = []
         request.num_registered_blocks = 0
+        self._hashed_ahead.pop(request, None)
+
+    def check_invariants(self, running: Sequence[Request]) -> None:
+        """Raise AssertionError unless the requests kept track of for hashes_in_flight()
+        are running ones, and include every running one with a hash in flight."""
+        for request in self._hashed_ahead:
+            if not any(r is request for r in running):
+                raise AssertionError(f"{request.request_id} is kept track of, not running")
+        for request in running:
+            if self.hashes_in_flight([request]) and request not in self._hashed_ahead:
+                raise AssertionError(
+                    f"{request.request_id} has hashes in flight and is not kept track of"
+                )
+
+    def _note_hashed_ahead(self, request: Request) -> None:
+        """Keep track of a request that now holds blocks, if its hashes run ahead of
+        its registered blocks (hashes grow only at admission, which precedes this, and
+        in register_computed, which keeps track itself)."""
+        if len(request.block_hashes) > request.num_registered_blocks:
+            self._hashed_ahead[request] = None
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached hash; returns how many were dropped."""
         return self.pool.reset_cache()
 
     def _hash_full_blocks(self, request: Request) -> None:
-        if len(request.block_hashes) < request.num_tokens // self.block_size:
+        all_token_ids = request.all_token_ids
+        if len(request.block_hashes) < len(all_token_ids) // self.block_size:
             extend_block_hashes(
-                request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+                request.block_hashes, all_token_ids, self.block_size, request.cache_salt
             )

@@ -5,6 +5,7 @@ columns: sessions.py and common/wire.py's TokenColumnsBuilder.)"""
 
 from __future__ import annotations
 
+import functools
 import math
 
 from tessera.common.plan import SamplingOptions, StopConditions, check_cache_salt
@@ -20,7 +21,7 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
     if not request_id:
         raise ValueError("a sequence has no request_id")
     vocab = info.vocab_size
-    prompt = list(seq.prompt_token_ids)
+    prompt = seq.prompt_token_ids[:]  # a list: a slice copies faster than list()
     if prompt and max(prompt) >= vocab:  # max() first: a Python loop only for the message
         bad = [t for t in prompt if t >= vocab]
         raise ValueError(
@@ -29,7 +30,7 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
         )
     if seq.embed:
         return _embed_request(seq, prompt)
-    resumed = list(seq.resume_output_token_ids)
+    resumed = seq.resume_output_token_ids[:]
     if resumed and max(resumed) >= vocab:
         bad = [t for t in resumed if t >= vocab]
         raise ValueError(
@@ -37,10 +38,12 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
             f"vocabulary [0, {vocab})"
         )
     try:
-        sampling = sampling_from_pb(seq.sampling) if seq.HasField("sampling") else None
-        check_sampling(sampling or SamplingOptions(), vocab)
-        room = max(info.max_model_len - len(prompt), 1)
-        stop = stop_from_pb(seq.stop, info.eos_token_ids, default_max_tokens=room)
+        sampling = _checked_sampling(
+            seq.sampling.SerializeToString() if seq.HasField("sampling") else None, vocab
+        )
+        # max_tokens unset (0) means the room the prompt leaves: only then is it a key
+        room = max(info.max_model_len - len(prompt), 1) if seq.stop.max_tokens == 0 else 0
+        stop = _cached_stop(seq.stop.SerializeToString(), tuple(info.eos_token_ids), room)
         cache_salt = check_cache_salt(seq.cache_salt)
         if resumed and (
             len(resumed) >= stop.max_tokens or len(prompt) + len(resumed) >= info.max_model_len
@@ -54,13 +57,48 @@ def request_from_pb(seq: engine_pb2.AddSequence, info: engine_pb2.EngineInfo) ->
     return Request(
         request_id=request_id,
         prompt_token_ids=prompt,
-        sampling=sampling or SamplingOptions(),
+        sampling=sampling,
         stop=stop,
         priority=seq.priority,
         cache_salt=cache_salt,
         # Resumed from a lost replica: recomputed like a preempted request's outputs.
         output_token_ids=resumed,
     )
+
+
+def _checked_sampling(data: bytes | None, vocab_size: int) -> SamplingOptions:
+    """The options of a SamplingOptions message's bytes (None: no message, the
+    defaults), checked; ValueError if they are malformed or out of range.
+
+    Most requests carry one of a few settings (the defaults, a client's own), so the
+    answer is cached by the bytes: SamplingOptions is frozen, and requests share one.
+    A large message (a long grammar) is converted each time, not kept."""
+    if data is not None and len(data) > _MAX_CACHED_SAMPLING_BYTES:
+        return _convert_sampling(data, vocab_size)
+    return _cached_sampling(data, vocab_size)
+
+
+def _convert_sampling(data: bytes | None, vocab_size: int) -> SamplingOptions:
+    if data is None:
+        options = SamplingOptions()
+    else:
+        options = sampling_from_pb(engine_pb2.SamplingOptions.FromString(data))
+    check_sampling(options, vocab_size)
+    return options
+
+
+_MAX_CACHED_SAMPLING_BYTES = 1024
+_cached_sampling = functools.lru_cache(maxsize=256)(_convert_sampling)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_stop(data: bytes, eos_token_ids: tuple[int, ...], room: int) -> StopConditions:
+    """The stop conditions of a StopConditions message's bytes, with the model's EOS ids
+    and, for a message without max_tokens, the room the prompt leaves; ValueError if
+    they contradict each other. Cached like the sampling options (StopConditions is
+    frozen too): requests carry a few settings."""
+    pb = engine_pb2.StopConditions.FromString(data)
+    return stop_from_pb(pb, eos_token_ids, default_max_tokens=room or None)
 
 
 def _embed_request(seq: engine_pb2.AddSequence, prompt: list[int]) -> Request:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tessera.common.plan import TokenLogprobs
+from tessera.common.wire import TokenRow
+
+__all__ = ["RequestOutput", "TokenRow"]
 
 
 @dataclass(slots=True)

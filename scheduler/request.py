@@ -17,6 +17,7 @@ that step would sample counts as the last one and nothing is scheduled after it.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from tessera.common.plan import SamplingOptions, StopConditions, TokenLogprobs
@@ -84,19 +85,27 @@ class Request:
     embedding: list[float] | None = field(default=None, repr=False)
     # Prompt followed by outputs, kept alongside so reading it costs no copy per step.
     # Read only: append through append_output. A plain attribute, not a property: the
-    # scheduler reads it for every running request in every step.
+    # scheduler reads it for every running request in every step. Its length too,
+    # kept as a field: the per-step loops read it from the request they hold, without
+    # fetching the list.
     all_token_ids: list[int] = field(init=False, repr=False)
+    num_tokens: int = field(init=False, repr=False)
+    # Derived from prompt and stop once (they never change), for the per-step loops:
+    # the prompt's length, the token count at which the request ends by length (prompt
+    # plus max_tokens outputs; Scheduler.add_request lowers it to max_model_len), and
+    # every token id that may stop it (stop ids and EOS ids, whatever min_tokens and
+    # ignore_eos say: Scheduler._stop_status decides).
+    num_prompt_tokens: int = field(init=False, repr=False)
+    max_num_tokens: int = field(init=False, repr=False)
+    stop_check_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_tokens = len(self.all_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.max_num_tokens = self.num_prompt_tokens + self.stop.max_tokens
+        stop = self.stop  # (tuple() of a tuple is that tuple: a key for the cache, free)
+        self.stop_check_ids = _stop_check_ids(tuple(stop.stop_token_ids), tuple(stop.eos_token_ids))
 
     @property
     def num_output_tokens(self) -> int:
@@ -114,5 +123,15 @@ class Request:
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        self.num_tokens += 1
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
+
+
+@functools.lru_cache(maxsize=256)
+def _stop_check_ids(
+    stop_token_ids: tuple[int, ...], eos_token_ids: tuple[int, ...]
+) -> frozenset[int]:
+    """One shared set per stop setting: the per-step loop tests every sampled token
+    against its request's set, and a set that many requests share stays in cache."""
+    return frozenset((*stop_token_ids, *eos_token_ids))

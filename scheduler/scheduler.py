@@ -46,7 +46,7 @@ compute are registered for the requests that follow.
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable
 
@@ -60,7 +60,7 @@ from tessera.common.plan import (
 from tessera.scheduler.block_pool import BlockPool
 from tessera.scheduler.config import SchedulerConfig
 from tessera.scheduler.kv_cache_manager import KVCacheManager
-from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.outputs import RequestOutput, TokenRow
 from tessera.scheduler.policy import LPM_MAX_OVERTAKEN, LPM_WINDOW, make_policy
 from tessera.scheduler.request import Request, RequestStatus
 
@@ -99,6 +99,8 @@ class Scheduler:
         self.check_admissible(request)
         request.arrival_index = self._next_arrival_index
         self._next_arrival_index += 1
+        # The per-step loops compare with this one bound, not with two.
+        request.max_num_tokens = min(request.max_num_tokens, self.config.max_model_len)
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         insort(self.waiting, request, key=self.policy.key)
@@ -152,9 +154,18 @@ class Scheduler:
             plan.finished_request_ids, self._finished_ids = self._finished_ids, []
         return plan
 
-    def update_from_result(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+    def update_from_result(
+        self, plan: StepPlan, result: StepResult, token_rows: dict[str, TokenRow] | None = None
+    ) -> list[RequestOutput]:
         """Cache the full blocks the step computed, append sampled tokens, finish
         requests that hit a stop, report each token.
+
+        With ``token_rows``, the outputs of the requests that run on with one new token
+        and nothing else to report (no stop, no logprobs: nearly all of them, every
+        step) go there instead of into the list, as request id -> (token id, prompt
+        tokens, output tokens, cached tokens), without an object each (the scheduler
+        process's hot path: common/wire.TokenColumnsBuilder.add_token_rows); the list
+        then has only the other outputs, in the same order as without.
 
         Runs once per step over every sampled request: the loop reads each request
         once, and calls out only for the rare cases (a block to cache, a stop)."""
@@ -186,7 +197,6 @@ class Scheduler:
             outputs.append(_output(request, [], []))
         plan_sampling = plan.sampling
         all_logprobs = result.logprobs
-        max_model_len = self.config.max_model_len
         for request_id, token_id in result.sampled_token_ids.items():
             request = requests.get(request_id)
             if (
@@ -198,36 +208,42 @@ class Scheduler:
             request.num_pending_tokens -= 1
             logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is None:  # as request.append_output, inline
-                output_token_ids = request.output_token_ids
-                output_token_ids.append(token_id)
+                request.output_token_ids.append(token_id)
                 request.all_token_ids.append(token_id)
+                request.num_tokens = num_tokens = request.num_tokens + 1
             else:
                 request.append_output(token_id, logprobs)
-                output_token_ids = request.output_token_ids
-            stop = request.stop
-            num_outputs = len(output_token_ids)
+                num_tokens = request.num_tokens
             if (
-                token_id in stop.stop_token_ids
-                or token_id in stop.eos_token_ids
-                or num_outputs >= stop.max_tokens
-                or len(request.all_token_ids) >= max_model_len
+                # Cheap tests that every stop passes (a stop or EOS id, max_tokens or
+                # max_model_len); _stop_status decides.
+                token_id in request.stop_check_ids or num_tokens >= request.max_num_tokens
             ) and (status := self._stop_status(request, token_id)) is not None:
                 self._finish(request, status)
                 outputs.append(_output(request, [token_id], [] if logprobs is None else [logprobs]))
-                continue
-            outputs.append(
-                RequestOutput(
-                    request_id,
-                    [token_id],
-                    [] if logprobs is None else [logprobs],
-                    False,
-                    None,
-                    None,
-                    len(request.prompt_token_ids),
-                    num_outputs,
+            elif logprobs is None and token_rows is not None:
+                num_prompt = request.num_prompt_tokens
+                token_rows[request_id] = (
+                    token_id,
+                    num_prompt,
+                    num_tokens - num_prompt,
                     request.num_cached_tokens or 0,
                 )
-            )
+            else:
+                num_prompt = request.num_prompt_tokens
+                outputs.append(
+                    RequestOutput(
+                        request_id,
+                        [token_id],
+                        [] if logprobs is None else [logprobs],
+                        False,
+                        None,
+                        None,
+                        num_prompt,
+                        num_tokens - num_prompt,
+                        request.num_cached_tokens or 0,
+                    )
+                )
         return outputs
 
     def _current(self, plan: StepPlan, request_id: str) -> Request | None:
@@ -281,6 +297,12 @@ class Scheduler:
         _require(len(self.running) <= self.config.max_num_seqs, "too many running")
         queued = Counter(r.request_id for r in [*self.waiting, *self.running])
         _require(queued == Counter(list(self._requests)), "queues and requests disagree")
+        for request in [*self.waiting, *self.running]:
+            _require(
+                request.num_tokens == len(request.all_token_ids),
+                f"{request.request_id}'s num_tokens is not its token count",
+            )
+        self.kv_cache.check_invariants(self.running)
         for request in self.waiting:
             _require(request.status is RequestStatus.WAITING, f"{request} not waiting")
             _require(not request.block_ids, f"waiting {request.request_id} owns blocks")
@@ -345,34 +367,34 @@ class Scheduler:
         preempted = False
         running = self.running
         block_size = self.config.block_size
-        max_model_len = self.config.max_model_len
         num_scheduled_tokens = plan.num_scheduled_tokens
         sampling = plan.sampling
         num_computed_after = plan.num_computed_after if self.kv_cache.enable_caching else None
-        index = 0
-        while index < len(running) and budget > 0:
-            request = running[index]
+        # A for loop over a list that preemption shortens from its end: the iterator
+        # stops at the (new) end, and a request that preempts itself breaks out.
+        for request in running:
+            if budget <= 0:
+                break
             pending = request.num_pending_tokens
-            num_known = len(request.all_token_ids) + pending
+            num_known = request.num_tokens + pending
             num_computed = request.num_computed_tokens
-            num_new = min(num_known - num_computed, budget)
-            if (
-                num_new == 0
-                or pending >= MAX_PENDING_TOKENS
-                or (  # the pending token ends it by length: nothing follows it
-                    pending
-                    and (
-                        len(request.output_token_ids) + pending >= request.stop.max_tokens
-                        or num_known >= max_model_len
-                    )
+            num_new = num_known - num_computed
+            if num_new > budget:
+                num_new = budget
+            if num_new == 0 or (
+                pending
+                and (
+                    pending >= MAX_PENDING_TOKENS
+                    # the pending token ends it by length (max_tokens or max_model_len):
+                    # nothing follows it
+                    or num_known >= request.max_num_tokens
                 )
             ):  # its tokens are not back yet, or the pending one ends the request
-                index += 1
                 continue
             if num_computed + num_new > len(request.block_ids) * block_size:
                 while (new_block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
-                    # Requests before index are scheduled and have smaller keys, so the
-                    # largest key left is at the end: a later one, or this one.
+                    # Requests before this one are scheduled and have smaller keys, so
+                    # the largest key left is at the end: a later one, or this one.
                     victim = running.pop()
                     self._preempt(victim)
                     preempted = True
@@ -394,7 +416,6 @@ class Scheduler:
                 request.num_pending_tokens = pending + 1  # this step samples one
                 sampling[request_id] = request.num_preemptions
             budget -= num_new
-            index += 1
         return budget, preempted
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
@@ -418,7 +439,7 @@ class Scheduler:
             cached_block_ids = [] if request.embed else kv_cache.find_cached_prefix(request)
             if kv_cache.enable_caching and not request.embed:
                 if in_flight is None:
-                    in_flight = kv_cache.hashes_in_flight(self.running)
+                    in_flight = kv_cache.hashes_in_flight()  # of every running request
                 if kv_cache.waits_for_block_in_flight(request, len(cached_block_ids), in_flight):
                     break  # the head waits for it to be cached, as it would for blocks
             num_cached = len(cached_block_ids) * self.config.block_size
@@ -428,7 +449,7 @@ class Scheduler:
                 if victim is None:
                     break  # the head waits, and nothing behind it skips ahead
                 budget += self._unschedule(plan, victim)
-                self.running.remove(victim)
+                self._remove(self.running, victim)
                 self._preempt(victim)
                 in_flight = None  # the victim's blocks in flight are not coming
                 continue
@@ -436,7 +457,7 @@ class Scheduler:
                 del self.waiting[0]
             else:
                 del order[0]
-                self.waiting.remove(request)
+                self._remove(self.waiting, request)
             admitted.append(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:  # the first admission
@@ -532,13 +553,24 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            self._remove(self.running, request)
             self._finished_ids.append(request.request_id)
         else:
-            self.waiting.remove(request)
+            self._remove(self.waiting, request)
         self.kv_cache.free(request)
         request.status = status
         del self._requests[request.request_id]
+
+    def _remove(self, queue: list[Request], request: Request) -> None:
+        """queue.remove(request), found by bisection on the policy key (unique: every
+        key ends with the arrival index) instead of a scan that reads every request
+        before it, which under churn meant a cache miss per running request."""
+        key = self.policy.key
+        index = bisect_left(queue, key(request), key=key)
+        if index < len(queue) and queue[index] is request:
+            del queue[index]
+        else:  # out of order (check_invariants says so): the scan still finds it
+            queue.remove(request)
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         stop = request.stop

@@ -87,7 +87,7 @@ from tessera.scheduler.executor_link import (
     bind,
 )
 from tessera.scheduler.messages import request_from_pb
-from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.outputs import RequestOutput, TokenRow
 from tessera.scheduler.recovery import EngineState, Recovery
 from tessera.scheduler.scheduler import Scheduler
 from tessera.scheduler.sessions import GatewaySessions
@@ -299,15 +299,19 @@ class SchedulerServer:
         return result
 
     def process_result(self, plan: StepPlan, result: StepResult) -> None:
+        # The running requests' rows (nearly every output) go to the gateways whole;
+        # the other outputs (stops, logprobs, embeddings) one by one.
+        token_rows: dict[str, TokenRow] = {}
         try:
-            outputs = self.scheduler.update_from_result(plan, result)
+            outputs = self.scheduler.update_from_result(plan, result, token_rows)
         except RuntimeError as e:  # the executor broke the mirror rule: desynced
             logger.error("bad step result: %s", e)
             self.fail_requests(plan.num_scheduled_tokens, f"bad step result: {e}", kind="internal")
             return
         self.counters.num_generated_tokens += len(result.sampled_token_ids)
-        for output in self.sessions.route_step(outputs, self._queue_seconds):
-            self.emit(output)  # the finished ones
+        self.sessions.route_token_rows(token_rows, self._queue_seconds)
+        for output in outputs:
+            self.emit(output)
 
     def send_outputs(self) -> None:
         for gateway, outputs in self.sessions.take_outbox().items():

@@ -19,7 +19,7 @@ import zmq
 
 from tessera.common.wire import TokenColumnsBuilder, encode
 from tessera.proto.tessera.v1 import engine_pb2
-from tessera.scheduler.outputs import RequestOutput
+from tessera.scheduler.outputs import RequestOutput, TokenRow
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ class GatewaySessions:
             gateway = self.owners.get(output.request_id)
         if gateway is None:
             return
-        outgoing = self.outbox.get(gateway)
-        if outgoing is None:
-            outgoing = self.outbox[gateway] = Outgoing()
+        outgoing = self._outgoing(gateway)
         finish_reason = output.finish_reason or ""
         if error and output.finished:  # failed requests leave the scheduler as aborted ones
             finish_reason = "error"
@@ -104,60 +102,52 @@ class GatewaySessions:
             output.embedding if finish_reason == "stop" else None,
         )
 
-    def route_step(
-        self, outputs: list[RequestOutput], queue_seconds: dict[str, float]
-    ) -> list[RequestOutput]:
-        """route() for the unfinished outputs of a step (nearly all of them), in one
-        pass; each one's queue time is popped from ``queue_seconds``. Returns the
-        finished ones, not routed: the caller counts them, then routes each."""
-        finished = []
+    def route_token_rows(
+        self, rows: dict[str, TokenRow], queue_seconds: dict[str, float]
+    ) -> None:
+        """route() for a step's running rows (Scheduler.update_from_result's
+        token_rows: nearly every output of a step), queued whole when one gateway owns
+        them all (the usual case), split by owner otherwise. A request whose queue time
+        is in ``queue_seconds`` (its first output) is popped from both and routed as a
+        row of its own. Rows whose owner is gone are dropped. Takes ``rows`` over: the
+        caller leaves it alone from now on."""
         owners = self.owners
-        outbox = self.outbox
-        gateway = columns = None
-        for output in outputs:
-            if output.finished:
-                finished.append(output)
-                continue
-            request_id = output.request_id
-            owner = owners.get(request_id)
-            if owner is None:
-                continue
-            if owner != gateway:
-                gateway = owner
-                outgoing = outbox.get(gateway)
-                if outgoing is None:
-                    outgoing = outbox[gateway] = Outgoing()
-                columns = outgoing.columns
-            seconds = queue_seconds.pop(request_id, 0.0) if queue_seconds else 0.0
-            if seconds or output.new_logprobs:
-                columns.add(
-                    request_id,
-                    output.new_token_ids,
-                    "",
-                    output.num_prompt_tokens,
-                    output.num_output_tokens,
-                    output.num_cached_tokens,
-                    queue_seconds=seconds,
-                    logprobs=output.new_logprobs,
-                )
-            else:
-                columns.add_tokens(
-                    request_id,
-                    output.new_token_ids,
-                    output.num_prompt_tokens,
-                    output.num_output_tokens,
-                    output.num_cached_tokens,
-                )
-        return finished
+        if queue_seconds:  # the few requests admitted lately
+            for request_id in [rid for rid in queue_seconds if rid in rows]:
+                gateway = owners.get(request_id)
+                if gateway is None:
+                    continue
+                token_id, num_prompt, num_output, num_cached = rows.pop(request_id)
+                self._outgoing(gateway).columns.add(
+                    request_id, [token_id], "", num_prompt, num_output, num_cached,
+                    queue_seconds=queue_seconds.pop(request_id),
+                )  # fmt: skip
+        if not rows:
+            return
+        gateways = list(map(owners.get, rows))
+        first = gateways[0]
+        if first is not None and gateways.count(first) == len(gateways):
+            self._outgoing(first).columns.add_token_rows(rows)
+            return
+        split: dict[bytes, dict[str, TokenRow]] = {}
+        for (request_id, row), gateway in zip(rows.items(), gateways, strict=True):
+            if gateway is not None:
+                split.setdefault(gateway, {})[request_id] = row
+        for gateway, part in split.items():
+            self._outgoing(gateway).columns.add_token_rows(part)
 
     def reject(self, gateway: bytes, request_ids: list[str], kind: str, message: str) -> None:
         rejected = [
             engine_pb2.Rejection(request_id=rid, kind=kind, message=message) for rid in request_ids
         ]
+        self._outgoing(gateway).rejected += rejected
+
+    def _outgoing(self, gateway: bytes) -> Outgoing:
+        """What is queued for this gateway, created empty if nothing is."""
         outgoing = self.outbox.get(gateway)
         if outgoing is None:
             outgoing = self.outbox[gateway] = Outgoing()
-        outgoing.rejected += rejected
+        return outgoing
 
     def send(self, gateway: bytes, outputs: engine_pb2.EngineOutputs, quiet: bool = False) -> bool:
         """Send now, without waiting; False if the gateway cannot be reached (logged

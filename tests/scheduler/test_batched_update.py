@@ -148,8 +148,11 @@ def random_request(rng: random.Random, index: int, earlier: list[list[int]]) -> 
     return Request(f"r{index}", prompt, sampling, stop, priority=rng.randint(0, 2))
 
 
+@pytest.mark.parametrize("token_rows", [False, True], ids=["outputs", "token_rows"])
 @pytest.mark.parametrize("seed", range(40))
-def test_batched_loops_match_the_per_sequence_ones(seed):
+def test_batched_loops_match_the_per_sequence_ones(seed, token_rows):
+    """With token_rows, the running rows come as tuples (the scheduler process's
+    path): the same outputs as the reference's, split in two."""
     rng = random.Random(seed)
     config = SchedulerConfig(
         num_blocks=rng.randint(6, 24),
@@ -195,13 +198,37 @@ def test_batched_loops_match_the_per_sequence_ones(seed):
             in_flight.append((plan_new, plan_old, *results))
         if in_flight and (len(in_flight) == 2 or plan_new.is_empty):
             plan_new, plan_old, result_new, result_old = in_flight.pop(0)
-            outputs = new.update_from_result(plan_new, result_new)
-            assert outputs == old.update_from_result(plan_old, result_old)
-            num_outputs += len(outputs)
+            expected = old.update_from_result(plan_old, result_old)
+            if token_rows:
+                rows: dict[str, tuple[int, int, int, int]] = {}
+                outputs = new.update_from_result(plan_new, result_new, rows)
+                assert_split(outputs, rows, expected)
+            else:
+                outputs = new.update_from_result(plan_new, result_new)
+                assert outputs == expected
+            num_outputs += len(expected)
         assert state(new) == state(old)
         new.check_invariants()
         executors[0].assert_mirrors(new)
     assert num_outputs >= 10 and num_blocks_listed > 0  # the workload did something
+
+
+def assert_split(
+    outputs: list[RequestOutput],
+    rows: dict[str, tuple[int, int, int, int]],
+    expected: list[RequestOutput],
+) -> None:
+    """``expected``, as update_from_result splits it with token_rows: the rows of
+    requests that run on with one token and no logprobs as tuples, in order; the rest
+    as outputs, in order."""
+    plain = [o for o in expected if not o.finished and not o.new_logprobs]
+    assert outputs == [o for o in expected if o.finished or o.new_logprobs]
+    assert list(rows.items()) == [
+        (o.request_id, (*o.new_token_ids, o.num_prompt_tokens, o.num_output_tokens,
+                        o.num_cached_tokens))
+        for o in plain
+    ]  # fmt: skip
+    assert all(len(o.new_token_ids) == 1 and o.embedding is None for o in plain)
 
 
 def _copy(request: Request) -> Request:

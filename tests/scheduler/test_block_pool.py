@@ -71,6 +71,12 @@ def test_bad_free_and_incref_raise_and_change_nothing():
     assert pool.ref_count(0) == 1
     with pytest.raises(ValueError, match=r"block id 9 is out of range \[0, 4\)"):
         pool.free([9])
+    # Distinct blocks (a table), one of them bad: the same messages.
+    with pytest.raises(ValueError, match="cannot free block 2 1 time"):
+        pool.free([0, 2])
+    with pytest.raises(ValueError, match=r"block id -1 is out of range \[0, 4\)"):
+        pool.free([1, -1])
+    assert [pool.ref_count(b) for b in range(4)] == [1, 1, 0, 0]
     with pytest.raises(ValueError, match="negative"):
         pool.allocate(-1)
     pool.check_invariants()

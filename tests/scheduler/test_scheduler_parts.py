@@ -10,6 +10,7 @@ from tessera.scheduler import (
     PriorityPolicy,
     Request,
     RequestStatus,
+    Scheduler,
     SchedulerConfig,
     StopConditions,
     make_policy,
@@ -72,3 +73,23 @@ def test_policy_keys_order_requests():
     assert isinstance(make_policy("priority"), PriorityPolicy)
     with pytest.raises(ValueError, match="unknown scheduling policy 'sjf'"):
         make_policy("sjf")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "lpm"])
+def test_a_queue_loses_exactly_the_request_named(policy):
+    """Scheduler._remove finds a request by bisection on the policy key (unique per
+    request), and by a scan in a queue out of order."""
+    scheduler = Scheduler(SchedulerConfig(num_blocks=8, policy=policy))
+    requests = [Request(f"r{i}", [1], SamplingOptions(), StopConditions(4), priority=i % 2)
+                for i in range(6)]  # fmt: skip
+    for request in requests:
+        scheduler.add_request(request)
+    queue = list(scheduler.waiting)
+    gone = [requests[3], requests[0], requests[5]]
+    for request in gone:
+        scheduler._remove(queue, request)
+        assert request not in queue and len(queue) == len(set(queue))
+    assert queue == [r for r in scheduler.waiting if r not in gone]
+    shuffled = queue[::-1]
+    scheduler._remove(shuffled, queue[0])
+    assert shuffled == queue[1:][::-1]

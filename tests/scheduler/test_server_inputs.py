@@ -18,8 +18,11 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tessera.common.plan import SamplingOptions
+from tessera.common.wire import sampling_from_pb, stop_from_pb
 from tessera.proto.tessera.v1 import engine_pb2 as pb
 from tessera.scheduler.config import SchedulerServerConfig
+from tessera.scheduler.messages import check_sampling, request_from_pb
 from tessera.scheduler.server import SchedulerServer
 from tests.scheduler.mirror_executor import InstantLink
 
@@ -158,3 +161,52 @@ def test_no_message_raises_out_of_the_loop(ctx, inputs):
         logger.removeHandler(failures)
         executor.socket.close()
         router.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(valid_sampling | wild_sampling | st.none(), min_size=1, max_size=4))
+def test_cached_sampling_options_are_the_ones_converted_each_time(drawn):
+    """request_from_pb caches the checked SamplingOptions by the message's bytes: the
+    same options (or the same error) as converting and checking every time, for a
+    message seen again too."""
+    for sampling in [*drawn, *drawn]:
+        seq = pb.AddSequence(request_id="a", prompt_token_ids=[1, 2], sampling=sampling)
+        try:
+            expected = SamplingOptions() if sampling is None else sampling_from_pb(sampling)
+            check_sampling(expected, INFO.vocab_size)
+        except ValueError as e:
+            with pytest.raises(ValueError) as raised:
+                request_from_pb(seq, INFO)
+            assert str(raised.value) == f"request 'a': {e}"
+            continue
+        assert request_from_pb(seq, INFO).sampling == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(valid_stop | wild_stop | st.none(), st.integers(1, 60)), min_size=1,
+                max_size=4))  # fmt: skip
+def test_cached_stop_conditions_are_the_ones_converted_each_time(drawn):
+    """The same for the stop conditions, whose unset max_tokens depends on the prompt's
+    length (the room it leaves within max_model_len)."""
+    for stop, prompt_len in [*drawn, *drawn]:
+        seq = pb.AddSequence(request_id="a", prompt_token_ids=[1] * prompt_len, stop=stop)
+        room = max(INFO.max_model_len - prompt_len, 1)
+        try:
+            expected = stop_from_pb(seq.stop, INFO.eos_token_ids, default_max_tokens=room)
+        except ValueError as e:
+            with pytest.raises(ValueError) as raised:
+                request_from_pb(seq, INFO)
+            assert str(raised.value) == f"request 'a': {e}"
+            continue
+        assert request_from_pb(seq, INFO).stop == expected
+
+
+def test_a_large_sampling_message_is_converted_not_cached():
+    plain = pb.SamplingOptions(temperature=0.5, top_p=1.0, repetition_penalty=1.0)
+    grammar = pb.SamplingOptions(constraint=pb.Constraint(regex="a" * 5000))
+    grammar.MergeFrom(plain)
+    seq = pb.AddSequence(request_id="a", prompt_token_ids=[1], sampling=grammar)
+    first, second = request_from_pb(seq, INFO).sampling, request_from_pb(seq, INFO).sampling
+    assert first == second == sampling_from_pb(grammar) and first is not second
+    small = pb.AddSequence(request_id="b", prompt_token_ids=[1], sampling=plain)
+    assert request_from_pb(small, INFO).sampling is request_from_pb(small, INFO).sampling

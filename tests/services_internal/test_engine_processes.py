@@ -750,6 +750,35 @@ def test_step_results_round_trip_through_bytes(sampled, step_id):
     assert msg.step_id == step_id and result_from_pb(msg) == result
 
 
+def test_plans_convert_each_sampling_object_as_its_own():
+    """plan_to_pb converts a SamplingOptions object once (requests share a few), by
+    identity: equal options that are not the same object keep their own message."""
+    negative, positive = SamplingOptions(temperature=-0.0), SamplingOptions(temperature=0.0)
+    for _ in range(2):
+        plan = StepPlan(new_requests=[
+            NewRequestData("a", [1], 1, negative, [0]), NewRequestData("b", [1], 1, positive, [1]),
+            NewRequestData("c", [1], 1, negative, [2]),
+        ])  # fmt: skip
+        signs = [math.copysign(1, new.sampling.temperature)
+                 for new in plan_to_pb(plan, 1).new_requests]  # fmt: skip
+        assert signs == [-1, 1, -1]
+        assert plan_from_pb(plan_to_pb(plan, 1)) == plan
+
+
+def test_step_results_with_embeddings_round_trip_and_bad_maps_are_refused():
+    result = StepResult(sampled_token_ids={"a": 5}, logprobs={"a": TokenLogprobs(5, -0.5, 1, ())},
+                        embeddings={"e": [0.5, -1.25]})  # fmt: skip
+    assert result_from_pb(decode(pb.StepResult, encode(result_to_pb(result, 3)))) == result
+    unsampled = result_to_pb(StepResult(sampled_token_ids={"a": 5}), 3)
+    unsampled.logprobs["b"].CopyFrom(logprobs_to_pb(TokenLogprobs(5, -0.5, 1, ())))
+    with pytest.raises(WireError, match=r"logprobs for unsampled \['b'\]"):
+        result_from_pb(unsampled)
+    both = result_to_pb(StepResult(sampled_token_ids={"a": 5}), 3)
+    both.embeddings["a"].values.extend([1.0])
+    with pytest.raises(WireError, match=r"a token and an embedding for \['a'\]"):
+        result_from_pb(both)
+
+
 @given(st.integers(1, 1000), st.integers(0, 1000), st.lists(_u32, max_size=4), st.booleans())
 def test_stop_conditions_round_trip_with_the_models_eos(max_tokens, min_tokens, stops, ignore):
     min_tokens = min(min_tokens, max_tokens)
@@ -778,6 +807,14 @@ def test_user_floats_survive_float32_exactly():
     back = sampling_from_pb(decode(pb.SamplingOptions, encode(sampling_to_pb(options))))
     assert back == options and back.temperature == 0.7
     assert math.isclose(pb.SamplingOptions(temperature=0.7).temperature, 0.7, rel_tol=1e-7)
+
+
+def test_floats_near_the_largest_float32_read_back_without_overflow():
+    # 3.4025e38's shorter decimals (3.403e38) round past the largest float32: skipped.
+    for value in (3.4025e38, -3.4025e38, 3.4028234e38):
+        wide = pb.SamplingOptions(frequency_penalty=value).frequency_penalty
+        back = sampling_from_pb(pb.SamplingOptions(frequency_penalty=wide)).frequency_penalty
+        assert pb.SamplingOptions(frequency_penalty=back).frequency_penalty == wide
 
 
 # -- flags and environment ----------------------------------------------------------------

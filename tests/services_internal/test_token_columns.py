@@ -99,6 +99,34 @@ def test_columns_round_trip_to_the_sequence_outputs(drawn):
     assert builder.to_pb() == pb.EngineOutputs(tokens=builder.fields()).tokens
 
 
+_token_rows = st.dictionaries(st.text(max_size=12), st.tuples(_u32, _u32, _u32, _u32), max_size=6)
+
+
+@given(st.lists(rows(), max_size=4), st.lists(_token_rows, max_size=3), st.integers(0, 4))
+def test_token_rows_read_back_after_the_other_rows(drawn, chunks, split):
+    """add_token_rows, a step's running rows at once, reads back as add_tokens row by
+    row would, after every row add() queues, whether added before or after them."""
+    builder = TokenColumnsBuilder()
+    for row in drawn[:split]:
+        builder.add(**row)
+    for chunk in chunks:
+        builder.add_token_rows(chunk)
+    for row in drawn[split:]:
+        builder.add(**row)
+    running = [
+        {**_RUNNING, "request_id": rid, "new_token_ids": [token], "num_prompt_tokens": prompt,
+         "num_output_tokens": output, "num_cached_tokens": cached}
+        for chunk in chunks
+        for rid, (token, prompt, output, cached) in chunk.items()
+    ]  # fmt: skip
+    assert len(builder) == len(drawn) + len(running)
+    assert through_bytes(builder) == [expected_output(row) for row in [*drawn, *running]]
+
+
+_RUNNING = {"finish_reason": "", "stop_token_id": None, "queue_seconds": 0.0, "error": "",
+            "error_kind": "", "logprobs": [], "embedding": None}  # fmt: skip
+
+
 def test_a_message_without_columns_has_no_outputs():
     assert sequence_outputs(pb.EngineOutputs(status=pb.StatusReply(query_id=3))) == []
 

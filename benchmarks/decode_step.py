@@ -25,7 +25,7 @@ import time
 from datetime import date
 
 import torch
-from roofline import copy_bandwidth, decode_step_s, matmul_rate, shape_of  # benchmarks/ on sys.path
+from roofline import decode_step_s, measured_rates, shape_of  # benchmarks/ on sys.path
 
 
 def weight_bytes(runner) -> int:
@@ -43,15 +43,17 @@ def kv_bytes_per_token(runner) -> int:
     return runner.bytes_per_block // runner.block_size
 
 
-def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
+def place_decodes(runner, batch: int, ctx: int, steps: int, tag: str):
+    """Put ``batch`` requests straight into the pool with ``ctx - 1`` tokens computed,
+    room for ``2 * steps`` more, and run 3 warm-up steps. Returns (ids, the decode step's
+    plan, blocks per request), or None where the pool is too small."""
     from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
 
-    bs = runner.block_size
-    per = -(-(ctx + 2 * steps + 16) // bs)
+    per = -(-(ctx + 2 * steps + 16) // runner.block_size)
     if batch * per > runner.num_blocks:
-        return {"skipped": f"needs {batch * per} blocks, pool has {runner.num_blocks}"}
+        return None
     greedy = SamplingOptions(temperature=0.0)
-    ids = [f"b{batch}-{i}" for i in range(batch)]
+    ids = [f"{tag}{batch}-{i}" for i in range(batch)]
     plan = StepPlan(
         new_requests=[
             NewRequestData(
@@ -70,6 +72,16 @@ def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
     step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
     for _ in range(3):
         runner.execute(step)
+    return ids, step, per
+
+
+def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
+    from tessera.common.plan import StepPlan
+
+    placed = place_decodes(runner, batch, ctx, steps, "b")
+    if placed is None:
+        return {"skipped": f"the pool ({runner.num_blocks} blocks) is too small"}
+    ids, step, per = placed
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -145,32 +157,12 @@ def profile_step(runner, batch: int, ctx: int, steps: int) -> dict:
     while the host lays out the step, launches, and copies the tokens back)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
+    from tessera.common.plan import StepPlan
 
-    bs = runner.block_size
-    per = -(-(ctx + steps + 8) // bs)
-    if batch * per > runner.num_blocks:
+    placed = place_decodes(runner, batch, ctx, steps, "p")
+    if placed is None:
         return {"skipped": "pool too small"}
-    ids = [f"p{batch}-{i}" for i in range(batch)]
-    runner.execute(
-        StepPlan(
-            new_requests=[
-                NewRequestData(
-                    request_id=rid,
-                    all_token_ids=[1000 + i % 5000] * ctx,
-                    num_prompt_tokens=ctx,
-                    sampling=SamplingOptions(temperature=0.0),
-                    block_ids=list(range(i * per, (i + 1) * per)),
-                    num_computed_tokens=ctx - 1,
-                )
-                for i, rid in enumerate(ids)
-            ],
-            num_scheduled_tokens={rid: 1 for rid in ids},
-        )
-    )
-    step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
-    for _ in range(3):
-        runner.execute(step)
+    ids, step, _ = placed
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -257,8 +249,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
-    bw = copy_bandwidth(device)
-    rate = matmul_rate(device)
+    bw, rate = measured_rates(device)
 
     from tessera import LLM
 

@@ -25,8 +25,8 @@ is done. That is a time no engine with
 this batch limit and pool could beat; ``throughput / roofline throughput`` is the
 fraction reached.
 
-Pure Python: the measured rates come from the caller (``copy_bandwidth`` and
-``matmul_rate`` measure them on a GPU).
+Pure Python: the measured rates come from the caller (``measured_rates`` here, or
+``bench_kernels.copy_bandwidth`` and ``matmul_rate``, which it calls).
 """
 
 from __future__ import annotations
@@ -122,38 +122,10 @@ def workload_s(
     return total + backlog
 
 
-def copy_bandwidth(device, nbytes: int = 2 * 1024**3, iters: int = 10) -> float:
-    """Device-to-device copy: bytes read plus bytes written per second."""
-    import torch
+def measured_rates(device) -> tuple[float, float]:
+    """(copy bytes/s, bf16 matmul FLOP/s) on ``device``: bench_kernels' measurements
+    (2 GiB copied, 8192^3 multiplied, median of 10 timed runs)."""
+    from bench_kernels import Timer, copy_bandwidth, matmul_rate  # benchmarks/ on sys.path
 
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / iters
-    del src, dst
-    return 2 * nbytes / seconds
-
-
-def matmul_rate(device, n: int = 8192, iters: int = 20) -> float:
-    """bf16 matmul FLOP/s of an n x n x n product (cuBLAS)."""
-    import torch
-
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)
+    timer = Timer(device, reps=10, warmup=3)
+    return copy_bandwidth(timer, 2 << 30), matmul_rate(timer, 8192)

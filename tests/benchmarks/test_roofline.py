@@ -27,6 +27,11 @@ TINY = SimpleNamespace(
     vocab_size=10,
 )
 
+# Decode steps bound by 100 bytes of weights; a token's linears cost 10 FLOPs.
+WEIGHT_BOUND = roofline.Shape(
+    weight_bytes=100, kv_bytes_per_token=0, linear_flops_per_token=10, attention_flops_per_pair=0
+)
+
 
 def test_shape_counts_every_linear_and_the_lm_head():
     s = roofline.shape_of(TINY, weight_bytes=7, kv_bytes_per_token=3)
@@ -96,12 +101,7 @@ def test_workload_steps_shrink_as_requests_finish():
 
 
 def test_prefill_fills_the_compute_that_weight_bound_decode_steps_leave_idle():
-    s = roofline.Shape(
-        weight_bytes=100,
-        kv_bytes_per_token=0,
-        linear_flops_per_token=10,
-        attention_flops_per_pair=0,
-    )
+    s = WEIGHT_BOUND
     # (2 in, 3 out) alone at 1 byte/s and 1 FLOP/s: two decode steps of 100 s (reads),
     # each leaving 100 - 10 = 90 s of compute idle; prefill needs 2 x 10 = 20 s: free.
     assert roofline.workload_s(s, [(2, 3)], 8, 100, 1.0, 1.0) == pytest.approx(200.0)
@@ -110,12 +110,7 @@ def test_prefill_fills_the_compute_that_weight_bound_decode_steps_leave_idle():
 
 
 def test_steps_before_a_request_is_admitted_do_not_absorb_its_prefill():
-    s = roofline.Shape(
-        weight_bytes=100,
-        kv_bytes_per_token=0,
-        linear_flops_per_token=10,
-        attention_flops_per_pair=0,
-    )
+    s = WEIGHT_BOUND
     # One sequence at a time: (1 in, 3 out) then (30 in, 2 out). The first one's two
     # steps leave 180 s idle but the second prompt (300 s) is not admitted yet; its own
     # step leaves 90 s: 300 - 90 = 210 s add to 3 x 100 s of steps (+ 10 s of the first
@@ -125,12 +120,7 @@ def test_steps_before_a_request_is_admitted_do_not_absorb_its_prefill():
 
 
 def test_prefill_left_over_is_not_absorbed_by_later_requests_steps():
-    s = roofline.Shape(
-        weight_bytes=100,
-        kv_bytes_per_token=0,
-        linear_flops_per_token=10,
-        attention_flops_per_pair=0,
-    )
+    s = WEIGHT_BOUND
     # (30 in, 2 out) then (1 in, 3 out), one at a time: the first prompt's 300 s meet one
     # step's 90 s idle (210 s add) and must finish before it decodes, so the second
     # request's idle steps cannot take the rest.

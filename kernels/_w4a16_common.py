@@ -1,7 +1,8 @@
 """What the W4A16 dot kernels (``w4a16._w4a16_kernel``, ``_w4a16_tc._w4a16_tc_kernel``)
-share: the order in which programs walk the output tiles, and the end of a program, which
-writes its tile or its split's partial sums (see ``kernels/w4a16.py``'s DESIGN for the
-split-K scheme and the fixup).
+share (the GEMV, ``w4a16._w4a16_gemv_kernel``, too where it reads the same things): the
+order in which programs walk the output tiles, a K tile's packed words, a group's scales
+and zero points, and the end of a program, which writes its tile or its split's partial
+sums (see ``kernels/w4a16.py``'s DESIGN for the split-K scheme and the fixup).
 """
 
 from __future__ import annotations
@@ -22,6 +23,33 @@ def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m, pid_n
+
+
+@triton.jit
+def _load_words(qw_ptr, k0, k_end, offs_n, mask_n, stride_qk, BLOCK_W: tl.constexpr):
+    # -> the word rows of the K tile at k0 [BW], their mask, the packed words [BW, BN]
+    word_rows = k0 // 8 + tl.arange(0, BLOCK_W)
+    mask_w = word_rows * 8 < k_end
+    words = tl.load(
+        qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+        mask=mask_w[:, None] & mask_n[None, :],
+        other=0,
+    )
+    return word_rows, mask_w, words
+
+
+@triton.jit
+def _group_row(
+    scales_ptr, zeros_ptr, group, offs_n, mask_n, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr
+):
+    # -> scale, zero point of one group for the tile's columns: [BN] fp32 each
+    scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)
+        zero = zero.to(tl.float32)
+    else:
+        zero = tl.full(offs_n.shape, 8.0, tl.float32)
+    return scale.to(tl.float32), zero
 
 
 @triton.jit

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels._paged_common import _dot
-from tessera.kernels._w4a16_common import _finish, _tile_coords
+from tessera.kernels._w4a16_common import _finish, _group_row, _load_words, _tile_coords
 
 # 2**23: bits(0x4B000000 | q) is 2**23 + q for 0 <= q < 2**23 (a constexpr: jit code reads
 # no other globals)
@@ -131,20 +131,6 @@ def _unpack(
 
 
 @triton.jit
-def _group_row(
-    scales_ptr, zeros_ptr, group, offs_n, mask_n, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr
-):
-    # -> scale, zero point of one group for the tile's columns: [BN, 1] fp32 each
-    scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)
-        zero = zero.to(tl.float32)
-    else:
-        zero = tl.full(offs_n.shape, 8.0, tl.float32)
-    return scale.to(tl.float32)[:, None], zero[:, None]
-
-
-@triton.jit
 def _w4a16_tc_kernel(
     x_ptr,  # [M, K]
     qw_ptr,  # [K/8, N] int32
@@ -200,20 +186,17 @@ def _w4a16_tc_kernel(
     if TILE_GROUPS == 1:
         scale, zero = _group_row(scales_ptr, zeros_ptr, k_start // group_size, offs_n, mask_n,
                                  stride_sg, stride_zg, HAS_ZEROS)  # fmt: skip
+        scale, zero = scale[:, None], zero[:, None]  # [BN, 1]
     for k0 in range(k_start, k_end, BLOCK_K):
-        word_rows = k0 // 8 + tl.arange(0, BLOCK_W)
-        mask_w = word_rows * 8 < k_end
-        words = tl.load(
-            qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-            mask=mask_w[:, None] & mask_n[None, :],
-            other=0,
-        )  # [BW, BN]
+        word_rows, mask_w, words = _load_words(qw_ptr, k0, k_end, offs_n, mask_n, stride_qk,
+                                               BLOCK_W)  # fmt: skip
         if TILE_GROUPS == 1:
             # The next tile's group, read now and used a whole iteration later (K - 1 is in
             # the last group: no read past the table after the last tile).
             next_group = tl.minimum(k0 + BLOCK_K, K - 1) // group_size
             next_scale, next_zero = _group_row(scales_ptr, zeros_ptr, next_group, offs_n, mask_n,
                                                stride_sg, stride_zg, HAS_ZEROS)  # fmt: skip
+            next_scale, next_zero = next_scale[:, None], next_zero[:, None]
             w = _unpack(words, zero, scale, DTYPE, BLOCK_N, BLOCK_K, True, SCALE_AFTER)
             tile_scale = scale
             scale, zero = next_scale, next_zero

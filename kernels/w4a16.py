@@ -96,7 +96,7 @@ import triton.language as tl
 
 from tessera.kernels._checks import check_devices, check_out, check_tensor
 from tessera.kernels._paged_common import _dot, dot_mode, num_sms
-from tessera.kernels._w4a16_common import _finish, _tile_coords
+from tessera.kernels._w4a16_common import _finish, _group_row, _load_words, _tile_coords
 from tessera.kernels._w4a16_tc import _w4a16_tc_kernel
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -187,24 +187,15 @@ def _w4a16_gemv_kernel(
     # Per-row partial sums; the rows are summed once, after the loop.
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        word_rows = k0 // 8 + tl.arange(0, BLOCK_W)
-        mask_w = word_rows * 8 < k_end
-        words = tl.load(
-            qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-            mask=mask_w[:, None] & mask_n[None, :],
-            other=0,
-        )  # [BW, BN]
+        word_rows, mask_w, words = _load_words(qw_ptr, k0, k_end, offs_n, mask_n, stride_qk,
+                                               BLOCK_W)  # fmt: skip
         # The exponent bits of 2**23 ORed in once per word, then one AND per nibble:
         # nibbles 0..4 (bits 0..19) from `low`, 5..7 from `high` (shifted down by 20).
         low = (words & 0xFFFFF) | 0x4B000000
         high = ((words >> 20) & 0xFFF) | 0x4B000000
-        group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)
-            zero = zero.to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
+        # One group per tile: BLOCK_K divides group_size.
+        scale, zero = _group_row(scales_ptr, zeros_ptr, k0 // group_size, offs_n, mask_n,
+                                 stride_sg, stride_zg, HAS_ZEROS)  # fmt: skip
         part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
             pos = 4 * (j % 5)  # bit of nibble j in src
@@ -220,7 +211,7 @@ def _w4a16_gemv_kernel(
             biased = (src & (0x4B000000 | (0xF << pos))).to(tl.float32, bitcast=True)
             w = biased - (zero * (1 << pos) + 8388608.0)[None, :]  # (code - zero) << pos
             part += w * a[:, None]
-        acc += part * scale.to(tl.float32)[None, :]
+        acc += part * scale[None, :]
     out = tl.sum(acc, axis=0)[None, :]  # [1, BN]
     offs_m = tl.arange(0, 1)
     _finish(out, offs_m, offs_n, offs_m < 1, mask_n, pid_n, out_ptr, part_ptr, lock_ptr,
@@ -290,13 +281,8 @@ def _w4a16_kernel(
         if PLANES:
             # Each word read once; nibble plane j (rows 8i + j of the tile) is a dot of
             # its own with the activation columns k0 + 8i + j.
-            word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            mask_w = word_rows * 8 < k_end
-            words = tl.load(
-                qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-                mask=mask_w[:, None] & mask_n[None, :],
-                other=0,
-            )  # [BK/8, BN]
+            word_rows, mask_w, words = _load_words(qw_ptr, k0, k_end, offs_n, mask_n,
+                                                   stride_qk, BLOCK_K // 8)  # fmt: skip
             for j in tl.static_range(8):
                 cols = word_rows * 8 + j
                 if HAS_PERM:

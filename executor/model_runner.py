@@ -12,9 +12,10 @@ the next plan before it collects this one. A request whose next input is such a
 pending token gets it on the device, gathered from the earlier step's sampled ids,
 so the host waits for nothing while it lays out step N+1 during step N. ``collect``
 then waits for the step and appends its tokens on the host, in submission order.
-Penalties read a request's output history on the host: a row with a penalty and a
-pending token makes ``submit`` collect the earlier step first (correct, not
-overlapped). The torch path (the CPU) runs everything in ``submit``.
+Penalties read a request's output history on the host, and a grammar needs the last
+token for its mask: for a row with either and a pending token, ``submit`` collects the
+earlier step once this step's forward is launched, so the wait overlaps the forward and
+only the sampling waits. The torch path (the CPU) runs everything in ``submit``.
 
 An embed request (NewRequestData.embed) samples nothing: each step that runs a chunk
 of its prompt adds the chunk's final-norm hidden states (float32) to the request's

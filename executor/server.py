@@ -18,7 +18,12 @@ Results go back in the order of the plans. With a plan queued behind the step in
 flight, the executor launches it before it waits for the step in flight (the model
 runner's submit / collect), so the GPU goes from one step to the next without
 waiting for the host; while a step runs with nothing queued, it watches the socket
-for the next plan until the step is done, then sends the result.
+for the next plan until the step is done, then sends the result. A step already done
+when the next plan is read (a small model, whose steps take less device time than
+host time) has its result sent before that plan is laid out, not after: the
+scheduler's turn (the result read, outputs, the plan after next) then overlaps this
+process's layout of the next step, instead of following it, while the device, done,
+waits for that launch either way.
 
 A step that raises does not end the process: the result carries the error, the
 scheduler fails that step's requests, and the next plan tells the executor to forget
@@ -167,6 +172,12 @@ class Executor:
                 self.send_result(in_flight)
                 in_flight = None
                 continue
+            if in_flight is not None and self.runner.is_done(in_flight.step):
+                # Done already (the host is the bottleneck, not the device): its result
+                # goes first, so the scheduler plans the step after this one while this
+                # one is laid out. The device waits for this launch either way.
+                self.send_result(in_flight)
+                in_flight = None
             submitted = self.submit(pb)  # launched before the step in flight is waited on
             if in_flight is not None:
                 self.send_result(in_flight)

@@ -2,7 +2,9 @@
 model runner whose steps finish only when the test says so, as on a GPU.
 
 The loop must launch a plan that is queued behind the step in flight before it waits
-for that step (the overlap async scheduling is for), and answer every plan in order:
+for that step (the overlap async scheduling is for), unless that step is done already
+(then its result goes first, so that the scheduler's turn overlaps the next layout),
+and answer every plan in order:
 a plan that fails to launch, or one that cannot be read, gets its error after the
 results of the plans before it.
 """
@@ -27,6 +29,12 @@ class FakeRunner:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.release = threading.Event()
+        # Request ids whose steps are done from the second look on (the first, right
+        # after submit, says not yet), once `queued` is set: a step that finishes on the
+        # device while the loop waits for the next plan.
+        self.finish_while_waiting: set[str] = set()
+        self.queued = threading.Event()
+        self.looks: dict[int, int] = {}
         self.model_config = SimpleNamespace(
             max_position_embeddings=64, vocab_size=100, eos_token_ids=[0], hidden_size=8
         )
@@ -41,10 +49,20 @@ class FakeRunner:
         return SimpleNamespace(ids=ids, collected=False)
 
     def is_done(self, step) -> bool:
-        return step.collected or self.release.is_set()
+        if step.collected or self.release.is_set():
+            return True
+        if step.ids[0] not in self.finish_while_waiting:
+            return False
+        self.looks[id(step)] = looks = self.looks.get(id(step), 0) + 1
+        if looks == 1:
+            return False
+        self.queued.wait(10)  # the next plan is in the socket by now
+        step.done = True
+        return True
 
     def collect(self, step) -> StepResult:
-        self.release.wait(10)  # as the real one waits for the device
+        if not getattr(step, "done", False):
+            self.release.wait(10)  # as the real one waits for the device
         if not step.collected:
             self.calls.append(f"collect {step.ids[0]}")
             step.collected = True
@@ -113,3 +131,19 @@ def test_failed_and_unreadable_plans_are_answered_in_order(loop):
     assert "no such request" in got[1].error
     assert "could not read the plan" in got[2].error
     assert runner.calls.index("collect a") < runner.calls.index("submit c")
+
+
+def test_a_step_done_before_the_next_plan_is_read_is_answered_first(loop):
+    """A step the device finished while the loop waited (a small model: device time
+    under host time): its result goes back before the next plan's layout, so the
+    scheduler plans the step after while this process lays out the next one."""
+    scheduler, runner = loop
+    runner.finish_while_waiting.add("a")
+    scheduler.send(encode(plan_to_pb(plan_for("a"), 1)))
+    scheduler.send(encode(plan_to_pb(plan_for("b"), 2)))
+    runner.queued.set()
+    first = results(scheduler, 1)[0]  # before b is done: b's step is never released
+    assert (first.step_id, first.error) == (1, "")
+    runner.release.set()
+    assert [r.step_id for r in results(scheduler, 1)] == [2]
+    assert runner.calls == ["submit a", "collect a", "submit b", "collect b"]

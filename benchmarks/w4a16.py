@@ -269,10 +269,18 @@ def _sweep_configs(m: int) -> list:
             tc(128, 128, 64, 1, 8, 4),
             tc(128, 256, 64, 1, 8, 3),
             tc(64, 128, 128, 0, 4, 3, programs_per_sm=1),
-            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1, scale_after=True)]  # fmt: skip
+            tc(64, 128, 128, 0, 4, 3, programs_per_sm=1, scale_after=True),
+            # The weight tile as the dot's register operand (swap): each weight is
+            # dequantized once per row tile, and only x^T goes through shared memory.
+            tc(128, 128, 128, 0, 8, 3, programs_per_sm=1, swap=True),
+            tc(128, 128, 64, 0, 4, 4, programs_per_sm=1, swap=True)]  # fmt: skip
     if m <= 128:
         return wide + [tc(128, 64, 128, 1, 4, 3)]
-    return wide + [tc(256, 128, 64, 1, 8, 3)]
+    # One row tile of 256: every weight dequantized once per step (compiled for sm_90:
+    # 225 and 255 registers, no spills; 120 and 224 KB of shared memory).
+    return wide + [tc(256, 128, 64, 1, 8, 3),
+                   tc(256, 128, 64, 0, 8, 3, programs_per_sm=1, swap=True),
+                   tc(256, 128, 128, 0, 8, 3, programs_per_sm=1, swap=True)]  # fmt: skip
 
 
 def _sweep_weights(k: int, n: int, device, gen):

@@ -58,6 +58,7 @@ from tessera.executor.sampler import (
     logprob_tensors,
     logprobs_to_host,
 )
+from tessera.executor.sampling_batch import check_option
 from tessera.executor.transfer import to_device, to_host_async
 from tessera.executor.triton_backend import TritonAttentionBackend, layout_step
 from tessera.executor.weights import load_weights
@@ -467,6 +468,7 @@ class ModelRunner:
             self.device,
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
+            checked=True,  # each request's, once, when it came (_apply_diff)
         )
         step.wanted = [o.logprobs for o in options]
         if all(k is None for k in step.wanted):
@@ -653,6 +655,8 @@ class ModelRunner:
         for request_id in plan.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in plan.new_requests:
+            # Checked here, once, rather than in every step's sampling_tensors.
+            check_option(new.sampling, self.model_config.vocab_size)
             state = _RequestState(
                 prompt_token_ids=list(new.all_token_ids[: new.num_prompt_tokens]),
                 output_token_ids=list(new.all_token_ids[new.num_prompt_tokens :]),

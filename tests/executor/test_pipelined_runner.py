@@ -134,3 +134,22 @@ def test_pipelined_steps_equal_one_at_a_time(tiny_model, monkeypatch):
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     # The reference itself is no constant: the sampled streams differ between requests.
     assert len({tuple(t) for t, _ in one_at_a_time.values()}) > 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [SamplingOptions(top_p=0.0), SamplingOptions(logit_bias=((VOCAB, 1.0),))],
+    ids=["top_p-0", "bias-outside-vocab"],
+)
+def test_options_are_checked_when_a_request_arrives(tiny_model, bad):
+    """Sampling options are checked once, in the plan that brings the request (steps
+    after it pack them unchecked): a bad one fails that plan with its ValueError and
+    the request is not taken in."""
+    from tessera.common.plan import NewRequestData, StepPlan
+
+    runner = make_runner(tiny_model)
+    new = NewRequestData("bad", [1, 2, 3], 3, bad, [0])
+    plan = StepPlan(new_requests=[new], num_scheduled_tokens={"bad": 3})
+    with pytest.raises(ValueError, match="top_p|vocabulary"):
+        runner.execute(plan)
+    assert "bad" not in runner.requests

@@ -13,7 +13,7 @@ from tessera.common.plan import SamplingOptions
 from tessera.common.sampling_fields import FIELDS, Range, check
 from tessera.common.sampling_params import SamplingParams
 from tessera.common.wire import sampling_from_pb, sampling_to_pb
-from tessera.executor.sampling_batch import _check_option
+from tessera.executor.sampling_batch import check_option
 from tessera.proto.tessera.v1 import engine_pb2, generate_pb2
 from tessera.scheduler.messages import check_sampling
 from tessera.services.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -74,7 +74,7 @@ def test_every_layer_refuses_a_value_out_of_range_and_names_the_field(name, valu
         with pytest.raises(ValueError, match=name):
             check_sampling(options, VOCAB)
         with pytest.raises(ValueError, match=name):
-            _check_option(options, VOCAB)
+            check_option(options, VOCAB)
 
 
 def test_edge_values_pass_every_layer_and_survive_the_wire():
@@ -83,7 +83,7 @@ def test_edge_values_pass_every_layer_and_survive_the_wire():
             "seed": 2**63 - 1, "min_tokens": 3, "logprobs": 20}  # fmt: skip
     options = SamplingParams(**edge, max_tokens=5).to_options(eos_token_ids=(2,))
     check_sampling(options, VOCAB)
-    _check_option(options, VOCAB)
+    check_option(options, VOCAB)
     back = sampling_from_pb(sampling_to_pb(options))
     for name, value in edge.items():
         assert getattr(back, name) == pytest.approx(value, rel=1e-6), name

@@ -52,13 +52,13 @@ def tiny_model(directory: Path) -> None:
 
 def run_worker(model: str, batch: int, steps: int) -> dict:
     import torch
+    from decode_step import place_decodes  # benchmarks/ on sys.path
 
     import tessera.kernels.sampling as sampling_kernels
     from tessera.common.executor_config import ExecutorConfig
-    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
     from tessera.executor.model_runner import ModelRunner
 
-    per = -(-(CONTEXT + steps + 16) // BLOCK_SIZE)
+    per = -(-(CONTEXT + 2 * steps + 16) // BLOCK_SIZE)  # as place_decodes lays them out
     runner = ModelRunner(ExecutorConfig(
         model=model, device="cpu", dtype="float32", attention_backend="triton",
         block_size=BLOCK_SIZE, num_kv_blocks=batch * per, max_num_seqs=batch,
@@ -69,18 +69,8 @@ def run_worker(model: str, batch: int, steps: int) -> dict:
     runner.model.forward = lambda ids, pos, kv, meta: torch.zeros(len(ids), hidden)
     runner.model.compute_logits = lambda h: torch.zeros(h.shape[0], vocab)
     sampling_kernels.sample = lambda logits, params: torch.zeros(logits.shape[0], dtype=torch.int64)
-    greedy = SamplingOptions(temperature=0.0)
-    ids = [f"bench-{i:06d}-{i * 7919 % 100003:05d}" for i in range(batch)]  # id-like strings
-    runner.execute(StepPlan(
-        new_requests=[
-            NewRequestData(rid, [5] * CONTEXT, CONTEXT, greedy,
-                           list(range(i * per, (i + 1) * per)), num_computed_tokens=CONTEXT - 1)
-            for i, rid in enumerate(ids)
-        ],
-        num_scheduled_tokens={rid: 1 for rid in ids},
-    ))  # fmt: skip
-    step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
-    for _ in range(5):
+    _, step, _ = place_decodes(runner, batch, CONTEXT, steps, "bench-")
+    for _ in range(2):  # (place_decodes ran 3 steps)
         runner.execute(step)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     prev = runner.submit(step)

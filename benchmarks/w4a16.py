@@ -175,9 +175,10 @@ def bench_gemm(shapes: dict, rows: list[int], device, act_order: bool, iters: in
 def bench_decode(model: str, batches: list[int], context: int, steps: int, device) -> list[dict]:
     """One decode step of ``batch`` requests with ``context`` cached tokens each."""
     import torch
+    from decode_step import place_decodes  # benchmarks/ on sys.path
 
     from tessera import LLM
-    from tessera.common.plan import NewRequestData, SamplingOptions, StepPlan
+    from tessera.common.plan import StepPlan
 
     results = []
     for quantization in ("none", "gptq"):
@@ -187,22 +188,10 @@ def bench_decode(model: str, batches: list[int], context: int, steps: int, devic
                   **({"kv_cache_memory": 1 << 28} if device.type == "cpu" else {}))  # fmt: skip
         runner = llm.runner
         for batch in batches:
-            per = -(-(context + steps + 8) // runner.block_size)
-            ids = [f"{quantization}-{batch}-{i}" for i in range(batch)]
-            greedy = SamplingOptions(temperature=0.0)
-            runner.execute(StepPlan(
-                new_requests=[
-                    NewRequestData(request_id=rid, all_token_ids=[1000 + i] * context,
-                                   num_prompt_tokens=context, sampling=greedy,
-                                   block_ids=list(range(i * per, (i + 1) * per)),
-                                   num_computed_tokens=context - 1)
-                    for i, rid in enumerate(ids)
-                ],
-                num_scheduled_tokens={rid: 1 for rid in ids},
-            ))  # fmt: skip
-            step = StepPlan(num_scheduled_tokens={rid: 1 for rid in ids})
-            for _ in range(3):
-                runner.execute(step)
+            placed = place_decodes(runner, batch, context, steps, quantization)
+            if placed is None:
+                raise RuntimeError(f"the KV pool holds fewer than {batch} x {context} tokens")
+            ids, step, _ = placed
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

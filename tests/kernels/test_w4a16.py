@@ -95,6 +95,22 @@ def test_tc_small_tiles_scale_after(m, shape, swap):
     _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, group_size), torch.float32)
 
 
+@pytest.mark.parametrize(
+    "block_m, block_k, split_k", [(128, 64, 1), (256, 32, 3), (256, 128, 1)]
+)  # fmt: skip
+def test_tc_swapped_wide_row_tiles(block_m, block_k, split_k):
+    """The swapped tiles the sweep tries from 128 rows (benchmarks/w4a16.py): 300 rows
+    as row tiles of 128 or 256, the last one partial (x^T's columns past M masked), K
+    tiles of 32 (one group each, scaled per weight), 64 and 128 (two and four groups),
+    with act-order, zero points and split K."""
+    qweight, scales, zero, perm = _weight(320, 40, 32, True, True, seed=5)
+    x = torch.randn(300, 320, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    config = W4Config(block_m, 32, block_k, split_k=split_k, kernel="tc", swap=True)
+    out = torch.full((300, 40), float("nan"), device=DEVICE)
+    y = w4a16_matmul(x, qweight, scales, zero, perm, 32, out=out, config=config)
+    _check(y, w4a16_matmul_ref(x, qweight, scales, zero, perm, 32), torch.float32)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}-n{}-g{}-z{:d}-p{:d}".format(*s))
 def test_dot_kernel_matches_reference(shape):
     """The first dot kernel (nibble planes from 128-row tiles, else a read per row) stays

@@ -37,8 +37,8 @@ def load_weights(
 
     `progress=False` hides the tqdm bar. With `shard` (tensor parallel), the split
     tensors are this rank's slices: read alone from a safetensors file; sliced after
-    reading from GGUF (quantized blocks dequantize whole) and random weights (drawn
-    whole, so that every N gets the same model).
+    reading from GGUF (quantized blocks dequantize whole) and random weights (each
+    drawn whole, so that every N gets the same model, and sliced before the next).
     `quantization` (auto | none | gptq | awq): what a Hugging Face checkpoint must be;
     gptq or awq with random weights draws random 4-bit linears (benchmarks).
     """
@@ -46,11 +46,11 @@ def load_weights(
         return load_hf(source.path, source.name, dtype, device, progress, shard, quantization)
     if quantization not in ("auto", "none"):
         return load_random_quantized(source, quantization, dtype, device, progress, seed, shard)
-    if source.kind == "random":
-        loaded = load_random(source.name, dtype, device, progress, seed)
-    elif source.path is None:
+    if source.kind == "random":  # sliced tensor by tensor, as each is drawn
+        return load_random(source.name, dtype, device, progress, seed, shard)
+    if source.path is None:
         raise ValueError(f"model source {source.name!r} of kind {source.kind!r} has no path")
-    elif source.kind == "gguf":
+    if source.kind == "gguf":
         loaded = load_gguf(source.path, source.name, dtype, device, progress)
     else:
         raise ValueError(f"unknown model source kind {source.kind!r}; expected gguf, hf or random")

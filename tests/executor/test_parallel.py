@@ -144,5 +144,47 @@ def test_shapes_that_cannot_be_split_name_the_dimension():
         check_splittable(dataclasses.replace(config, vocab_size=97), 3)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_random_weights_are_sliced_as_each_is_drawn(monkeypatch, rank):
+    """A rank's random weights are its slices of the very model every N draws (each
+    tensor drawn whole, by its name's seed), and a split tensor's whole is gone before
+    the next one is drawn: a rank never holds the whole model (Llama-3.1-70B does not
+    fit one GPU), only its slices and one whole tensor."""
+    import weakref
+
+    import torch
+
+    from tessera.common.registry import random_config, resolve_model
+    from tessera.executor.parallel import TensorShard
+    from tessera.executor.weights import load_weights
+    from tessera.executor.weights import random as random_weights
+
+    source = resolve_model("random:qwen2.5-0.5b")  # 14 heads, 2 KV heads: split by 2
+    full = load_weights(source, torch.float32, "meta", progress=False).tensors
+    shard = TensorShard(random_config("qwen2.5-0.5b"), rank, 2)
+    drawn: list[tuple[str, weakref.ref]] = []
+    real = random_weights._random_tensor
+
+    def draw(name, size, dtype, device, seed):
+        alive = [n for n, ref in drawn if ref() is not None and shard.spec(n) is not None]
+        assert not alive, f"drawing {name} while the whole of {alive} is still held"
+        tensor = real(name, size, dtype, torch.device("cpu"), seed)
+        drawn.append((name, weakref.ref(tensor)))
+        return tensor
+
+    monkeypatch.setattr(random_weights, "_random_tensor", draw)
+    layers = [n for n in full if ".layers.0." in n or ".layers." not in n]
+    monkeypatch.setattr(random_weights, "expected_shapes",
+                        lambda config: {n: tuple(full[n].shape) for n in layers})  # fmt: skip
+    sliced = load_weights(source, torch.float32, "cpu", progress=False, shard=shard).tensors
+    assert set(sliced) == set(layers) and len(drawn) == len(layers)
+    split = 0
+    for name in layers:
+        whole = real(name, tuple(full[name].shape), torch.float32, torch.device("cpu"), 0)
+        assert torch.equal(sliced[name], shard.take(name, whole)), name
+        split += shard.spec(name) is not None
+    assert split >= 8  # embedding, LM head, q/k/v/o, gate/up/down of layer 0
+
+
 if __name__ == "__main__":
     _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

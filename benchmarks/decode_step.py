@@ -15,6 +15,12 @@ decode-heavy: B prompts of 128 tokens, 256 output tokens); idle = 1 - (union of
 kernel intervals) / (first kernel start .. last kernel end).
 
     python benchmarks/decode_step.py --model random:llama-3.1-8b --batch 1 64 256 --context 1024
+
+Tensor parallel (several GPUs): ``--tensor-parallel-size N`` times rank 0's step, which
+waits for the other ranks in every all-reduce, against one rank's share of the roofline
+(its slices of the weights and K/V, 1/N of the FLOPs); ``--profile`` then reports the
+all-reduce kernels' time as the ``all_reduce`` category (no graph-replay timing: rank 0
+cannot replay alone).
 """
 
 from __future__ import annotations
@@ -75,7 +81,10 @@ def place_decodes(runner, batch: int, ctx: int, steps: int, tag: str):
     return ids, step, per
 
 
-def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
+def time_decode(runner, batch: int, ctx: int, steps: int, replay: bool = True) -> dict:
+    """One step at a time, pipelined, and (``replay``: never under tensor parallelism,
+    where a graph replayed on rank 0 alone would wait in its first all-reduce for ranks
+    that replay nothing) the CUDA graph alone."""
     from tessera.common.plan import StepPlan
 
     placed = place_decodes(runner, batch, ctx, steps, "b")
@@ -104,8 +113,8 @@ def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
         prev = cur
     runner.collect(prev)
     pipelined = (time.perf_counter() - t0) / steps
-    replay = None
-    if runner.graphs is not None and runner.graphs.can_run(batch, per):
+    replay_s = None
+    if replay and runner.graphs is not None and runner.graphs.can_run(batch, per):
         graph, _ = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= batch)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -113,7 +122,7 @@ def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
             graph.replay()
         end.record()
         end.synchronize()
-        replay = start.elapsed_time(end) / 1e3 / steps
+        replay_s = start.elapsed_time(end) / 1e3 / steps
     runner.execute(StepPlan(finished_request_ids=ids))
     return {
         "context": ctx + steps,
@@ -121,7 +130,7 @@ def time_decode(runner, batch: int, ctx: int, steps: int) -> dict:
         "pipelined_step_s": pipelined,
         "pipelined_submit_s": in_submit / steps,
         "pipelined_collect_s": in_collect / steps,
-        "replay_s": replay,
+        "replay_s": replay_s,
     }
 
 
@@ -133,6 +142,7 @@ CATEGORIES = (
     ("rotary", ("_rotary",)),
     ("activation", ("_silu_and_mul",)),
     ("sampling", ("_draw", "argmax", "softmax", "topk", "sort", "bitmask")),
+    ("all_reduce", ("nccl", "allreduce", "all_reduce", "allgather", "broadcast")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "matmul", "w4a16", "splitk")),
     ("copy", ("memcpy", "memset", "copy", "index", "gather", "scatter")),
 )
@@ -254,6 +264,13 @@ def main() -> None:
         "--profile", type=int, nargs="*", default=[256], help="batches to profile by kernel"
     )
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="N ranks, one GPU each: the step is rank 0's (which waits for the others in "
+        "every all-reduce), its roofline one rank's share of the bytes and FLOPs",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -270,15 +287,18 @@ def main() -> None:
         cuda_graphs=not args.no_cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype,
         show_progress=False,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     runner = llm.runner
+    # Rank 0's weights and K/V per token: one rank's share under tensor parallelism.
     wb = weight_bytes(runner)
     kvt = kv_bytes_per_token(runner)
-    shape = shape_of(runner.model_config, wb, kvt)
+    shape = shape_of(runner.model_config, wb, kvt, tp=args.tensor_parallel_size)
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
         "model": args.model,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "copy_bandwidth_GBps": bw / 1e9,
         "matmul_TFLOPs": rate / 1e12,
         "weight_bytes": wb,
@@ -287,7 +307,7 @@ def main() -> None:
         "idle": [],
     }
     for b in args.batch:
-        r = time_decode(runner, b, args.context, args.steps)
+        r = time_decode(runner, b, args.context, args.steps, replay=args.tensor_parallel_size == 1)
         if "skipped" not in r:
             # Bytes only (as first published), and each part by bytes or FLOPs (roofline.py).
             roof = (wb + b * r["context"] * kvt) / bw
@@ -320,6 +340,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             result["idle"].append(r)
         llm.engine.pipelined = True
+    llm.close()  # the other tensor-parallel ranks, if any
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

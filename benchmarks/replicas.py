@@ -10,6 +10,10 @@ caches served (``Usage.cached_tokens``) over all prompt tokens, and the requests
 replica got. Modes run in rounds, alternating their order (``--repeat``).
 
     python benchmarks/replicas.py --device cpu --shared 8 8 512 32 32 --json out.json
+
+``--scale 1 2 4 8`` runs K replicas with ``cache_aware`` routing instead, each K in
+turn (one GPU each: every replica gets its own devices), and reports each K's
+throughput over K times one replica's (issue 21's scaling target: at least 0.9).
 """
 
 from __future__ import annotations
@@ -87,13 +91,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                    help="passed to tessera serve as they are (last)")
+    p.add_argument("--scale", type=int, nargs="+", metavar="K",
+                   help="K replicas, cache_aware, for each K (1 first: the base of the "
+                   "scaling ratios), instead of the three default modes")  # fmt: skip
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    runs: dict[str, list[dict]] = {name: [] for name in MODES}
+    modes = MODES
+    if args.scale:
+        ks = sorted(set(args.scale) | {1})
+        modes = {f"{k} replica{'s' if k > 1 else ''} cache_aware": (k, "cache_aware") for k in ks}
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
     for i in range(args.repeat):
-        names = list(MODES) if i % 2 == 0 else list(reversed(MODES))
+        names = list(modes) if i % 2 == 0 else list(reversed(modes))
         for name in names:
-            runs[name].append(serve_mode(args, *MODES[name]))
+            runs[name].append(serve_mode(args, *modes[name]))
             r = runs[name][-1]
             print(f"{name}: {r['output_tok_per_s']:.1f} tok/s, hit rate {r['hit_rate']:.2f}, "
                   f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms, per replica "
@@ -101,6 +112,10 @@ def main() -> None:
     med = {name: {k: statistics.median(r[k] for r in rs)
                   for k in ("output_tok_per_s", "hit_rate")}
            for name, rs in runs.items()}  # fmt: skip
+    if args.scale:  # K replicas against K times one
+        one = next(m for name, m in med.items() if modes[name][0] == 1)["output_tok_per_s"]
+        for name, m in med.items():
+            m["over_k_times_one"] = m["output_tok_per_s"] / (modes[name][0] * one)
     result = {
         "date": date.today().isoformat(),
         "model": args.model,

@@ -9,6 +9,10 @@ sending one step plan to N ranks.
     .venv/bin/python benchmarks/tensor_parallel.py --device cuda --sizes 1 \\
         --model random:llama-3.1-8b --fixed 1000 1000 512 --mixed 1000 --json tp1.json
 
+    # several GPUs (issue 21): a model no one GPU holds, against one rank's roofline
+    .venv/bin/python benchmarks/tensor_parallel.py --device cuda --sizes 4,8 \\
+        --model random:llama-3.1-70b --fixed 1000 1000 1024 --mixed 1000 --json tp70b.json
+
 On a 2-core machine N = 2 shows the communication cost (two all-reduces per layer, an
 all-gather of the logits and a token broadcast per step, through gloo over loopback),
 not a speed-up. The plan fan-out part times what the scheduler does per step: encode a
@@ -26,7 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_offline's workloads
 
+from decode_step import kv_bytes_per_token, weight_bytes  # noqa: E402
 from gpu_offline import fixed_workload, mixed_workload, run_tessera  # noqa: E402
+from roofline import measured_rates, shape_of, workload_s  # noqa: E402
 
 
 def plan_fanout(num_ranks: int, batch: int, repeats: int = 200) -> dict:
@@ -99,9 +105,12 @@ def main() -> None:
     ap.add_argument("--fanout-batch", type=int, default=256)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    import torch
+
     from tessera import LLM
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    rates = None  # (copy bandwidth, matmul rate), measured once, on CUDA
     fixed = args.fixed or ([[64, 32, 8]] if args.device == "cpu" else [[1000, 1000, 512]])
     results: dict = {"model": args.model, "device": args.device, "runs": {}}
     results["plan_fanout"] = {
@@ -127,10 +136,25 @@ def main() -> None:
             work[f"mixed x{args.mixed}"] = mixed_workload(args.mixed, vocab, args.seed)
         run = {"load_s": load_s}
         run_tessera(llm, list(work.values())[0][:2])  # warm-up (numba, kernels, graphs)
+        shape = None
+        if args.device == "cuda":  # one rank's share: its slices, 1/N of the FLOPs
+            runner = llm.runner
+            shape = shape_of(runner.model_config, weight_bytes(runner),
+                             kv_bytes_per_token(runner), tp=n)  # fmt: skip
+            bw, rate = rates = rates or measured_rates(torch.device("cuda"))
         for name, w in work.items():
             run[name] = run_tessera(llm, w)
+            roofline = ""
+            if shape is not None:
+                pool = llm.runner.num_blocks * llm.runner.block_size
+                least = workload_s(shape, [(len(p), o) for p, o in w], args.max_num_seqs,
+                                   pool, bw, rate)  # fmt: skip
+                run[name]["roofline_tok_per_s"] = run[name]["output_tokens"] / least
+                run[name]["vs_roofline"] = run[name]["tok_per_s"] / run[name]["roofline_tok_per_s"]
+                roofline = (f", per-rank roofline {run[name]['roofline_tok_per_s']:.0f} "
+                            f"({run[name]['vs_roofline']:.2f} of it)")  # fmt: skip
             print(f"N={n} {name}: {run[name]['tok_per_s']:.1f} output tok/s "
-                  f"({run[name]['seconds']:.1f} s)", flush=True)  # fmt: skip
+                  f"({run[name]['seconds']:.1f} s){roofline}", flush=True)  # fmt: skip
         results["runs"][n] = run
         llm.close()
         del llm

@@ -94,6 +94,7 @@ def test_served_with_async_scheduling_matches_in_process(tmp_path):
     Eight concurrent greedy streams must match the in-process engine's tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from tessera.common.registry import random_config
     from tessera.proto.tessera.v1 import generate_pb2 as pb
     from tests.services.launch import Server
 
@@ -117,7 +118,7 @@ def test_served_with_async_scheduling_matches_in_process(tmp_path):
             return [t for m in stub.Generate(request, timeout=300) for t in m.token_ids]
 
         with ThreadPoolExecutor(8) as pool:
-            served = list(pool.map(generate, _prompts()))
+            served = list(pool.map(generate, _prompts(random_config("llama-3.2-1b").vocab_size)))
     finally:
         server.stop()
     for i, (r, tokens) in enumerate(zip(ref, served, strict=True)):

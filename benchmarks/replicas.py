@@ -45,7 +45,7 @@ MODES = {  # name: (replicas, routing policy)
 }
 
 
-async def run_mode(target: str, args) -> dict:
+async def run_mode(target: str, args, replicas: int = 1) -> dict:
     channels = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(NUM_CONNECTIONS)
@@ -57,7 +57,9 @@ async def run_mode(target: str, args) -> dict:
             assert time.monotonic() < deadline, "the replicas did not come up"
             await asyncio.sleep(0.5)
         warm_rng = random.Random(args.seed + 7)  # shares nothing with the measured prompts
-        await run_batch(stubs, [(tokens(warm_rng, 256), 16) for _ in range(8)])
+        # Enough for every replica to get some (routing spreads prompts that share nothing).
+        num_warm = max(8, 4 * replicas)
+        await run_batch(stubs, [(tokens(warm_rng, 256), 16) for _ in range(num_warm)])
         await stubs[0].ResetPrefixCache(pb.ResetPrefixCacheRequest())
         before = [r.num_routed for r in (await stubs[0].GetLoad(pb.GetLoadRequest())).replicas]
         out = await run_batch(stubs, shared_work(*args.shared, args.seed))
@@ -73,7 +75,7 @@ def serve_mode(args, replicas: int, policy: str) -> dict:
     extra = ["--replicas", str(replicas), "--routing-policy", policy]
     proc, target = start_server(args, extra + args.server_args)
     try:
-        return asyncio.run(run_mode(target, args))
+        return asyncio.run(run_mode(target, args, replicas))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)

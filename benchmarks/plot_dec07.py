@@ -24,13 +24,20 @@ def w4a16_plot() -> None:
         pts = sorted((g["M"], g["auto_speedup"]) for g in d["gemm"] if g["shape"] == shape)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=shape)
     ax.axhline(1.0, color="grey", lw=1, ls="--")
+    _finish(fig, ax, "rows (tokens in the step)", "speed over bf16 x @ W",
+            "W4A16 (GPTQ, group 128) on the 8B layer shapes, H100, 2026-12-07",
+            "w4a16_rows_h100.png")  # fmt: skip
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, png: str) -> None:
+    """A log2 x axis, labels, title and legend; saved under plots/."""
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows (tokens in the step)")
-    ax.set_ylabel("speed over bf16 x @ W")
-    ax.set_title("W4A16 (GPTQ, group 128) on the 8B layer shapes, H100, 2026-12-07")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(HERE / "plots/w4a16_rows_h100.png", dpi=110)
+    fig.savefig(HERE / "plots" / png, dpi=110)
 
 
 def prefill_plot() -> None:
@@ -64,13 +71,8 @@ def prefill_plot() -> None:
     ]
     ax.plot(lengths, new, "o-", label="table a tile ahead (default now)")
     ax.axhline(0.75 * d["matmul_tflops"], color="grey", ls=":", label="target: 0.75 x matmul")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens (one causal prompt, paged K/V)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title("Prefill attention, Llama-3-8B heads, bf16, H100")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(HERE / "plots/prefill_h100.png", dpi=110)
+    _finish(fig, ax, "prompt tokens (one causal prompt, paged K/V)", "TFLOP/s",
+            "Prefill attention, Llama-3-8B heads, bf16, H100", "prefill_h100.png")  # fmt: skip
 
 
 def latency_plot() -> None:

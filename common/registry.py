@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -63,24 +63,6 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128008, 128009),
         name="random:llama-3.1-8b",
-    ),
-    "llama-3.1-70b": ModelConfig(  # several GPUs: 141 GB of bf16 weights
-        architecture="llama",
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        rope_scaling=_llama3_rope(8.0),
-        bos_token_id=128000,
-        eos_token_ids=(128001, 128008, 128009),
-        name="random:llama-3.1-70b",
     ),
     "llama-3.2-1b": ModelConfig(
         architecture="llama",
@@ -136,6 +118,15 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
         name="random:qwen2.5-0.5b",
     ),
 }
+# Llama-3.1-70B (several GPUs: 141 GB of bf16 weights) differs from 8B only in size.
+RANDOM_SHAPES["llama-3.1-70b"] = replace(
+    RANDOM_SHAPES["llama-3.1-8b"],
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    name="random:llama-3.1-70b",
+)
 
 
 def resolve_model(model: str) -> ModelSource:

@@ -30,7 +30,9 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
 
 
-def _run(dtype: str, backend: str, graphs: bool, model: str = MODEL) -> list:
+def _run(
+    dtype: str, backend: str, graphs: bool, model: str = MODEL, tensor_parallel_size: int = 1
+) -> list:
     llm = LLM(
         model,
         dtype=dtype,
@@ -40,12 +42,18 @@ def _run(dtype: str, backend: str, graphs: bool, model: str = MODEL) -> list:
         max_model_len=2048,
         gpu_memory_utilization=0.3,
         show_progress=False,
+        tensor_parallel_size=tensor_parallel_size,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20)
-    outs = llm.generate(_prompts(llm.model_config.vocab_size), params, use_tqdm=False)
-    assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
-    del llm
-    torch.cuda.empty_cache()
+    try:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20
+        )
+        outs = llm.generate(_prompts(llm.model_config.vocab_size), params, use_tqdm=False)
+        assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
+    finally:
+        llm.close()  # the other tensor-parallel ranks, if any
+        del llm
+        torch.cuda.empty_cache()
     return [o.outputs[0] for o in outs]
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera import LLM, SamplingParams
-from tests.executor.test_cuda_backend import NUM_TOKENS, _assert_close, _prompts
+from tests.executor.test_cuda_backend import _assert_close, _run
 
 CASES = [  # (model, N, tolerance in nats)
     ("random:llama-3.1-8b", 2, 0.1),
@@ -29,34 +28,10 @@ CASES = [  # (model, N, tolerance in nats)
 ]
 
 
-def _run(model: str, tensor_parallel_size: int) -> list:
-    llm = LLM(
-        model,
-        dtype="bfloat16",
-        cuda_graphs=True,
-        tensor_parallel_size=tensor_parallel_size,
-        max_num_batched_tokens=512,  # the 1000-token prompt is chunked
-        max_model_len=2048,
-        gpu_memory_utilization=0.5,
-        show_progress=False,
-    )
-    try:
-        params = SamplingParams(
-            temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20
-        )
-        outs = llm.generate(_prompts(llm.model_config.vocab_size), params, use_tqdm=False)
-        assert llm.engine.scheduler.num_free_blocks == llm.runner.num_blocks
-    finally:
-        llm.close()
-        del llm
-        torch.cuda.empty_cache()
-    return [o.outputs[0] for o in outs]
-
-
 @pytest.mark.parametrize("model, n, tol", CASES, ids=lambda v: str(v))
 def test_greedy_tokens_at_n_ranks_match_one(model, n, tol):
     if torch.cuda.device_count() < n:
         pytest.skip(f"needs {n} CUDA devices, this machine has {torch.cuda.device_count()}")
-    ref = _run(model, 1)
-    ours = _run(model, n)
+    ref = _run("bfloat16", "triton", True, model)
+    ours = _run("bfloat16", "triton", True, model, tensor_parallel_size=n)
     _assert_close(ref, ours, tol, f"{model} N={n}")

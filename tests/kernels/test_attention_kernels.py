@@ -502,7 +502,13 @@ def test_realistic_decode(gen, dtype, batch, max_ctx):
     + [(torch.float32, 256, 2), (torch.float32, 128, 4)],
 )
 def test_realistic_prefill(gen, dtype, head_size, group):
-    h_kv, block_size = 4, 16
+    _check_realistic_prefill(gen, dtype, head_size, group, block_size=16)
+
+
+def _check_realistic_prefill(gen, dtype, head_size, group, block_size, config=None):
+    """Five sequences of 1 to 2,048 new tokens over cached prefixes of 0 to 2,047, with
+    padding tokens after them, against the reference."""
+    h_kv = 4
     seqs = [(0, 1500), (700, 513), (2047, 1), (0, 2048), (31, 97)]
     qsl, lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=5)
     k_cache, v_cache, table = make_pool(gen, lens.tolist(), block_size, h_kv, head_size, dtype)
@@ -510,7 +516,7 @@ def test_realistic_prefill(gen, dtype, head_size, group):
     out = torch.full_like(q, float("nan"))
     scale = head_size**-0.5
     paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max_q,
-                            out=out)
+                            out=out, config=config)  # fmt: skip
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale)
     assert_close(out, ref, dtype)
 
@@ -523,17 +529,8 @@ def test_realistic_prefill(gen, dtype, head_size, group):
 def test_realistic_prefill_variants(gen, variant, head_size, group, block_size, tiles):
     """Each variant compiled for the device at the sweep's tile shapes (pipelining and
     wgmma scheduling differ from the interpreter's sequential run)."""
-    h_kv, dtype = 4, torch.bfloat16
-    seqs = [(0, 1500), (700, 513), (2047, 1), (0, 2048), (31, 97)]
-    qsl, lens, num_tokens, max_q = prefill_batch(gen, seqs, pad_tokens=5)
-    k_cache, v_cache, table = make_pool(gen, lens.tolist(), block_size, h_kv, head_size, dtype)
-    q = randn(gen, num_tokens, h_kv * group, head_size, dtype=dtype)
-    out = torch.full_like(q, float("nan"))
-    scale = head_size**-0.5
-    paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, scale, max_query_len=max_q,
-                            out=out, config=PrefillConfig(*tiles, **VARIANTS[variant]))
-    ref = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale)
-    assert_close(out, ref, dtype)
+    config = PrefillConfig(*tiles, **VARIANTS[variant])
+    _check_realistic_prefill(gen, torch.bfloat16, head_size, group, block_size, config)
 
 
 def _compiled(kernel) -> int:

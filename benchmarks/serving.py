@@ -89,27 +89,81 @@ async def one_request(stub, prompt: list[int], max_tokens: int) -> dict:
 NUM_CONNECTIONS = 4
 
 
-async def run_rate(target: str, work, rate: float, seed: int) -> dict:
+def arrival_offsets(num_requests: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each request is sent: Poisson arrivals at
+    ``rate`` (all at once for inf), the same for every number of client processes."""
     rng = random.Random(seed)
+    offsets, at = [], 0.0
+    for _ in range(num_requests):
+        offsets.append(at)
+        if rate != float("inf"):
+            at += rng.expovariate(rate)
+    return offsets
+
+
+async def _send_all(
+    target: str, items: list[tuple[int, list[int], int, float]], ready=None
+) -> list[tuple[int, dict]]:
+    """Send each (index, prompt, max_tokens, offset) at its offset; the results by index.
+    ``ready`` (a barrier shared with the other client processes) is passed once every
+    connection is up, and the clock starts then."""
     # A local subchannel pool each: channels to one target would share one connection.
     channels = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(NUM_CONNECTIONS)
     ]
     try:
+        if ready is not None:
+            await asyncio.gather(*(ch.channel_ready() for ch in channels))
+            await asyncio.to_thread(ready.wait)
         stubs = [pb_grpc.TesseraStub(ch) for ch in channels]
-        tasks = []
         t_start = time.perf_counter()
-        for i, (prompt, out_len) in enumerate(work):
-            stub = stubs[i % len(stubs)]
-            tasks.append(asyncio.create_task(one_request(stub, prompt, out_len)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
+
+        async def at_offset(i: int, prompt: list[int], out_len: int, offset: float) -> dict:
+            delay = t_start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await one_request(stubs[i % len(stubs)], prompt, out_len)
+
+        results = await asyncio.gather(*(at_offset(*item) for item in items))
     finally:
         for ch in channels:
             await ch.close()
-    wall = time.perf_counter() - t_start
+    return [(item[0], r) for item, r in zip(items, results, strict=True)]
+
+
+def _client_process(target: str, items: list, ready, results) -> None:
+    """One client process of several: its share of the requests, on its own event loop
+    and connections; the results go back through ``results``."""
+    results.put(asyncio.run(_send_all(target, items, ready)))
+
+
+def run_rate(target: str, work, rate: float, seed: int, processes: int = 1) -> dict:
+    """Replay ``work`` at ``rate``: one client process, or ``processes`` of them, each
+    sending every processes-th request (a single asyncio process reading every stream
+    can be what bounds the measured throughput)."""
+    offsets = arrival_offsets(len(work), rate, seed)
+    items = [(i, prompt, out_len, offsets[i]) for i, (prompt, out_len) in enumerate(work)]
+    if processes <= 1:
+        by_index = dict(asyncio.run(_send_all(target, items)))
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # gRPC must not be forked
+        ready, queue = ctx.Barrier(processes), ctx.Queue()
+        procs = [ctx.Process(target=_client_process, args=(target, items[p::processes],
+                                                           ready, queue), daemon=True)
+                 for p in range(processes)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+        by_index = {}
+        for _ in procs:
+            by_index.update(queue.get())
+        for proc in procs:
+            proc.join()
+    results = [by_index[i] for i in range(len(work))]
+    t_start = min(r["start"] for r in results)
+    wall = max(r["stamps"][-1] if r["stamps"] else r["start"] for r in results) - t_start
     tokens = sum(len(r["stamps"]) for r in results)
     assert tokens == sum(o for _, o in work), "every request must run to max_tokens"
     ttft = [r["stamps"][0] - r["start"] for r in results]
@@ -123,6 +177,7 @@ async def run_rate(target: str, work, rate: float, seed: int) -> dict:
     ms = 1000.0
     return {
         "rate": "inf" if rate == float("inf") else rate,
+        "client_processes": processes,
         "seconds": wall,
         "output_tok_per_s": tokens / wall,
         **{
@@ -196,8 +251,8 @@ def serve_rates(args, work, rates: list[float], extra: list[str] = ()) -> list[d
     proc, target = (None, args.target) if args.target else start_server(args, extra)
     try:
         warm = work if args.warmup == "full" else work[:2]  # as in in_process
-        asyncio.run(run_rate(target, warm, float("inf"), args.seed))
-        return [asyncio.run(run_rate(target, work, r, args.seed)) for r in rates]
+        run_rate(target, warm, float("inf"), args.seed, args.client_processes)
+        return [run_rate(target, work, r, args.seed, args.client_processes) for r in rates]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -240,6 +295,14 @@ def main() -> None:
         action="store_true",
         help="also serve at saturation with --no-async-scheduling, --repeat times",
     )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="client processes sharing the requests (each its own event loop and "
+        f"{NUM_CONNECTIONS} connections), so that reading the streams does not bound "
+        "the measurement",
+    )
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT p99 objective")
     p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT p99 objective")
     p.add_argument(
@@ -262,6 +325,7 @@ def main() -> None:
         "mean_input_len": statistics.mean(len(p) for p, _ in work),
         "mean_output_len": statistics.mean(o for _, o in work),
         "seed": args.seed,
+        "client_processes": args.client_processes,
         "served": served,
         "slo": {"ttft_p99_ms": args.slo_ttft_ms, "tpot_p99_ms": args.slo_tpot_ms,
                 "max_rate_within": within_slo(served, args.slo_ttft_ms, args.slo_tpot_ms)},

@@ -1,0 +1,342 @@
+"""Served host overhead: each process's CPU time per output token (issue 22, item 4).
+
+The served stack at saturation with the device taken out: the real gateway and the real
+scheduler, started with the flags `tessera serve` gives them, and a mirror executor in
+place of the model (no torch: it applies the mirror rule and answers each plan after
+``--step-ms``, with plausible tokens). ``serving.py``'s gRPC client replays its workload
+at saturation against the gateway, as in the GPU measurement of served against
+in-process throughput (random:llama-3.2-1b: token ids in and out, no tokenizers).
+
+    client (serving.py's run_rate) ──gRPC──► gateway ──ZeroMQ──► scheduler ──► mirror
+
+Measured over each timed pass: every process's CPU seconds (utime + stime from
+/proc/PID/stat: every thread, gRPC's and ZeroMQ's included), divided by the output
+tokens streamed; and the throughput. A process's microseconds per token bound what one
+of it can stream: 1e6 / us_per_token tokens a second with a whole core to itself. The
+process with the largest is the one that holds a served engine below its device's pace
+once the device is fast enough (the 1B shape at 256 sequences on an H100: about 37k
+output tokens a second in-process).
+
+    .venv/bin/python benchmarks/served_overhead.py --repeats 3
+
+With ``--step-ms 0`` (the default) the mirror answers at once: every process runs as
+fast as the others let it, and the 2-core machine is shared, so read the per-token CPU
+times, not the throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import serving  # noqa: E402  (the client and the workload of the GPU measurement)
+
+MODEL = "random:llama-3.2-1b"
+BLOCK_SIZE = 16
+EOS = 128001  # never sampled by the mirror (ignore_eos in the workload anyway)
+
+
+# -- the mirror executor ------------------------------------------------------------
+
+
+def run_mirror(
+    address: str,
+    vocab_size: int,
+    num_kv_blocks: int,
+    max_model_len: int,
+    step_ms: float,
+    counts_path: str,
+) -> None:
+    """Connect to the scheduler's executor socket and answer plans until killed; keep
+    the steps answered and the tokens sampled in ``counts_path`` (two int64s)."""
+    import mmap
+
+    import zmq
+
+    from tessera.common import wire
+    from tessera.common.plan import StepResult
+    from tessera.proto.tessera.v1 import engine_pb2 as pb
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    info = pb.EngineInfo(model=MODEL, max_model_len=max_model_len, vocab_size=vocab_size,
+                         block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks,
+                         eos_token_ids=[EOS])  # fmt: skip
+    sock.send(wire.encode(pb.ExecutorReady(info=info, max_position_embeddings=max_model_len)))
+    mirrors: dict[str, list[int]] = {}  # request id -> [tokens known, tokens computed]
+    with open(counts_path, "r+b") as f:
+        counts = mmap.mmap(f.fileno(), 16)
+    num_steps = num_sampled = 0
+    while True:
+        pb_plan = wire.decode(pb.StepPlan, sock.recv())
+        started = time.perf_counter()
+        plan = wire.plan_from_pb(pb_plan)
+        for rid in plan.finished_request_ids:
+            mirrors.pop(rid, None)
+        for new in plan.new_requests:
+            mirrors[new.request_id] = [len(new.all_token_ids), new.num_computed_tokens]
+        sampled = {}
+        for rid, num in plan.num_scheduled_tokens.items():
+            mirror = mirrors[rid]
+            mirror[1] += num
+            if mirror[1] == mirror[0]:  # the mirror rule: the end of its known tokens
+                mirror[0] += 1
+                sampled[rid] = 100 + (mirror[0] * 7919) % (vocab_size - 200)  # never EOS
+        num_steps += 1
+        num_sampled += len(sampled)
+        counts[:16] = struct.pack("<qq", num_steps, num_sampled)
+        if step_ms > 0:  # the device's time, if asked for
+            time.sleep(max(0.0, step_ms / 1e3 - (time.perf_counter() - started)))
+        sock.send(wire.encode(wire.result_to_pb(StepResult(sampled_token_ids=sampled),
+                                                pb_plan.step_id)))  # fmt: skip
+
+
+def ideal_steps(work: list, args: argparse.Namespace) -> int:
+    """The steps the scheduler alone takes for ``work``, every request there at once (in
+    the workload's order), one step at a time against a perfect executor: the in-process
+    engine at the mirror's pace takes ``steps * step_ms``, what the served stack is
+    compared with (as serving.py compares it with ``LLM.generate``). Not a strict bound:
+    served requests arrive in another order, which FCFS packs a little differently."""
+    from tessera.common.plan import SamplingOptions, StepResult, StopConditions
+    from tessera.scheduler import Scheduler
+    from tessera.scheduler.config import SchedulerConfig
+    from tessera.scheduler.request import Request
+
+    max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
+    scheduler = Scheduler(SchedulerConfig(
+        num_blocks=args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2,
+        block_size=BLOCK_SIZE, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+    ))  # fmt: skip
+    for i, (prompt, max_tokens) in enumerate(work):
+        scheduler.add_request(
+            Request(
+                f"ideal-{i}",
+                list(prompt),
+                SamplingOptions(),
+                StopConditions(max_tokens=max_tokens, ignore_eos=True),
+            )
+        )
+    steps = 0
+    while scheduler.has_unfinished_requests():
+        plan = scheduler.schedule()
+        steps += 1
+        scheduler.update_from_result(
+            plan, StepResult(sampled_token_ids=dict.fromkeys(plan.sampling, 100))
+        )
+    return steps
+
+
+# -- the stack ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """Scheduler, mirror and gateway, each its own process; stopped on exit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="tessera-served-bench-")
+        self.port = _free_port()
+        sched = f"ipc://{self.run_dir}/scheduler.sock"
+        execu = f"ipc://{self.run_dir}/executor.sock"
+        py = [sys.executable, "-P"]
+        env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING")
+        max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
+        num_kv_blocks = args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2
+        self.counts_path = f"{self.run_dir}/mirror.counts"
+        Path(self.counts_path).write_bytes(bytes(16))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs["scheduler"] = subprocess.Popen(
+            py + ["-m", "tessera.scheduler", "--model", MODEL, "--device", "cpu",
+                  "--gateway-address", sched, "--executor-address", execu,
+                  "--no-start-executor", "--step-timeout", "none",
+                  "--max-num-seqs", str(args.max_num_seqs),
+                  "--max-num-batched-tokens", str(args.max_num_batched_tokens)],
+            env=env,
+        )  # fmt: skip
+        self.procs["mirror"] = subprocess.Popen(
+            py + [__file__, "--mirror", execu, str(args.vocab_size), str(num_kv_blocks),
+                  str(max_model_len), str(args.step_ms), self.counts_path],
+            env=env,
+        )  # fmt: skip
+        self.procs["gateway"] = subprocess.Popen(
+            py + ["-m", "tessera.services", "--model", MODEL, "--port", str(self.port),
+                  "--http-port", "0", "--scheduler-address", sched,
+                  "--tokenizer-addresses", ""],
+            env=env,
+        )  # fmt: skip
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with code {proc.returncode}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise TimeoutError("the stack did not become healthy")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """Each process's CPU seconds so far (every thread, user and system)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in self.procs.items():
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
+
+    def steps(self) -> tuple[int, int]:
+        """The mirror's steps answered and tokens sampled so far."""
+        return struct.unpack("<qq", Path(self.counts_path).read_bytes()[:16])
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _client_cpu() -> float:
+    """CPU seconds of this process and of its client processes that have ended."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def timed_pass(stack: Stack, work: list, seed: int, client_processes: int) -> dict:
+    """One pass of the workload at saturation: throughput and CPU per token."""
+    steps0 = stack.steps()
+    before, client0, wall0 = stack.cpu_seconds(), _client_cpu(), time.perf_counter()
+    rate = serving.run_rate(stack.target, work, float("inf"), seed, client_processes)
+    after, client1, wall1 = stack.cpu_seconds(), _client_cpu(), time.perf_counter()
+    steps1 = stack.steps()
+    tokens = sum(o for _, o in work)  # run_rate asserts each ran to max_tokens
+    cpu = {name: after[name] - before[name] for name in after}
+    cpu["client"] = client1 - client0  # (its start-up too, with client processes)
+    return {
+        "output_tokens": tokens,
+        "seconds": wall1 - wall0,
+        "output_tok_per_s": rate["output_tok_per_s"],
+        "steps": steps1[0] - steps0[0],
+        "sampled_tokens": steps1[1] - steps0[1],  # by the mirror: the tokens counted twice
+        "tokens_per_step": (steps1[1] - steps0[1]) / max(1, steps1[0] - steps0[0]),
+        "cpu_seconds": cpu,
+        "us_per_token": {name: s / tokens * 1e6 for name, s in cpu.items()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-requests", type=int, default=400)
+    parser.add_argument("--input-len", type=int, nargs=2, default=(32, 512))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(32, 256))
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, default=128256)
+    parser.add_argument(
+        "--step-ms", type=float, default=0.0, help="the mirror's time per step (0: answer at once)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes, after one warm-up")
+    parser.add_argument(
+        "--client-processes", type=int, default=1, help="serving.py's client in this many processes"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--mirror", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mirror:
+        address, vocab, blocks, max_len, step_ms, counts_path = args.mirror
+        run_mirror(address, int(vocab), int(blocks), int(max_len), float(step_ms), counts_path)
+        return 0
+
+    args.workload = "uniform"
+    work = serving.workload(args)
+    num_ideal = ideal_steps(work, args)
+    stack = Stack(args)
+    try:
+        stack.wait_healthy()
+        serving.run_rate(stack.target, work, float("inf"), args.seed)  # warm-up
+        passes = [timed_pass(stack, work, args.seed, args.client_processes)
+                  for _ in range(args.repeats)]  # fmt: skip
+    finally:
+        stack.close()
+    names = list(passes[0]["us_per_token"])
+    median = {n: statistics.median(p["us_per_token"][n] for p in passes) for n in names}
+    tok_s = statistics.median(p["output_tok_per_s"] for p in passes)
+    per_step = statistics.median(p["tokens_per_step"] for p in passes)
+    print(f"{len(work)} requests, {passes[0]['output_tokens']} output tokens a pass; "
+          f"{tok_s:,.0f} output tok/s, {per_step:.0f} tokens a step "
+          f"(medians of {len(passes)})")  # fmt: skip
+    tokens = passes[0]["output_tokens"]
+    print(
+        f"the scheduler alone, one step at a time: {num_ideal} steps, "
+        f"{tokens / num_ideal:.0f} tokens a step"
+    )
+    ideal_tok_s = tokens / (num_ideal * args.step_ms / 1e3) if args.step_ms > 0 else None
+    if ideal_tok_s:
+        print(
+            f"at {args.step_ms} ms a step: {ideal_tok_s:,.0f} output tok/s in-process; "
+            f"served / in-process {tok_s / ideal_tok_s:.2f}"
+        )
+    print(f"{'process':<10} {'us/token':>9} {'ceiling tok/s':>14}")
+    for name in sorted(names, key=lambda n: -median[n]):
+        print(f"{name:<10} {median[name]:>9.1f} {1e6 / median[name]:>14,.0f}")
+    if args.json:
+        record = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(),
+            "command": " ".join(sys.argv),
+            "args": {k: v for k, v in vars(args).items() if k not in ("json", "mirror")},
+            "us_per_token_median": median,
+            "output_tok_per_s_median": tok_s,
+            "ideal_steps": num_ideal,
+            "ideal_output_tok_per_s": ideal_tok_s,
+            "served_over_ideal": tok_s / ideal_tok_s if ideal_tok_s else None,
+            "passes": passes,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

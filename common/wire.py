@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -499,7 +500,7 @@ class TokenColumnsBuilder:
         return engine_pb2.TokenColumns(**self.fields())
 
 
-def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceOutput]:
+def output_rows(out: engine_pb2.EngineOutputs) -> list[OutputRow]:
     """The per-sequence view of ``out.tokens``, row by row; WireError if its columns
     disagree (lengths, counts, finish reasons, sparse rows)."""
     cols = out.tokens
@@ -563,27 +564,27 @@ def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceO
     with_logprobs = set(logprob_rows)
 
     outputs = []
-    token_ids, logprobs = cols.new_token_ids, cols.logprobs
+    # Lists once (a repeated field's item costs a lookup and a new object each read).
+    token_ids, logprobs = cols.new_token_ids[:], cols.logprobs
+    prompts, generated = cols.num_prompt_tokens[:], cols.num_output_tokens[:]
+    cached = cols.num_cached_tokens[:]
+    special = set(embedding_rows) | with_logprobs  # rows that need more than the plain
     start = next_logprob = next_stop = next_error = 0
-    for row, request_id in enumerate(cols.request_ids):
+    for row, request_id in enumerate(cols.request_ids[:]):
         end = start + counts[row]
         reason = reasons[row]
-        seq = engine_pb2.SequenceOutput(
-            request_id=request_id,
-            new_token_ids=token_ids[start:end],
-            finished=bool(reason),
-            finish_reason=reason,
-            num_prompt_tokens=cols.num_prompt_tokens[row],
-            num_output_tokens=cols.num_output_tokens[row],
-            num_cached_tokens=cols.num_cached_tokens[row],
-            queue_seconds=queue.get(row, 0.0),
-        )
+        seq = OutputRow(request_id, token_ids[start:end], bool(reason), reason, prompts[row],
+                        generated[row], cached[row], queue.get(row, 0.0))  # fmt: skip
+        start = end
+        outputs.append(seq)
+        if not reason and row not in special:
+            continue  # the common row: a running sequence's tokens, nothing else
         if row in with_logprobs:
-            seq.new_logprobs.extend(logprobs[next_logprob : next_logprob + counts[row]])
+            seq.new_logprobs = logprobs[next_logprob : next_logprob + counts[row]]
             next_logprob += counts[row]
         if row in embedding_at:
             at = embedding_at[row]
-            seq.embedding.extend(cols.embeddings[at : at + size])
+            seq.embedding = cols.embeddings[at : at + size]
         elif reason == "stop":
             seq.stop_token_id = cols.stop_token_ids[next_stop]
             next_stop += 1
@@ -591,9 +592,53 @@ def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceO
             seq.error = cols.errors[next_error]
             seq.error_kind = cols.error_kinds[next_error]
             next_error += 1
-        outputs.append(seq)
-        start = end
     return outputs
+
+
+def sequence_outputs(out: engine_pb2.EngineOutputs) -> list[engine_pb2.SequenceOutput]:
+    """``output_rows``, each as the SequenceOutput message that carried it once."""
+    return [row.to_pb() for row in output_rows(out)]
+
+
+@dataclass(slots=True)
+class OutputRow:
+    """One sequence's output of one step: a row of a TokenColumns message, with the
+    fields of engine.proto's SequenceOutput (``stop_token_id`` None where the message
+    leaves it unset). A plain object: the gateway reads every field of a few hundred of
+    these a step, and merges a stream's queued ones, which messages make slow."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str = ""  # "stop", "length", "abort" or "error" when finished
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    new_logprobs: Sequence[engine_pb2.TokenLogprob] = ()
+    stop_token_id: int | None = None
+    error: str = ""
+    error_kind: str = ""
+    embedding: Sequence[float] = ()
+
+    def to_pb(self) -> engine_pb2.SequenceOutput:
+        seq = engine_pb2.SequenceOutput(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids,
+            new_logprobs=self.new_logprobs,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+            error=self.error,
+            error_kind=self.error_kind,
+            num_cached_tokens=self.num_cached_tokens,
+            queue_seconds=self.queue_seconds,
+            embedding=self.embedding,
+        )
+        if self.stop_token_id is not None:
+            seq.stop_token_id = self.stop_token_id
+        return seq
 
 
 def _sparse_rows(rows: Sequence[int], num_rows: int, name: str) -> list[int]:

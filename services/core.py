@@ -13,7 +13,7 @@ KV blocks are freed within one scheduler step.
                     ├─► ServingCore.open ───┤
     OpenAI HTTP ────┘      │ Generation     └─► EngineClient.add (ZeroMQ to the scheduler)
                            ▼
-                     deltas() ◄── per-step SequenceOutputs, TextStream per sequence
+                     deltas() ◄── per-step OutputRows, TextStream per sequence
 
 A request's ``cache_salt`` (its tenant's prefix-cache namespace) is checked here and
 travels on every AddSequence to the scheduler, whose prefix cache must key blocks by it.
@@ -50,7 +50,7 @@ from tessera.common.embeddings import l2_normalize
 from tessera.common.plan import SamplingOptions, TokenLogprobs, check_cache_salt
 from tessera.common.request_fields import chat_role
 from tessera.common.sampling_params import SamplingParams
-from tessera.common.wire import logprobs_from_pb, sampling_to_pb
+from tessera.common.wire import OutputRow, logprobs_from_pb, sampling_to_pb
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.engine_client import EngineClient, EngineUnavailable
 from tessera.services.metrics import Metrics, RequestTimes
@@ -373,9 +373,7 @@ class ServingCore:
         queue = self.engine.queue_for(ids[0])
         if queue is not None:
             for sid in ids:
-                queue.put_nowait(
-                    engine_pb2.SequenceOutput(request_id=sid, finished=True, finish_reason="abort")
-                )
+                queue.put_nowait(OutputRow(sid, [], finished=True, finish_reason="abort"))
         return True
 
     async def status(self, timeout: float | None = None) -> engine_pb2.StatusReply:
@@ -623,7 +621,7 @@ class Generation:
         self._rejected = False
         self._closed = False
         # Outputs taken from the queue while coalescing that belong to the next delta.
-        self._carry: deque[engine_pb2.SequenceOutput | engine_pb2.Rejection] = deque()
+        self._carry: deque[OutputRow | engine_pb2.Rejection] = deque()
         # Without stop strings, a sequence's queued outputs merge into one delta: a
         # client (or a gateway) that falls behind the engine gets fewer, larger messages
         # instead of falling further behind. A stop string must see each step alone,
@@ -672,7 +670,7 @@ class Generation:
             metrics.inter_token(now - times.last_token_at)
         times.last_token_at = now
 
-    def _merge_queued(self, item: engine_pb2.SequenceOutput) -> engine_pb2.SequenceOutput:
+    def _merge_queued(self, item: OutputRow) -> OutputRow:
         """item with the outputs of its sequence queued right behind it appended."""
         tokens: list[int] = []
         logprobs: list[engine_pb2.TokenLogprob] = []
@@ -690,13 +688,12 @@ class Generation:
             last = nxt
         if last is item:
             return item
-        merged = engine_pb2.SequenceOutput()
-        merged.CopyFrom(last)  # the newest state: finished, reason, counts
-        del merged.new_token_ids[:]
-        merged.new_token_ids.extend([*item.new_token_ids, *tokens])
-        del merged.new_logprobs[:]
-        merged.new_logprobs.extend([*item.new_logprobs, *logprobs])
-        return merged
+        # The newest state (finished, reason, counts), with every queued token.
+        return replace(
+            last,
+            new_token_ids=[*item.new_token_ids, *tokens],
+            new_logprobs=[*item.new_logprobs, *logprobs],
+        )
 
     def close(self) -> None:
         """Abort what still runs and forget the request; safe to call more than once."""
@@ -716,7 +713,7 @@ class Generation:
         self._core._release(self.request_id, list(self._pending), self._ids)
         self._pending.clear()
 
-    def _delta(self, out: engine_pb2.SequenceOutput) -> Delta:
+    def _delta(self, out: OutputRow) -> Delta:
         i = self._index[out.request_id]
         delta = Delta(
             index=i,
@@ -740,7 +737,7 @@ class Generation:
                 # older schedulers send no error_kind: their failures are internal
                 kind = getattr(out, "error_kind", "")
                 delta.error_kind = _ERROR_KINDS.get(kind, ErrorKind.INTERNAL)
-            if out.HasField("stop_token_id"):
+            if out.stop_token_id is not None:
                 delta.stop_token_id = out.stop_token_id
         if stream is not None:
             delta.text = stream.take(final=delta.finish_reason is not None)

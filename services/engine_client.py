@@ -1,10 +1,10 @@
 """The gateway's link to the scheduler: a ZeroMQ DEALER, protobuf both ways.
 
 One reader task receives ``EngineOutputs``, reads its token columns back as one
-``SequenceOutput`` per sequence (``common.wire.sequence_outputs``), and hands each to the
-queue of the request that owns it, so any number of streams share one socket. Status
-queries are answered through futures keyed by a query id. On TCP, with keys, the
-socket is a CURVE client that also checks the scheduler's public key.
+``OutputRow`` per sequence (``common.wire.output_rows``: plain objects, not messages),
+and hands each to the queue of the request that owns it, so any number of streams
+share one socket. Status queries are answered through futures keyed by a query id. On
+TCP, with keys, the socket is a CURVE client that also checks the scheduler's public key.
 
 Both ends watch each other, so no stream waits forever on a dead or hung peer:
 
@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from tessera.common.curve import ClientKeys
-from tessera.common.wire import WireError, decode, sequence_outputs
+from tessera.common.wire import OutputRow, WireError, decode, output_rows
 from tessera.proto.tessera.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class EngineClient:
         )
 
     def open(self, request_ids: list[str], queue: Any = None) -> Any:
-        """One queue for all sequences of a request; items are SequenceOutput or Rejection.
+        """One queue for all sequences of a request; items are OutputRow or Rejection.
         ``queue``: anything with ``put_nowait`` instead of a new asyncio.Queue (the
         replica pool's taps, services.engine_pool)."""
         queue = asyncio.Queue() if queue is None else queue
@@ -212,8 +212,9 @@ class EngineClient:
         """End every open sequence with error_kind "unavailable"."""
         for request_id, queue in list(self._queues.items()):  # a tap may close ids
             queue.put_nowait(
-                engine_pb2.SequenceOutput(
-                    request_id=request_id,
+                OutputRow(
+                    request_id,
+                    [],
                     finished=True,
                     finish_reason="error",
                     error=message,
@@ -242,7 +243,7 @@ class EngineClient:
             data = await self._sock.recv()
             try:
                 out = decode(engine_pb2.EngineOutputs, data)
-                outputs = sequence_outputs(out)
+                outputs = output_rows(out)
             except WireError as e:
                 logger.warning(
                     "dropped a malformed message from the scheduler (%d bytes): %s", len(data), e

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tessera.common.curve import ClientKeys, check_link
+from tessera.common.wire import OutputRow
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.engine_client import EngineClient, EngineUnavailable
 from tessera.services.routing import Load, Router, RoutingPolicy
@@ -484,8 +485,9 @@ class EnginePool:
             return
         if seq.request_id in self._queues:
             flight.queue.put_nowait(
-                engine_pb2.SequenceOutput(
-                    request_id=seq.request_id,
+                OutputRow(
+                    seq.request_id,
+                    [],
                     finished=True,
                     finish_reason="error",
                     error="the engine is unavailable: its replica was lost and no other "

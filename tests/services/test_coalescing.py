@@ -13,15 +13,19 @@ import asyncio
 from types import SimpleNamespace
 
 from tessera.common.sampling_params import SamplingParams
+from tessera.common.wire import OutputRow
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.core import Generation
 
 
-def output(rid: str, token: int, finished: bool = False) -> engine_pb2.SequenceOutput:
-    out = engine_pb2.SequenceOutput(
-        request_id=rid, new_token_ids=[token], num_prompt_tokens=3, num_output_tokens=token
+def output(rid: str, token: int, finished: bool = False) -> OutputRow:
+    out = OutputRow(
+        rid,
+        [token],
+        num_prompt_tokens=3,
+        num_output_tokens=token,
+        new_logprobs=[engine_pb2.TokenLogprob(token_id=token, logprob=-0.1 * token)],
     )
-    out.new_logprobs.add(token_id=token, logprob=-0.1 * token)
     if finished:
         out.finished, out.finish_reason = True, "length"
     return out

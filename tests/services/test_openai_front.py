@@ -12,6 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tessera.common.wire import OutputRow
 from tessera.proto.tessera.v1 import engine_pb2
 from tessera.services.core import ServingCore
 from tessera.services.engine_client import EngineUnavailable
@@ -66,10 +67,8 @@ def reject(kind: str) -> Script:
 
 def fail_after_one_token(seq: engine_pb2.AddSequence) -> list:
     return [
-        engine_pb2.SequenceOutput(request_id=seq.request_id, new_token_ids=[5]),
-        engine_pb2.SequenceOutput(
-            request_id=seq.request_id, finished=True, finish_reason="error", error="step failed"
-        ),
+        OutputRow(seq.request_id, [5]),
+        OutputRow(seq.request_id, [], finished=True, finish_reason="error", error="step failed"),
     ]
 
 

@@ -1,7 +1,8 @@
 """A step's outputs as columns (engine.proto TokenColumns, issue 22): what the scheduler
 queues with TokenColumnsBuilder comes back from the bytes, through
-``common.wire.sequence_outputs``, as exactly the SequenceOutputs a message per sequence
-carried; columns that disagree are a WireError, never a wrong stream."""
+``common.wire.output_rows`` (the gateway's plain rows; ``sequence_outputs`` gives each as
+its message), as exactly the SequenceOutputs a message per sequence carried; columns
+that disagree are a WireError, never a wrong stream."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from hypothesis import strategies as st
 from tessera.common.plan import TokenLogprobs
 from tessera.common.wire import (
     FINISH_CODES,
+    OutputRow,
     TokenColumnsBuilder,
     WireError,
     decode,
     encode,
     logprobs_to_pb,
+    output_rows,
     sequence_outputs,
 )
 from tessera.proto.tessera.v1 import engine_pb2 as pb
@@ -125,6 +128,25 @@ def test_token_rows_read_back_after_the_other_rows(drawn, chunks, split):
 
 _RUNNING = {"finish_reason": "", "stop_token_id": None, "queue_seconds": 0.0, "error": "",
             "error_kind": "", "logprobs": [], "embedding": None}  # fmt: skip
+
+
+def test_a_row_has_every_field_of_a_sequence_output_and_converts_to_it():
+    fields = set(OutputRow.__dataclass_fields__)
+    assert fields == {f.name for f in pb.SequenceOutput.DESCRIPTOR.fields}
+    row = OutputRow("r", [4, 5], True, "stop", 3, 2, 16, 0.25, stop_token_id=0)
+    message = row.to_pb()
+    assert message.HasField("stop_token_id") and message.stop_token_id == 0  # set, as 0
+    assert not OutputRow("r", [4]).to_pb().HasField("stop_token_id")
+    assert (message.request_id, list(message.new_token_ids), message.num_cached_tokens,
+            message.queue_seconds) == ("r", [4, 5], 16, 0.25)  # fmt: skip
+    # Read from the bytes, a row holds plain values (a list, a str), not views of a
+    # message that every read would convert again.
+    builder = TokenColumnsBuilder()
+    builder.add_tokens("a", [7], 3, 1, 0)
+    data = encode(pb.EngineOutputs(tokens=builder.fields()))
+    [read] = output_rows(decode(pb.EngineOutputs, data))
+    assert type(read.new_token_ids) is list and type(read.request_id) is str
+    assert read == OutputRow("a", [7], False, "", 3, 1, 0, 0.0)
 
 
 def test_a_message_without_columns_has_no_outputs():

@@ -157,13 +157,15 @@ def _free_port() -> int:
 class Stack:
     """Scheduler, mirror and gateway, each its own process; stopped on exit."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, pythonpath: Path | None = None) -> None:
         self.run_dir = tempfile.mkdtemp(prefix="tessera-served-bench-")
         self.port = _free_port()
         sched = f"ipc://{self.run_dir}/scheduler.sock"
         execu = f"ipc://{self.run_dir}/executor.sock"
         py = [sys.executable, "-P"]
         env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING")
+        if pythonpath is not None:  # a baseline's tree (host_overhead.baseline_tree)
+            env["PYTHONPATH"] = str(pythonpath)
         max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
         num_kv_blocks = args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2
         self.counts_path = f"{self.run_dir}/mirror.counts"
@@ -182,12 +184,13 @@ class Stack:
                   str(max_model_len), str(args.step_ms), self.counts_path],
             env=env,
         )  # fmt: skip
-        self.procs["gateway"] = subprocess.Popen(
-            py + ["-m", "tessera.services", "--model", MODEL, "--port", str(self.port),
-                  "--http-port", "0", "--scheduler-address", sched,
-                  "--tokenizer-addresses", ""],
-            env=env,
-        )  # fmt: skip
+        gateway = py + ["-m", "tessera.services", "--model", MODEL, "--port", str(self.port),
+                        "--http-port", "0", "--scheduler-address", sched,
+                        "--tokenizer-addresses", ""]  # fmt: skip
+        if args.num_gateways == 1:
+            self.procs["gateway"] = subprocess.Popen(gateway, env=env)
+        for g in range(args.num_gateways if args.num_gateways > 1 else 0):  # as tessera serve
+            self.procs[f"gateway-{g}"] = subprocess.Popen([*gateway, "--reuse-port"], env=env)
         self.target = f"127.0.0.1:{self.port}"
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
@@ -251,6 +254,8 @@ def timed_pass(stack: Stack, work: list, seed: int, client_processes: int) -> di
     tokens = sum(o for _, o in work)  # run_rate asserts each ran to max_tokens
     cpu = {name: after[name] - before[name] for name in after}
     cpu["client"] = client1 - client0  # (its start-up too, with client processes)
+    if "gateway" not in cpu:  # several: their sum, comparable with one's
+        cpu["gateway"] = sum(v for k, v in cpu.items() if k.startswith("gateway-"))
     return {
         "output_tokens": tokens,
         "seconds": wall1 - wall0,
@@ -276,9 +281,16 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes, after one warm-up")
     parser.add_argument(
+        "--num-gateways",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port, as tessera serve starts them",
+    )
+    parser.add_argument(
         "--client-processes", type=int, default=1, help="serving.py's client in this many processes"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", help="a commit whose gateway and scheduler run too")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--mirror", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -290,48 +302,78 @@ def main() -> int:
     args.workload = "uniform"
     work = serving.workload(args)
     num_ideal = ideal_steps(work, args)
-    stack = Stack(args)
-    try:
-        stack.wait_healthy()
-        serving.run_rate(stack.target, work, float("inf"), args.seed)  # warm-up
-        passes = [timed_pass(stack, work, args.seed, args.client_processes)
-                  for _ in range(args.repeats)]  # fmt: skip
-    finally:
-        stack.close()
-    names = list(passes[0]["us_per_token"])
-    median = {n: statistics.median(p["us_per_token"][n] for p in passes) for n in names}
-    tok_s = statistics.median(p["output_tok_per_s"] for p in passes)
-    per_step = statistics.median(p["tokens_per_step"] for p in passes)
-    print(f"{len(work)} requests, {passes[0]['output_tokens']} output tokens a pass; "
-          f"{tok_s:,.0f} output tok/s, {per_step:.0f} tokens a step "
-          f"(medians of {len(passes)})")  # fmt: skip
-    tokens = passes[0]["output_tokens"]
-    print(
-        f"the scheduler alone, one step at a time: {num_ideal} steps, "
-        f"{tokens / num_ideal:.0f} tokens a step"
-    )
+    tokens = sum(o for _, o in work)
     ideal_tok_s = tokens / (num_ideal * args.step_ms / 1e3) if args.step_ms > 0 else None
+    trees: dict[str, Path | None] = {"current": None}
+    scratch = None
+    if args.baseline:
+        from host_overhead import baseline_tree
+
+        scratch = Path(tempfile.mkdtemp(prefix="tessera-served-baseline-"))
+        trees = {"baseline": baseline_tree(args.baseline, scratch), "current": None}
+    passes: dict[str, list[dict]] = {name: [] for name in trees}
+    try:
+        for _ in range(args.repeats):  # interleaved, a fresh stack a pass
+            for name, path in trees.items():
+                stack = Stack(args, path)
+                try:
+                    stack.wait_healthy()
+                    serving.run_rate(stack.target, work[:32], float("inf"), args.seed)
+                    passes[name].append(timed_pass(stack, work, args.seed, args.client_processes))
+                finally:
+                    stack.close()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(
+        f"{len(work)} requests, {tokens} output tokens a pass; the scheduler alone, one "
+        f"step at a time: {num_ideal} steps, {tokens / num_ideal:.0f} tokens a step"
+    )
     if ideal_tok_s:
+        print(f"at {args.step_ms} ms a step, in-process: {ideal_tok_s:,.0f} output tok/s")
+    summary = {}
+    for name, runs in passes.items():
+        names = list(runs[0]["us_per_token"])
+        median = {n: statistics.median(p["us_per_token"][n] for p in runs) for n in names}
+        tok_s = statistics.median(p["output_tok_per_s"] for p in runs)
+        summary[name] = {
+            "us_per_token_median": median,
+            "output_tok_per_s_median": tok_s,
+            "tokens_per_step_median": statistics.median(p["tokens_per_step"] for p in runs),
+            "served_over_ideal": tok_s / ideal_tok_s if ideal_tok_s else None,
+            "passes": runs,
+        }
+        ratio = f", served / in-process {tok_s / ideal_tok_s:.2f}" if ideal_tok_s else ""
         print(
-            f"at {args.step_ms} ms a step: {ideal_tok_s:,.0f} output tok/s in-process; "
-            f"served / in-process {tok_s / ideal_tok_s:.2f}"
+            f"\n[{name}] {tok_s:,.0f} output tok/s, "
+            f"{summary[name]['tokens_per_step_median']:.0f} tokens a step{ratio} "
+            f"(medians of {len(runs)})"
         )
-    print(f"{'process':<10} {'us/token':>9} {'ceiling tok/s':>14}")
-    for name in sorted(names, key=lambda n: -median[n]):
-        print(f"{name:<10} {median[name]:>9.1f} {1e6 / median[name]:>14,.0f}")
+        print(f"{'process':<10} {'us/token':>9} {'ceiling tok/s':>14}")
+        for n in sorted(names, key=lambda n: -median[n]):
+            print(f"{n:<10} {median[n]:>9.1f} {1e6 / median[n]:>14,.0f}")
+    if args.baseline:
+        base, cur = (
+            summary["baseline"]["us_per_token_median"],
+            summary["current"]["us_per_token_median"],
+        )
+        print(
+            "\nCPU per token, baseline / current: "
+            + ", ".join(f"{n} {base[n] / cur[n]:.2f}x" for n in cur)
+        )
     if args.json:
         record = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(),
             "command": " ".join(sys.argv),
-            "args": {k: v for k, v in vars(args).items() if k not in ("json", "mirror")},
-            "us_per_token_median": median,
-            "output_tok_per_s_median": tok_s,
+            "args": {
+                k: v for k, v in vars(args).items() if k not in ("json", "mirror", "baseline")
+            },
+            "baseline": args.baseline,
             "ideal_steps": num_ideal,
             "ideal_output_tok_per_s": ideal_tok_s,
-            "served_over_ideal": tok_s / ideal_tok_s if ideal_tok_s else None,
-            "passes": passes,
+            "results": summary,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -206,6 +206,8 @@ def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     cmd += ["--model", args.model, "--device", args.device]
     if args.model.startswith("random:"):
         cmd += ["--num-tokenizers", "0"]  # random weights: token ids in and out
+    if getattr(args, "num_gateways", 1) > 1:  # (other benchmarks start servers too)
+        cmd += ["--num-gateways", str(args.num_gateways)]
     cmd += list(extra)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     target = f"127.0.0.1:{port}"
@@ -296,6 +298,12 @@ def main() -> None:
         help="also serve at saturation with --no-async-scheduling, --repeat times",
     )
     p.add_argument(
+        "--num-gateways",
+        type=int,
+        default=1,
+        help="gateway processes sharing the server's ports (tessera serve --num-gateways)",
+    )
+    p.add_argument(
         "--client-processes",
         type=int,
         default=1,
@@ -326,6 +334,7 @@ def main() -> None:
         "mean_output_len": statistics.mean(o for _, o in work),
         "seed": args.seed,
         "client_processes": args.client_processes,
+        "num_gateways": args.num_gateways,
         "served": served,
         "slo": {"ttft_p99_ms": args.slo_ttft_ms, "tpot_p99_ms": args.slo_tpot_ms,
                 "max_rate_within": within_slo(served, args.slo_ttft_ms, args.slo_tpot_ms)},

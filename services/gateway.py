@@ -137,6 +137,11 @@ class GatewayConfig:
     grace_seconds: float = 30.0  # in-flight streams get this long to finish on SIGTERM
     max_open_requests: int = 4096  # per gateway; past it: RESOURCE_EXHAUSTED / HTTP 429
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages and HTTP bodies
+    reuse_port: bool = field(
+        default=False,
+        metadata={"help": "share port and http_port with other gateways (SO_REUSEPORT; "
+                  "tessera serve --num-gateways); else a taken port is an error"},
+    )
     max_streams_per_connection: int = field(
         default=256,
         metadata={"help": "Generate streams open at once on one gRPC client connection; "
@@ -507,8 +512,9 @@ def grpc_server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            # A second gateway on a taken port is an error, not a silent share of it.
-            ("grpc.so_reuseport", 0),
+            # A second gateway on a taken port is an error, not a silent share of it,
+            # unless the launcher started several to share it (--num-gateways).
+            ("grpc.so_reuseport", int(config.reuse_port)),
         ],
     )
     generate_pb2_grpc.add_TesseraServicer_to_server(servicer, server)
@@ -634,7 +640,8 @@ async def _listen(config: GatewayConfig, server: grpc.aio.Server, core: ServingC
         app = create_app(core, metrics, config.api_key, config.max_message_bytes)
         http = HttpServer(app, config.host, config.http_port, config.grace_seconds,
                           tls.uvicorn_options() if tls is not None else None,
-                          limit_concurrency=config.max_open_requests + HTTP_HEADROOM)
+                          limit_concurrency=config.max_open_requests + HTTP_HEADROOM,
+                          reuse_port=config.reuse_port)
         try:
             await http.start()
         except OSError as e:

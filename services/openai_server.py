@@ -176,14 +176,16 @@ class HttpServer:
     """uvicorn serving ``app`` as a task of the running event loop."""
 
     def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float,
-                 tls: dict[str, Any] | None = None, limit_concurrency: int | None = None
-                 ) -> None:
+                 tls: dict[str, Any] | None = None, limit_concurrency: int | None = None,
+                 reuse_port: bool = False) -> None:
         """``tls``: uvicorn's ssl_* arguments (services.security.TlsFiles).
+        ``reuse_port``: share the port with the other gateways (SO_REUSEPORT).
         ``limit_concurrency``: connections and requests at once; past it uvicorn answers
         503 at once (a bound on idle connections too: the core's 429 counts requests)."""
         self.app = app
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
         config = uvicorn.Config(
             app,
             log_config=None,  # the gateway's logging setup stands
@@ -203,7 +205,8 @@ class HttpServer:
     async def start(self) -> None:
         """Bind (OSError if the port is taken) and serve."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family)
+        sock = socket.create_server((self.host, self.port), family=family,
+                                    reuse_port=self.reuse_port)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():

@@ -2,7 +2,7 @@
 
     launcher ─┬─ tokenizer_svc  x num_tokenizers   (gRPC on unix sockets)
               ├─ scheduler ── executor  x replicas (ZeroMQ on ipc://)
-              └─ gateway                           (public gRPC on host:port,
+              └─ gateway  x num_gateways          (public gRPC on host:port,
                                                     OpenAI HTTP on host:http_port)
 
 With ``--replicas N`` the engine (a scheduler with its executor ranks) runs N times,
@@ -12,6 +12,13 @@ on another (services.engine_pool) while the launcher restarts it. With ``--clust
 the replicas are Ray actors on a running cluster instead (tessera.ray_serve, an
 ``EngineCluster``): the tokenizers and the gateway still run here, and this loop calls
 the cluster's ``check`` every tick.
+
+With ``--num-gateways N`` that many gateway processes share both public ports
+(SO_REUSEPORT: the kernel hands each new connection to one of them), each with its own
+link to every scheduler: one gateway process streams a few tens of thousands of tokens a
+second (gRPC's per-message cost and its event loop), which a small model on a fast GPU
+outruns (benchmarks/served_overhead.py). Metrics and ``max_open_requests`` are per
+gateway process.
 
 The internal links stay on unix sockets in ``run_dir``; the public ports get the API
 key (passed in the gateway's environment) and, with ``--tls-cert-file`` and
@@ -143,6 +150,12 @@ class ServeConfig:
         metadata=_help("Generate streams open at once on one gRPC client connection; past "
                        "it RESOURCE_EXHAUSTED"),
     )
+    num_gateways: int = field(
+        default=1,
+        metadata=_help("gateway processes sharing the public ports (SO_REUSEPORT: each "
+                       "new connection goes to one); more than one where a single one's "
+                       "streaming bounds throughput (a small model on a fast GPU)"),
+    )
     num_tokenizers: int = field(
         default=2,
         metadata=_help("tokenizer replicas (processes); 0 only for a model without a "
@@ -230,6 +243,8 @@ class ServeConfig:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.num_gateways < 1:
+            raise ValueError(f"num_gateways must be >= 1, got {self.num_gateways}")
         if self.routing_policy != "auto":
             from tessera.services.routing import RoutingPolicy
 
@@ -243,8 +258,8 @@ class ServeConfig:
 
 
 # The launcher's own settings; every other field goes to the stage(s) that read it.
-LAUNCHER_FIELDS = ("num_tokenizers", "run_dir", "api_key", "replicas", "routing_policy",
-                   "cluster", "ray_address", "ray_namespace", "ray_num_cpus")
+LAUNCHER_FIELDS = ("num_gateways", "num_tokenizers", "run_dir", "api_key", "replicas",
+                   "routing_policy", "cluster", "ray_address", "ray_namespace", "ray_num_cpus")
 GATEWAY_FIELDS = (
     "model", "served_model_name", "host", "port", "http_port", "tls_cert_file",
     "tls_key_file", "tls_client_ca_file", "generation_config",
@@ -324,13 +339,20 @@ def child_commands(config: ServeConfig, run_dir: str) -> list[tuple[str, list[st
             py + ["tessera.scheduler", *_flags(config, SCHEDULER_FIELDS),
                   "--gateway-address", sched_addr, "--executor-address", exec_addr],
         ))  # fmt: skip
-    commands.append((
-        "gateway",
-        py + ["tessera.services", *_flags(config, GATEWAY_FIELDS),
-              "--scheduler-address", ",".join(sched_addrs), "--routing-policy", policy,
-              "--tokenizer-addresses", ",".join(tok_addrs)],
-    ))  # fmt: skip
+    gateway = py + ["tessera.services", *_flags(config, GATEWAY_FIELDS),
+                    "--scheduler-address", ",".join(sched_addrs), "--routing-policy", policy,
+                    "--tokenizer-addresses", ",".join(tok_addrs)]  # fmt: skip
+    if config.num_gateways == 1:
+        commands.append(("gateway", gateway))
+    else:  # the same ports, shared
+        commands += [(f"gateway-{g}", [*gateway, "--reuse-port"])
+                     for g in range(config.num_gateways)]  # fmt: skip
     return commands
+
+
+def is_gateway(name: str) -> bool:
+    """Whether a child of ``child_commands`` is a gateway (one, or one of several)."""
+    return name == "gateway" or name.startswith("gateway-")
 
 
 def _flags(config: ServeConfig, names: tuple[str, ...], none: bool = True) -> list[str]:
@@ -364,7 +386,7 @@ def child_env(
     """The gateway gets the API key in its environment; engine replica r of several gets
     its own devices (CUDA_VISIBLE_DEVICES); the others inherit ours."""
     environ = dict(os.environ if environ is None else environ)
-    if name == "gateway" and config.api_key is not None:
+    if is_gateway(name) and config.api_key is not None:
         return {**environ, env_name("api_key"): config.api_key}
     devices = replica_devices(name, config, environ.get("CUDA_VISIBLE_DEVICES"))
     if devices is not None:
@@ -505,8 +527,8 @@ def _run(config: ServeConfig, run_dir: str, cluster: EngineCluster | None = None
 
 def _shutdown(children: list[_Child], grace: float) -> dict[str, int]:
     """Gateway first (it drains the streams), then the engine and the tokenizers."""
-    gateway = [c for c in children if c.name == "gateway"]
-    rest = [c for c in children if c.name != "gateway"]
+    gateway = [c for c in children if is_gateway(c.name)]
+    rest = [c for c in children if not is_gateway(c.name)]
     codes: dict[str, int] = {}
     for group, timeout in ((gateway, grace + 10.0), (rest, 15.0)):
         for child in group:

@@ -54,7 +54,7 @@ def test_the_benchmark_counts_every_token_once_with_two_client_processes(tmp_pat
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     record = json.loads(record_path.read_text())
-    [one] = record["passes"]
+    [one] = record["results"]["current"]["passes"]
     args = argparse.Namespace(num_requests=24, input_len=(16, 64), output_len=(8, 32),
                               seed=0, workload="uniform")  # fmt: skip
     expected = sum(o for _, o in serving.workload(args))
@@ -66,4 +66,4 @@ def test_the_benchmark_counts_every_token_once_with_two_client_processes(tmp_pat
     assert one["steps"] >= expected / 8 and record["ideal_steps"] >= expected / 8
     for name in ("gateway", "scheduler", "mirror", "client"):
         assert math.isfinite(one["us_per_token"][name]) and one["us_per_token"][name] > 0
-    assert 0 < record["served_over_ideal"] <= 1.05
+    assert 0 < record["results"]["current"]["served_over_ideal"] <= 1.05

@@ -703,9 +703,13 @@ class PortBusy(OSError):
 
 
 def preflight(config: GatewayConfig) -> None:
-    """Before loading anything: the model names something, the public ports are free.
-    ConfigError or ValueError, naming the setting."""
+    """Before loading anything: the model names something, the public ports are free
+    (unless shared: another gateway of the same launcher may be listening already; the
+    launcher checked them before starting any). ConfigError or ValueError, naming the
+    setting."""
     resolve_model(config.model)
+    if config.reuse_port:
+        return
     check_port_free(config.host, config.port, "--port (gRPC)")
     if config.http_port:
         check_port_free(config.host, config.http_port, "--http-port (HTTP)")

@@ -9,6 +9,7 @@ Without --num-gateways a taken port stays an error (tests/test_cli.py).
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import httpx
 import pytest
 
 from tessera import LLM, SamplingParams
+from tessera.common.preflight import ConfigError
 from tessera.proto.tessera.v1 import generate_pb2 as pb
 from tessera.proto.tessera.v1 import generate_pb2_grpc as pb_grpc
 from tessera.serve import ServeConfig, child_commands, child_env
+from tessera.services.gateway import GatewayConfig, preflight
 from tests.proctable import cmdline, descendants
 from tests.services.launch import PROMPTS, Server
 
@@ -41,6 +44,19 @@ def test_each_gateway_gets_the_shared_ports_and_the_api_key():
     assert "gateway" in single and "--reuse-port" not in single["gateway"]
     with pytest.raises(ValueError, match="num_gateways must be >= 1"):
         ServeConfig(num_gateways=0)
+
+
+def test_a_gateway_sharing_the_port_starts_while_another_listens_on_it():
+    # The gateways of one launcher start in any order: the second must not take the
+    # first's listening socket for a stranger's (the launcher checked the port before).
+    with socket.socket() as sibling:
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sibling.bind(("127.0.0.1", 0))
+        sibling.listen()
+        port = sibling.getsockname()[1]
+        preflight(GatewayConfig(port=port, http_port=0, reuse_port=True))
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use"):
+            preflight(GatewayConfig(port=port, http_port=0))
 
 
 def _sockets(pid: int, port: int) -> dict[str, int]:

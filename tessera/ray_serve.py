@@ -305,8 +305,6 @@ class RayReplicas:
         ``scheduler_flags``, and return the commands of the processes that run here: the
         tokenizers and the gateway of ``commands`` (those of one local replica), the
         gateway pointed at the replica list."""
-        from tessera.serve import is_gateway
-
         self.scheduler_flags = list(scheduler_flags)
         self.listing = os.path.join(run_dir, "replicas")
         write_listing(self.listing, [])
@@ -318,7 +316,7 @@ class RayReplicas:
         for name, cmd in commands:
             if name.startswith("scheduler"):
                 continue
-            if is_gateway(name):
+            if cmd[cmd.index("-m") + 1] == "tessera.services":  # a gateway (of one or several)
                 cmd = list(cmd)
                 cmd[cmd.index("--scheduler-address") + 1] = f"file:{self.listing}"
                 cmd += ["--curve-secret-key-file", gateway_secret,

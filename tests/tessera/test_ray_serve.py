@@ -100,6 +100,22 @@ def test_the_gateway_reads_the_replica_list_with_curve_keys_and_no_scheduler_run
             os.close(fd)
 
 
+def test_each_of_several_gateways_reads_the_replica_list_with_the_keys(tmp_path, monkeypatch):
+    config = ServeConfig(cluster="ray", replicas=2, num_tokenizers=0, num_gateways=2,
+                         model="random:smollm2-135m")  # fmt: skip
+    replicas = RayReplicas(config, gpus=False)
+    monkeypatch.setattr(RayReplicas, "_place", lambda self, r: None)
+    local = replicas.start(str(tmp_path), child_commands(config, str(tmp_path)), ["--x"])
+    try:
+        assert [name for name, _ in local] == ["gateway-0", "gateway-1"]
+        for _, gateway in local:
+            assert gateway[gateway.index("--scheduler-address") + 1] == f"file:{tmp_path}/replicas"
+            assert "--curve-secret-key-file" in gateway and "--reuse-port" in gateway
+    finally:
+        for fd in replicas._fds:
+            os.close(fd)
+
+
 def _serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = ["--port", str(free_port()), "--http-port", "0", *flags]
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

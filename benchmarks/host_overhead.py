@@ -108,8 +108,7 @@ def run_peer(gateway_address: str, executor_address: str, workload: str, num_kv_
 
     for _ in range(num_seqs):
         send_one()
-    # The mirror: request id -> [tokens known, tokens computed].
-    mirrors: dict[str, list[int]] = {}
+    mirrors: dict[str, list[int]] = {}  # mirror_step's
     poller = zmq.Poller()
     poller.register(executor, zmq.POLLIN)
     poller.register(gateway, zmq.POLLIN)
@@ -117,18 +116,7 @@ def run_peer(gateway_address: str, executor_address: str, workload: str, num_kv_
         ready = dict(poller.poll())
         if executor in ready:
             pb_plan = wire.decode(pb.StepPlan, executor.recv())
-            plan = wire.plan_from_pb(pb_plan)
-            for rid in plan.finished_request_ids:
-                mirrors.pop(rid, None)
-            for new in plan.new_requests:
-                mirrors[new.request_id] = [len(new.all_token_ids), new.num_computed_tokens]
-            sampled = {}
-            for rid, num in plan.num_scheduled_tokens.items():
-                mirror = mirrors[rid]
-                mirror[1] += num
-                if mirror[1] == mirror[0]:  # the mirror rule: the end of its known tokens
-                    mirror[0] += 1
-                    sampled[rid] = 100 + (mirror[0] * 7919) % (VOCAB - 100)  # never EOS
+            sampled = mirror_step(wire.plan_from_pb(pb_plan), mirrors, VOCAB)
             result = wire.result_to_pb(StepResult(sampled_token_ids=sampled), pb_plan.step_id)
             executor.send(wire.encode(result))
         if gateway in ready:
@@ -137,6 +125,25 @@ def run_peer(gateway_address: str, executor_address: str, workload: str, num_kv_
                 for seq in unpack(out):
                     if seq.finished:
                         send_one()
+
+
+def mirror_step(plan, mirrors: dict[str, list[int]], vocab_size: int) -> dict[str, int]:
+    """The tokens an executor samples for ``plan`` by the mirror rule (a request samples
+    when its computed tokens reach the end of its known ones), plausible and never an id
+    below 100 (EOS is one); ``mirrors`` (request id -> [tokens known, tokens computed])
+    follows the plan's new and finished requests."""
+    for rid in plan.finished_request_ids:
+        mirrors.pop(rid, None)
+    for new in plan.new_requests:
+        mirrors[new.request_id] = [len(new.all_token_ids), new.num_computed_tokens]
+    sampled = {}
+    for rid, num in plan.num_scheduled_tokens.items():
+        mirror = mirrors[rid]
+        mirror[1] += num
+        if mirror[1] == mirror[0]:
+            mirror[0] += 1
+            sampled[rid] = 100 + (mirror[0] * 7919) % (vocab_size - 100)
+    return sampled
 
 
 # -- the worker: the scheduler loop, measured ----------------------------------------

@@ -50,7 +50,7 @@ import serving  # noqa: E402  (the client and the workload of the GPU measuremen
 
 MODEL = "random:llama-3.2-1b"
 BLOCK_SIZE = 16
-EOS = 128001  # never sampled by the mirror (ignore_eos in the workload anyway)
+EOS = 2  # never sampled by the mirror (host_overhead.mirror_step: ids from 100)
 
 
 # -- the mirror executor ------------------------------------------------------------
@@ -81,25 +81,16 @@ def run_mirror(
                          block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks,
                          eos_token_ids=[EOS])  # fmt: skip
     sock.send(wire.encode(pb.ExecutorReady(info=info, max_position_embeddings=max_model_len)))
-    mirrors: dict[str, list[int]] = {}  # request id -> [tokens known, tokens computed]
+    from host_overhead import mirror_step
+
+    mirrors: dict[str, list[int]] = {}  # mirror_step's
     with open(counts_path, "r+b") as f:
         counts = mmap.mmap(f.fileno(), 16)
     num_steps = num_sampled = 0
     while True:
         pb_plan = wire.decode(pb.StepPlan, sock.recv())
         started = time.perf_counter()
-        plan = wire.plan_from_pb(pb_plan)
-        for rid in plan.finished_request_ids:
-            mirrors.pop(rid, None)
-        for new in plan.new_requests:
-            mirrors[new.request_id] = [len(new.all_token_ids), new.num_computed_tokens]
-        sampled = {}
-        for rid, num in plan.num_scheduled_tokens.items():
-            mirror = mirrors[rid]
-            mirror[1] += num
-            if mirror[1] == mirror[0]:  # the mirror rule: the end of its known tokens
-                mirror[0] += 1
-                sampled[rid] = 100 + (mirror[0] * 7919) % (vocab_size - 200)  # never EOS
+        sampled = mirror_step(wire.plan_from_pb(pb_plan), mirrors, vocab_size)
         num_steps += 1
         num_sampled += len(sampled)
         counts[:16] = struct.pack("<qq", num_steps, num_sampled)

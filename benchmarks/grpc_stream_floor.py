@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import socket
 import time
 
@@ -66,10 +65,11 @@ async def _read_all(port: int, streams: int, tokens: int, connections: int) -> i
             await c.close()
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _now(server_pid: int) -> tuple[float, float, float]:
+    """This process's CPU seconds, the server's, and the wall clock."""
+    from served_overhead import cpu_seconds  # benchmarks/ on sys.path
+
+    return time.process_time(), cpu_seconds(server_pid), time.perf_counter()
 
 
 def main() -> None:
@@ -90,9 +90,9 @@ def main() -> None:
     try:
         asyncio.run(_read_all(port, args.streams, 10, args.connections))  # warm-up
         for _ in range(args.repeats):
-            client0, server0, wall0 = time.process_time(), _cpu(server.pid), time.perf_counter()
+            client0, server0, wall0 = _now(server.pid)
             n = asyncio.run(_read_all(port, args.streams, args.tokens, args.connections))
-            client1, server1, wall1 = time.process_time(), _cpu(server.pid), time.perf_counter()
+            client1, server1, wall1 = _now(server.pid)
             per_server, per_client = (server1 - server0) / n, (client1 - client0) / n
             print(
                 f"{n} messages in {wall1 - wall0:.2f} s: server {1e6 * per_server:.1f} "

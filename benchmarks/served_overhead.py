@@ -1,7 +1,9 @@
 """Served host overhead: each process's CPU time per output token (issue 22, item 4).
 
 The served stack at saturation with the device taken out: the real gateway and the real
-scheduler, started with the flags `tessera serve` gives them, and a mirror executor in
+scheduler processes, started as `tessera serve` starts them (each gateway of several with
+``--reuse-port``) but with only the flags this needs, so that an older commit's tree
+runs them too (``--baseline``), and a mirror executor in
 place of the model (no torch: it applies the mirror rule and answers each plan after
 ``--step-ms``, with plausible tokens). ``serving.py``'s gRPC client replays its workload
 at saturation against the gateway, as in the GPU measurement of served against
@@ -69,6 +71,7 @@ def run_mirror(
     import mmap
 
     import zmq
+    from host_overhead import mirror_step
 
     from tessera.common import wire
     from tessera.common.plan import StepResult
@@ -81,8 +84,6 @@ def run_mirror(
                          block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks,
                          eos_token_ids=[EOS])  # fmt: skip
     sock.send(wire.encode(pb.ExecutorReady(info=info, max_position_embeddings=max_model_len)))
-    from host_overhead import mirror_step
-
     mirrors: dict[str, list[int]] = {}  # mirror_step's
     with open(counts_path, "r+b") as f:
         counts = mmap.mmap(f.fileno(), 16)
@@ -100,6 +101,21 @@ def run_mirror(
                                                 pb_plan.step_id)))  # fmt: skip
 
 
+def pool_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(max_model_len, KV blocks) for the workload's longest request, twice over the
+    running sequences' need: the mirror's pool, and the in-process bound's."""
+    max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
+    return max_model_len, args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU seconds so far: every thread, user and system (/proc, in clock
+    ticks of 10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def ideal_steps(work: list, args: argparse.Namespace) -> int:
     """The steps the scheduler alone takes for ``work``, every request there at once (in
     the workload's order), one step at a time against a perfect executor: the in-process
@@ -111,9 +127,9 @@ def ideal_steps(work: list, args: argparse.Namespace) -> int:
     from tessera.scheduler.config import SchedulerConfig
     from tessera.scheduler.request import Request
 
-    max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
+    max_model_len, num_blocks = pool_size(args)
     scheduler = Scheduler(SchedulerConfig(
-        num_blocks=args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2,
+        num_blocks=num_blocks,
         block_size=BLOCK_SIZE, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
     ))  # fmt: skip
@@ -157,8 +173,7 @@ class Stack:
         env = dict(os.environ, TESSERA_LOG_LEVEL="WARNING")
         if pythonpath is not None:  # a baseline's tree (host_overhead.baseline_tree)
             env["PYTHONPATH"] = str(pythonpath)
-        max_model_len = args.input_len[1] + args.output_len[1] + BLOCK_SIZE
-        num_kv_blocks = args.max_num_seqs * (max_model_len // BLOCK_SIZE + 1) * 2
+        max_model_len, num_kv_blocks = pool_size(args)
         self.counts_path = f"{self.run_dir}/mirror.counts"
         Path(self.counts_path).write_bytes(bytes(16))
         self.procs: dict[str, subprocess.Popen] = {}
@@ -180,8 +195,9 @@ class Stack:
                         "--tokenizer-addresses", ""]  # fmt: skip
         if args.num_gateways == 1:
             self.procs["gateway"] = subprocess.Popen(gateway, env=env)
-        for g in range(args.num_gateways if args.num_gateways > 1 else 0):  # as tessera serve
-            self.procs[f"gateway-{g}"] = subprocess.Popen([*gateway, "--reuse-port"], env=env)
+        else:  # named and sharing the port as tessera serve's
+            for g in range(args.num_gateways):
+                self.procs[f"gateway-{g}"] = subprocess.Popen([*gateway, "--reuse-port"], env=env)
         self.target = f"127.0.0.1:{self.port}"
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
@@ -203,14 +219,8 @@ class Stack:
         raise TimeoutError("the stack did not become healthy")
 
     def cpu_seconds(self) -> dict[str, float]:
-        """Each process's CPU seconds so far (every thread, user and system)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        out = {}
-        for name, proc in self.procs.items():
-            with open(f"/proc/{proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        return out
+        """Each process's CPU seconds so far."""
+        return {name: cpu_seconds(proc.pid) for name, proc in self.procs.items()}
 
     def steps(self) -> tuple[int, int]:
         """The mirror's steps answered and tokens sampled so far."""

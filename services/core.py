@@ -734,9 +734,8 @@ class Generation:
             delta.finish_reason = reason if reason in ("stop", "length", "abort") else "error"
             if delta.finish_reason == "error":
                 delta.error = out.error or "the engine failed the request"
-                # older schedulers send no error_kind: their failures are internal
-                kind = getattr(out, "error_kind", "")
-                delta.error_kind = _ERROR_KINDS.get(kind, ErrorKind.INTERNAL)
+                # older schedulers send no error_kind (""): their failures are internal
+                delta.error_kind = _ERROR_KINDS.get(out.error_kind, ErrorKind.INTERNAL)
             if out.stop_token_id is not None:
                 delta.stop_token_id = out.stop_token_id
         if stream is not None:
